@@ -1,0 +1,32 @@
+// The op schemas of mistral_grpc (shared/DESIGN.md). Tests outside the project call these exact
+// schemas: add ops freely, never change one. Implementations register per backend in
+// cpu/*.cpp (TORCH_LIBRARY_IMPL(mistral_grpc, CPU)) and cuda/*.cu (..., CUDA).
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(mistral_grpc, m) {
+  // Decoder layer ops.
+  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
+  m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos_sin_cache) -> ()");
+  m.def("silu_and_mul(Tensor(a!) out, Tensor gate_up) -> ()");
+  m.def("reshape_and_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def(
+      "paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor seq_lens, Tensor query_start_loc, float scale, int sliding_window) -> ()");
+  // Sampling ops.
+  m.def(
+      "apply_penalties(Tensor(a!) logits, Tensor prompt_tokens, Tensor output_tokens, Tensor repetition, "
+      "Tensor presence, Tensor frequency) -> ()");
+  m.def(
+      "sample(Tensor logits, Tensor temperature, Tensor top_p, Tensor top_k, Tensor seeds, Tensor offsets, "
+      "Tensor(a!) tokens, Tensor(b!) logprobs) -> ()");
+}
+
+// A Python module, so `from mistral_grpc import _C` loads the library (and with it the op
+// registrations above); host-side classes (the stop-string matcher) are bound here too.
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mistral_grpc torch extension: ops live under torch.ops.mistral_grpc";
+}

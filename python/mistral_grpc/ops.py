@@ -1,0 +1,65 @@
+"""Typed wrappers over torch.ops.mistral_grpc.* (schemas in csrc/registration.cpp and shared/DESIGN.md).
+
+Every op writes into tensors the caller owns and returns nothing, so each fake (meta) kernel
+only has to exist: torch.compile and opcheck trace through them without running a kernel.
+"""
+
+import torch
+
+import mistral_grpc._C  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.mistral_grpc
+
+
+def rms_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """out = x * rsqrt(mean(x^2) + eps) * weight, fp32 accumulation, Hugging Face's rounding order."""
+    _ops.rms_norm(out, x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """residual += x; x = rms_norm(residual), both in place."""
+    _ops.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """Rotates q [T,Hq,D] and k [T,Hkv,D] in place; cos_sin_cache [max_pos, D] = cos | sin halves."""
+    _ops.rotary_embedding(positions, q, k, cos_sin_cache)
+
+
+def silu_and_mul(out: torch.Tensor, gate_up: torch.Tensor) -> None:
+    """out [T,F] = silu(gate_up[:, :F]) * gate_up[:, F:]."""
+    _ops.silu_and_mul(out, gate_up)
+
+
+def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Writes token t's k/v into cache slot slot_mapping[t] (block * block_size + offset); -1 skips."""
+    _ops.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                    scale: float, sliding_window: int) -> None:
+    """Causal attention of packed queries over the paged cache: prefill, chunked prefill and decode."""
+    _ops.paged_attention(out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)
+
+
+def apply_penalties(logits: torch.Tensor, prompt_tokens: torch.Tensor, output_tokens: torch.Tensor,
+                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> None:
+    """Repetition (prompt + output), presence and frequency (output only) penalties, in place."""
+    _ops.apply_penalties(logits, prompt_tokens, output_tokens, repetition, presence, frequency)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+           seeds: torch.Tensor, offsets: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+    """One token per row (greedy where temperature is 0) and its log-probability under the raw logits."""
+    _ops.sample(logits, temperature, top_p, top_k, seeds, offsets, tokens, logprobs)
+
+
+def _register_fakes() -> None:
+    for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
+                 "paged_attention", "apply_penalties", "sample"):
+        torch.library.register_fake(f"mistral_grpc::{name}")(lambda *args, **kwargs: None)
+
+
+_register_fakes()
