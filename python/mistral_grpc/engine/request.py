@@ -1,0 +1,72 @@
+"""What goes into the engine and what comes out of it, step by step, for one request.
+
+The server turns a ChatRequest into a GenerationRequest (template + tokenize + SamplingParams) and
+turns each GenerationOutput into response chunks. The engine owns detokenization and stop matching,
+so a delta's text is final: already valid UTF-8, never part of a stop string.
+"""
+
+from dataclasses import dataclass, field
+
+from mistral_grpc.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice (of n) produced since the last output."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length", set on the choice's last delta
+
+
+@dataclass
+class GenerationOutput:
+    """One step's news for a request: a delta per choice that changed, and the running usage."""
+
+    deltas: list[ChoiceDelta]
+    prompt_tokens: int
+    completion_tokens: int  # all choices together, so far
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class EngineError(Exception):
+    """Base of the errors the engine raises to its callers (the server maps each to a gRPC code)."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at --max-queue: RESOURCE_EXHAUSTED."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine is loading or draining: UNAVAILABLE."""
+
+
+class PromptTooLongError(EngineError):
+    """prompt + max_tokens exceeds the context: INVALID_ARGUMENT naming both numbers."""

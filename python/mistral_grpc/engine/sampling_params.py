@@ -1,0 +1,50 @@
+"""Per-request generation settings, with the ranges of shared/DESIGN.md (the hosted endpoints')."""
+
+from dataclasses import dataclass, field, fields
+
+MAX_STOP_STRINGS = 16
+MAX_N = 8
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy, draws no random number
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_tokens: int | None = None  # None = what is left of the context
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    n: int = 1
+    presence_penalty: float = 0.0  # OpenAI: on generated tokens only
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # multiplicative, prompt + generated
+    seed: int | None = None  # None = fresh randomness each call
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def violations(self) -> list[tuple[str, str]]:
+        """(field, description) for every out-of-range value; empty when the request is valid."""
+        bad: list[tuple[str, str]] = []
+
+        def check(ok: bool, name: str, text: str) -> None:
+            if not ok:
+                bad.append((name, f"{text} (got {getattr(self, name)!r})"))
+
+        check(0.0 <= self.temperature <= 2.0, "temperature", "must be between 0 and 2")
+        check(0.0 < self.top_p <= 1.0, "top_p", "must be greater than 0 and at most 1")
+        check(self.top_k >= 0, "top_k", "must be 0 (off) or positive")
+        check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1")
+        check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"allows at most {MAX_STOP_STRINGS} strings")
+        check(all(self.stop), "stop", "must not contain empty strings")
+        check(1 <= self.n <= MAX_N, "n", f"must be between 1 and {MAX_N}")
+        check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be between -2 and 2")
+        check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be between -2 and 2")
+        check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "must be greater than 0 and at most 10")
+        check(self.seed is None or 0 <= self.seed < 2**63, "seed", "must be a non-negative 64-bit integer")
+        check(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}")
+        check(self.top_logprobs == 0 or self.logprobs, "top_logprobs", "needs logprobs set to true")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and value != value:
+                bad.append((f.name, "must be a number (got NaN)"))
+        return bad
