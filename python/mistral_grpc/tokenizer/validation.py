@@ -123,5 +123,7 @@ def _check_tool(index: int, tool: ToolDefinition) -> None:
     try:
         jsonschema.Draft7Validator.check_schema(tool.parameters)
     except jsonschema.exceptions.SchemaError as error:
-        raise TemplateError(f"parameters is not a valid JSON Schema: {error.message}", f"{where}.parameters")
+        raise TemplateError(
+            f"parameters is not a valid JSON Schema: {error.message}", f"{where}.parameters"
+        ) from error
     _check_function_name(tool.name, f"{where}.name")
