@@ -28,4 +28,12 @@ void check_attention_metadata(const at::Tensor& block_tables, const at::Tensor& 
                               const at::Tensor& query_start_loc, int64_t num_tokens, int64_t num_blocks,
                               int64_t block_size, int64_t sliding_window);
 
+// Sampling ops (defined in cpu/sampling.cpp).
+void check_apply_penalties_args(const at::Tensor& logits, const at::Tensor& prompt_tokens,
+                                const at::Tensor& output_tokens, const at::Tensor& repetition,
+                                const at::Tensor& presence, const at::Tensor& frequency);
+void check_sample_args(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_p,
+                       const at::Tensor& top_k, const at::Tensor& seeds, const at::Tensor& offsets,
+                       const at::Tensor& tokens, const at::Tensor& logprobs);
+
 }  // namespace mistral_grpc
