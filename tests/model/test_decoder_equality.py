@@ -1,8 +1,11 @@
 """The decoder against transformers' MistralForCausalLM on the same weights, in float32.
 
 Every comparison recomputes transformers' logits from scratch over the whole sequence, so prefill, every
-decode step, chunked prefill and batching are each checked against the plain causal model.
+decode step, chunked prefill and batching are each checked against the plain causal model. In 16-bit
+dtypes the bar is transformers' own rounding error.
 """
+
+import copy
 
 import pytest
 import torch
@@ -79,3 +82,28 @@ def test_chunked_prefill_matches_one_prefill(models, chunks):
         start += size
         torch.testing.assert_close(logits, expected[start - 1], atol=ATOL, rtol=0, msg=f"chunk ending at {start}")
     torch.testing.assert_close(logits, whole, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_strays_no_further_than_transformers(tmp_path, dtype):
+    hf = save_random_model(tmp_path)
+    hf_half = copy.deepcopy(hf).to(dtype)
+    decoder = MistralDecoder.from_dir(tmp_path, dtype=dtype)
+    assert decoder.dtype == dtype
+    tokens = prompt(21, seed=6)
+    generated, history = PagedRunner(decoder, block_size=4).greedy("a", tokens, steps=8)
+    ours, theirs = 0.0, 0.0
+    for step, logits in enumerate(history):
+        exact = hf_logits(hf, tokens + generated[:step])[-1]
+        ours = max(ours, float((logits - exact).abs().max()))
+        theirs = max(theirs, float((hf_logits(hf_half, tokens + generated[:step])[-1] - exact).abs().max()))
+    assert ours <= 1.5 * theirs
+
+
+def test_dtype_choice(tmp_path):
+    save_random_model(tmp_path, num_hidden_layers=1)
+    assert MistralDecoder.from_dir(tmp_path).dtype == torch.float32  # config.json's
+    assert MistralDecoder.from_dir(tmp_path, dtype="auto").dtype == torch.float32
+    assert MistralDecoder.from_dir(tmp_path, dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        MistralDecoder.from_dir(tmp_path, dtype=torch.int8)
