@@ -73,11 +73,14 @@ class PagedRunner:
             cached += tokens
         width = max(len(self.blocks[seq]) for seq in new_tokens)
         tables = [self.blocks[seq] + [0] * (width - len(self.blocks[seq])) for seq in new_tokens]
-        batch = BatchInput(token_ids=torch.tensor(token_ids), positions=torch.tensor(positions),
-                           slot_mapping=torch.tensor(slots), block_tables=torch.tensor(tables, dtype=torch.int32),
-                           seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-                           query_start_loc=torch.tensor(starts, dtype=torch.int32))
-        return dict(zip(new_tokens, self.decoder.forward(batch, self.cache)))
+        device = self.decoder.device
+        batch = BatchInput(
+            token_ids=torch.tensor(token_ids, device=device), positions=torch.tensor(positions, device=device),
+            slot_mapping=torch.tensor(slots, device=device),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device))
+        return dict(zip(new_tokens, self.decoder.forward(batch, self.cache).cpu()))
 
     def greedy(self, seq: str, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
         """Prefills `prompt` alone, then decodes `steps` tokens; returns them and the logits before each."""

@@ -107,3 +107,17 @@ def test_dtype_choice(tmp_path):
     assert MistralDecoder.from_dir(tmp_path, dtype="bfloat16").dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype must be one of"):
         MistralDecoder.from_dir(tmp_path, dtype=torch.int8)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_cuda_matches_cpu(tmp_path, dtype):
+    """The same steps (the CPU's greedy tokens fed to both) give the same logits on either device."""
+    save_random_model(tmp_path, **VARIANTS["v0.1-window-8"])
+    tokens = prompt(21, seed=7)
+    generated, on_cpu = PagedRunner(MistralDecoder.from_dir(tmp_path, dtype=dtype), block_size=16).greedy(
+        "a", tokens, steps=8)
+    cuda_runner = PagedRunner(MistralDecoder.from_dir(tmp_path, "cuda", dtype), block_size=16)
+    on_cuda = [cuda_runner.step({"a": chunk})["a"] for chunk in [tokens] + [[t] for t in generated[:-1]]]
+    torch.testing.assert_close(torch.stack(on_cuda), torch.stack(on_cpu),
+                               atol=ATOL if dtype == torch.float32 else 0.25, rtol=0)

@@ -9,6 +9,7 @@ peak stays at the weights plus one source tensor.
 """
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -191,7 +192,7 @@ def _read_header(path: str) -> dict[str, _Entry]:
         if dtype_tag not in _FILE_DTYPES:
             raise WeightsError(f"{path}: {name} is {dtype_tag}; expected one of {sorted(_FILE_DTYPES)}")
         dtype = _FILE_DTYPES[dtype_tag]
-        if end - begin != dtype.itemsize * _numel(shape):
+        if end - begin != dtype.itemsize * math.prod(shape):
             raise WeightsError(f"{path}: {name}'s byte range {begin}..{end} does not hold a {dtype_tag} "
                                f"tensor of shape {list(shape)}")
         if data_start + end > size:
@@ -199,13 +200,6 @@ def _read_header(path: str) -> dict[str, _Entry]:
                                f"the file has {size}")
         entries[name] = _Entry(path, dtype, shape, data_start + begin, data_start + end)
     return entries
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def _copy_file(path: str, items: list[tuple[_Entry, torch.Tensor]]) -> None:
@@ -218,7 +212,8 @@ def _copy_file(path: str, items: list[tuple[_Entry, torch.Tensor]]) -> None:
     try:
         for entry, dest in items:
             _copy_entry(mapped, entry, dest)
-            # Everything before this tensor's end was copied already: drop it from our resident set.
+            # Drop the copied pages from our resident set (the first may hold the end of the previous
+            # tensor, copied already); the page cache keeps them, so this costs no re-reading.
             released_start = entry.begin - entry.begin % page
             mapped.madvise(mmap.MADV_DONTNEED, released_start, entry.end - released_start)
     finally:
@@ -230,5 +225,5 @@ def _copy_file(path: str, items: list[tuple[_Entry, torch.Tensor]]) -> None:
 
 def _copy_entry(mapped: mmap.mmap, entry: _Entry, dest: torch.Tensor) -> None:
     # The view must not outlive this call: mmap.close() refuses while a buffer export is alive.
-    source = torch.frombuffer(mapped, dtype=entry.dtype, count=_numel(entry.shape), offset=entry.begin)
+    source = torch.frombuffer(mapped, dtype=entry.dtype, count=math.prod(entry.shape), offset=entry.begin)
     dest.copy_(source.view(entry.shape))
