@@ -50,6 +50,7 @@ class GenerationOutput:
     deltas: list[ChoiceDelta]
     prompt_tokens: int
     completion_tokens: int  # all choices together, so far
+    finished: bool = False  # every choice has finished: this is the request's last output
 
     @property
     def total_tokens(self) -> int:
@@ -66,6 +67,10 @@ class QueueFullError(EngineError):
 
 class EngineUnavailableError(EngineError):
     """The engine is loading or draining: UNAVAILABLE."""
+
+
+class EngineInternalError(EngineError):
+    """A step failed inside the engine: INTERNAL (the details go to the server log only)."""
 
 
 class PromptTooLongError(EngineError):
