@@ -29,6 +29,8 @@ class _Choice:
     detokenizer: object
     stop: object | None
     last_token_time: float | None = None
+    # v0.3: after the [TOOL_CALLS] token the text is a JSON payload, held back and parsed at the end.
+    tool_text: str | None = None
 
 
 @dataclass(eq=False)
@@ -139,20 +141,29 @@ class EngineCore:
             INTER_TOKEN_LATENCY.observe(now - choice.last_token_time)
         choice.last_token_time = now
         delta = ChoiceDelta(seq.index, token_ids=[token])
+        reason = None
         if token == self.tokenizer.eos_id:
-            delta.text = self._release(choice, choice.detokenizer.flush(), final=True)
-            reason = "stop"
+            text, reason = self._release(choice, choice.detokenizer.flush(), final=True), "stop"
         else:
-            delta.text = self._release(choice, choice.detokenizer.push(token), final=False)
+            if token == self.tokenizer.tool_calls_token_id and choice.tool_text is None:
+                choice.tool_text = ""
+            text = self._release(choice, choice.detokenizer.push(token), final=False)
             if choice.stop is not None and choice.stop.stopped:
                 reason = "stop"
             elif seq.num_output >= seq.max_tokens:
-                delta.text += self._release(choice, choice.detokenizer.flush(), final=True)
+                text += self._release(choice, choice.detokenizer.flush(), final=True)
                 reason = "length"
-            else:
-                return delta
-        delta.finish_reason = reason
-        self.scheduler.finish(seq, reason)
+        if choice.tool_text is None:
+            delta.text = text
+        else:
+            choice.tool_text += text
+            if reason is not None:
+                delta.text, delta.tool_calls = self.tokenizer.parse_tool_calls(choice.tool_text)
+                if delta.tool_calls and reason == "stop":
+                    reason = "tool_calls"
+        if reason is not None:
+            delta.finish_reason = reason
+            self.scheduler.finish(seq, reason)
         return delta
 
     @staticmethod

@@ -8,6 +8,7 @@ so a delta's text is final: already valid UTF-8, never part of a stop string.
 from dataclasses import dataclass, field
 
 from mistral_grpc.engine.sampling_params import SamplingParams
+from mistral_grpc.tokenizer import ToolCall
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class ChoiceDelta:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length", set on the choice's last delta
+    tool_calls: list[ToolCall] = field(default_factory=list)  # v0.3, parsed whole on the last delta
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls", set on the choice's last delta
 
 
 @dataclass
