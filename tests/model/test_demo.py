@@ -11,6 +11,8 @@ from transformers import MistralForCausalLM
 from mistral_grpc.model import demo
 from mistral_grpc.model.config import MistralConfig
 from mistral_grpc.model.decoder import MistralDecoder
+from mistral_grpc.tokenizer.messages import ChatMessage
+from mistral_grpc.tokenizer.mistral_tokenizer import MistralTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,15 @@ def test_transformers_agrees_and_logits_are_not_flat(demo_dir):
     logits = PagedRunner(decoder, block_size=16).step({"a": tokens})["a"]
     torch.testing.assert_close(logits, hf_logits(hf, tokens)[-1], atol=2e-4, rtol=0)
     assert logits.std() > 1 and logits.softmax(-1).max() > 0.01  # sampling settings make a difference
+
+
+def test_ships_the_v1_tokenizer_that_fits_its_vocabulary(tmp_path):
+    demo.write_demo_model(tmp_path)
+    tokenizer = MistralTokenizer.from_dir(tmp_path)
+    assert tokenizer.vocab_size == demo.demo_config().vocab_size and tokenizer.template_version == "v1"
+    tokens = tokenizer.encode_chat([ChatMessage(role="user", content="Hello!")])
+    logits = PagedRunner(MistralDecoder.from_dir(tmp_path), block_size=16).step({"a": tokens})["a"]
+    assert logits.shape == (32000,) and logits.isfinite().all()
 
 
 def test_tokenizer_is_copied_in(tmp_path, monkeypatch):
