@@ -1,0 +1,189 @@
+"""ChatService on the engine: Chat (whole completion) and StreamChat (chunks as tokens are made).
+
+Each call: check the server is serving -> validate -> template + tokenize (off the event loop) ->
+check the context -> engine.generate -> responses. Every way a call ends is counted in
+mistral_grpc_requests_total{rpc,code}. A call that is cancelled or runs past its deadline closes the
+engine's iterator, which aborts the request and frees its KV blocks.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import grpc
+
+from mistral_grpc import metrics
+from mistral_grpc.engine.request import GenerationOutput, GenerationRequest
+from mistral_grpc.proto.mistral.chat.v1 import chat_pb2, chat_pb2_grpc
+from mistral_grpc.server import errors
+from mistral_grpc.server.responses import ChoiceState, CompletionHeader, usage
+from mistral_grpc.server.validation import parse_request
+from mistral_grpc.tokenizer import MistralTokenizer, TemplateError
+
+logger = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """The part of LLMEngine the servicer uses."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: MistralTokenizer
+    ready: bool
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]: ...
+
+
+class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._draining = False
+
+    def start_draining(self) -> None:
+        """From now on new calls get UNAVAILABLE; calls already running go on."""
+        self._draining = True
+
+    async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:
+        started = time.monotonic()
+        try:
+            response = await self._chat(request, started)
+        except BaseException as error:  # noqa: BLE001 (every ending is classified and counted)
+            await self._fail("Chat", error, context, started)
+            raise
+        _count("Chat", grpc.StatusCode.OK, started)
+        return response
+
+    async def StreamChat(self, request: chat_pb2.ChatRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[chat_pb2.ChatChunk]:
+        started = time.monotonic()
+        try:
+            async with contextlib.aclosing(self._stream(request, started)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except BaseException as error:  # noqa: BLE001
+            await self._fail("StreamChat", error, context, started)
+            raise
+        _count("StreamChat", grpc.StatusCode.OK, started)
+
+    async def _chat(self, request: chat_pb2.ChatRequest, started: float) -> chat_pb2.ChatResponse:
+        header = CompletionHeader.new(self._engine.model_name)
+        generation, choices = await self._prepare(request, header.id)
+        last: GenerationOutput | None = None
+        async with contextlib.aclosing(self._outputs(generation, started)) as outputs:
+            async for output in outputs:
+                for delta in output.deltas:
+                    choices[delta.index].add(delta)
+                last = output
+        if last is None:
+            raise RuntimeError("the engine ended a request without any output")
+        return chat_pb2.ChatResponse(id=header.id, object="chat.completion", created=header.created,
+                                     model=header.model, choices=[choice.choice() for choice in choices],
+                                     usage=usage(last))
+
+    async def _stream(self, request: chat_pb2.ChatRequest, started: float) -> AsyncIterator[chat_pb2.ChatChunk]:
+        header = CompletionHeader.new(self._engine.model_name)
+        generation, choices = await self._prepare(request, header.id)
+        async with contextlib.aclosing(self._outputs(generation, started)) as outputs:
+            async for output in outputs:
+                updates = [update for delta in output.deltas
+                           if (update := choices[delta.index].add(delta)) is not None]
+                done = all(choice.finished for choice in choices)
+                if updates or done:
+                    chunk = chat_pb2.ChatChunk(id=header.id, object="chat.completion.chunk",
+                                               created=header.created, model=header.model, choices=updates)
+                    if done:
+                        chunk.usage.CopyFrom(usage(output))
+                    yield chunk
+                if done:
+                    return
+        raise RuntimeError("the engine ended a request before all its choices finished")
+
+    async def _prepare(self, request: chat_pb2.ChatRequest,
+                       request_id: str) -> tuple[GenerationRequest, list[ChoiceState]]:
+        if self._draining:
+            raise errors.UNAVAILABLE_DRAINING
+        if not self._engine.ready:
+            raise errors.UNAVAILABLE_LOADING
+        parsed = parse_request(request, self._engine.model_name)
+        tokenizer = self._engine.tokenizer
+        # A 32K-token prompt takes a while to template and encode: keep the event loop free for other calls.
+        prompt = await asyncio.to_thread(tokenizer.encode_chat, parsed.messages, parsed.tools)
+        max_tokens = parsed.params.max_tokens
+        context_length = self._engine.max_model_len
+        if len(prompt) + (max_tokens or 1) > context_length:
+            raise errors.context_overflow(len(prompt), max_tokens, context_length)
+        parse_tool_calls = tokenizer.parse_tool_calls if parsed.tools and tokenizer.template_version == "v3" else None
+        choices = [ChoiceState(i, parse_tool_calls, parsed.params.logprobs) for i in range(parsed.params.n)]
+        return GenerationRequest(request_id=request_id, prompt_token_ids=prompt, params=parsed.params), choices
+
+    async def _outputs(self, generation: GenerationRequest, started: float) -> AsyncIterator[GenerationOutput]:
+        """The engine's outputs, timed; closing this (or cancelling the call) aborts the request."""
+        timing = _TokenTiming(started)
+        outputs = self._engine.generate(generation)
+        try:
+            async for output in outputs:
+                timing.observe(output)
+                yield output
+        finally:
+            close = getattr(outputs, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def _fail(self, rpc: str, error: BaseException, context: grpc.aio.ServicerContext, started: float) -> None:
+        """Counts the call's ending; for a failure it can describe, aborts with that status (raises)."""
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            _count(rpc, grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, started)
+            return
+        if isinstance(error, grpc.aio.AbortError) or not isinstance(error, Exception):
+            return
+        failure = _classify(error)
+        if failure is None:
+            incident = uuid.uuid4().hex[:12]
+            logger.error("%s failed (incident %s)", rpc, incident, exc_info=error)
+            failure = errors.internal(incident)
+        _count(rpc, failure.code, started)
+        status = failure.to_status()
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _classify(error: Exception) -> errors.RequestError | None:
+    if isinstance(error, errors.RequestError):
+        return error
+    if isinstance(error, TemplateError):
+        return errors.invalid_argument([(error.field or "messages", str(error))])
+    return errors.from_engine_error(error)
+
+
+def _count(rpc: str, code: grpc.StatusCode, started: float) -> None:
+    metrics.REQUESTS.labels(rpc=rpc, code=code.name).inc()
+    metrics.REQUEST_DURATION.labels(rpc=rpc).observe(time.monotonic() - started)
+
+
+class _TokenTiming:
+    """Time to first token (from the call's arrival) and the gap between a choice's tokens."""
+
+    def __init__(self, started: float) -> None:
+        self._started = started
+        self._first_seen = False
+        self._last_token_at: dict[int, float] = {}
+
+    def observe(self, output: GenerationOutput) -> None:
+        now = time.monotonic()
+        for delta in output.deltas:
+            if not delta.token_ids:
+                continue
+            if not self._first_seen:
+                self._first_seen = True
+                metrics.TIME_TO_FIRST_TOKEN.observe(now - self._started)
+            previous = self._last_token_at.get(delta.index)
+            if previous is not None:
+                gap = (now - previous) / len(delta.token_ids)
+                for _ in delta.token_ids:
+                    metrics.INTER_TOKEN_LATENCY.observe(gap)
+            self._last_token_at[delta.index] = now
