@@ -1,4 +1,4 @@
-"""Fixtures for the server tests: a fake engine, and a real grpc.aio server on it in a thread."""
+"""Fixtures for the server tests: a fake engine, and real grpc.aio servers on it in a loop thread."""
 
 import importlib.util
 import sys
@@ -12,20 +12,26 @@ if importlib.util.find_spec("mistral_grpc.tokenizer") is None:
     sys.modules["mistral_grpc.tokenizer"] = fake_tokenizer
 
 from fake_engine import FakeEngine  # noqa: E402
-from harness import LiveServer  # noqa: E402
+from harness import LiveServer, LoopThread  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
 
 
 @pytest.fixture
-def serve_fake():
-    """serve_fake(**FakeEngine kwargs, options=ServeOptions) -> a started LiveServer (stopped after the test)."""
+def serve_fake(loop):
+    """serve_fake(options=None, start=True, **FakeEngine kwargs) -> a LiveServer, stopped after the test."""
     servers = []
 
-    def start(options=None, **engine_kwargs) -> LiveServer:
-        server = LiveServer(FakeEngine(**engine_kwargs), options)
+    def make(options=None, start: bool = True, **engine_kwargs) -> LiveServer:
+        server = LiveServer(FakeEngine(**engine_kwargs), loop, options)
         servers.append(server)
-        server.start()
-        return server
+        return server.start() if start else server
 
-    yield start
+    yield make
     for server in servers:
         server.stop()

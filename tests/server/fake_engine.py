@@ -3,6 +3,7 @@ choice, and KV blocks are counted the way the real engine holds them (freed on f
 
 import asyncio
 import math
+import threading
 from collections.abc import AsyncIterator
 
 from mistral_grpc.engine.request import (ChoiceDelta, EngineUnavailableError, GenerationOutput, GenerationRequest,
@@ -14,13 +15,13 @@ PIECES = ("Hel", "lo", "!", "", " I", " am", " choice", " {index}", ".")
 
 
 def choice_text(index: int, pieces: tuple[str, ...] = PIECES) -> str:
-    return "".join(pieces).format(index=index)
+    return "".join(pieces).replace("{index}", str(index))
 
 
 class FakeEngine:
     def __init__(self, *, model_name: str = "demo", max_model_len: int = 256, step_delay: float = 0.0,
                  pieces: tuple[str, ...] = PIECES, max_queue: int = 1000, fail_after_steps: int | None = None,
-                 load_delay: float = 0.0, block_size: int = 16) -> None:
+                 load_gate: threading.Event | None = None, block_size: int = 16) -> None:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.tokenizer = MistralTokenizer()
@@ -29,7 +30,7 @@ class FakeEngine:
         self.pieces = pieces
         self.max_queue = max_queue
         self.fail_after_steps = fail_after_steps
-        self.load_delay = load_delay
+        self.load_gate = load_gate  # start() waits for it: a model that loads when the test says
         self.block_size = block_size
         self.requests: list[GenerationRequest] = []
         self._draining = False
@@ -37,7 +38,8 @@ class FakeEngine:
         self._running = 0
 
     async def start(self) -> None:
-        await asyncio.sleep(self.load_delay)
+        if self.load_gate is not None:
+            await asyncio.to_thread(self.load_gate.wait)
         self.ready = True
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
@@ -66,7 +68,7 @@ class FakeEngine:
                 deltas = []
                 for index in range(params.n):
                     self._blocks[(request.request_id, index)] = math.ceil((prompt + step + 1) / self.block_size)
-                    text = self.pieces[step].format(index=index)
+                    text = self.pieces[step].replace("{index}", str(index))
                     finish = None
                     if step == limit - 1:
                         finish = "stop" if limit == len(self.pieces) else "length"

@@ -1,4 +1,4 @@
-"""A ChatServer on its own event loop in a background thread, called through real gRPC channels."""
+"""An event loop in a background thread, and a ChatServer on it called through real gRPC channels."""
 
 import asyncio
 import threading
@@ -7,37 +7,53 @@ from collections.abc import Coroutine
 from mistral_grpc.server.app import ChatServer, ServeOptions
 
 
-class LiveServer:
-    def __init__(self, engine, options: ServeOptions | None = None) -> None:
-        self.engine = engine
-        self.options = options or ServeOptions(host="127.0.0.1", port=0)
+class LoopThread:
+    """An event loop running in a daemon thread (one for the whole session: grpc.aio wants one loop)."""
+
+    def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.server: ChatServer | None = None
-        self._stopped = False
+        self._thread.start()
+
+    def submit(self, coroutine: Coroutine):
+        """Schedules the coroutine; returns its concurrent.futures.Future."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def run(self, coroutine: Coroutine, timeout: float = 60):
+        return self.submit(coroutine).result(timeout=timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+class LiveServer:
+    def __init__(self, engine, loop: LoopThread, options: ServeOptions | None = None) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.options = options or ServeOptions(host="localhost", port=0)
+        self.server: ChatServer = loop.run(self._create())
+        self.starting = None
+        self._stopping = None
 
     @property
     def target(self) -> str:
         return f"localhost:{self.server.port}"
 
-    def start(self, wait_for_engine: bool = True) -> None:
-        self._thread.start()
-        self.server = self.run(self._create())
-        starting = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop)
-        if wait_for_engine:
-            starting.result(timeout=60)
-
     async def _create(self) -> ChatServer:
         return ChatServer(self.engine, self.options)
 
-    def run(self, coroutine: Coroutine, timeout: float = 60):
-        """Runs a coroutine on the server's loop and returns its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=timeout)
+    def start(self, wait_for_engine: bool = True) -> "LiveServer":
+        self.starting = self.loop.submit(self.server.start())
+        if wait_for_engine:
+            self.starting.result(timeout=60)
+        return self
+
+    def begin_stop(self):
+        """Starts draining (returns the future of drain_and_stop); stop() waits for it."""
+        if self._stopping is None:
+            self._stopping = self.loop.submit(self.server.drain_and_stop())
+        return self._stopping
 
     def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        self.run(self.server.drain_and_stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
+        self.begin_stop().result(timeout=60)
