@@ -8,6 +8,7 @@ so a delta's text is final: already valid UTF-8, never part of a stop string.
 from dataclasses import dataclass, field
 
 from mistral_grpc.engine.sampling_params import SamplingParams
+from mistral_grpc.tokenizer import ToolCall
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class ChoiceDelta:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length", set on the choice's last delta
+    tool_calls: list[ToolCall] = field(default_factory=list)  # v0.3, parsed whole on the last delta
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls", set on the choice's last delta
 
 
 @dataclass
@@ -50,6 +52,7 @@ class GenerationOutput:
     deltas: list[ChoiceDelta]
     prompt_tokens: int
     completion_tokens: int  # all choices together, so far
+    finished: bool = False  # every choice has finished: this is the request's last output
 
     @property
     def total_tokens(self) -> int:
@@ -66,6 +69,10 @@ class QueueFullError(EngineError):
 
 class EngineUnavailableError(EngineError):
     """The engine is loading or draining: UNAVAILABLE."""
+
+
+class EngineInternalError(EngineError):
+    """A step failed inside the engine: INTERNAL (the details go to the server log only)."""
 
 
 class PromptTooLongError(EngineError):

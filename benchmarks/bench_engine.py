@@ -1,0 +1,174 @@
+"""End-to-end speed of our engine against Hugging Face transformers on the same weights, same run.
+
+Builds one random-weight model of Mistral geometry scaled to ~175M parameters (hidden 1024, 8 layers,
+8 heads, 2 KV heads, head_dim 128, FFN 3584, vocab 32000), then measures, each in its own process
+(so peak RSS is each one's own): batch-1 decode tokens/s, prefill tokens/s of a 512-token prompt,
+aggregate tokens/s of 16 concurrent streams, and peak RSS; plus the memory-bandwidth bound of batch-1
+decode (weight bytes / the best read bandwidth the extension measures) and the share of it reached.
+
+    python benchmarks/bench_engine.py [--dtype float32 bfloat16] [--decode-tokens 128]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+GEOMETRY = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+                intermediate_size=3584, vocab_size=32000, max_position_embeddings=4096, rope_theta=1e6,
+                sliding_window=None, rms_norm_eps=1e-5, tie_word_embeddings=False)
+PROMPT_LEN_DECODE = 128
+PROMPT_LEN_PREFILL = 512
+STREAMS = 16
+
+
+def build_model(out_dir: str, dtype: str) -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from mistral_grpc.model.demo import copy_demo_tokenizer
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**GEOMETRY, torch_dtype=dtype)).to(getattr(torch, dtype))
+    model.save_pretrained(out_dir)
+    copy_demo_tokenizer(out_dir)
+
+
+def prompt(n: int, salt: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(1234 + salt)
+    return [1] + torch.randint(100, 30000, (n - 1,), generator=g).tolist()
+
+
+# ---- workers (one process each) ------------------------------------------------------------
+
+def worker_transformers(model_dir: str, dtype: str, decode_tokens: int) -> dict:
+    from transformers import MistralForCausalLM
+
+    model = MistralForCausalLM.from_pretrained(model_dir, torch_dtype=getattr(torch, dtype)).eval()
+    out = {}
+    with torch.inference_mode():
+        ids = torch.tensor([prompt(PROMPT_LEN_DECODE)])
+        model.generate(ids, max_new_tokens=4, do_sample=False)  # warm up
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False)
+        total = time.perf_counter() - t
+        t = time.perf_counter()
+        model(ids)
+        prefill_small = time.perf_counter() - t
+        out["decode_tok_s"] = (decode_tokens - 1) / max(total - prefill_small, 1e-9)
+        long_ids = torch.tensor([prompt(PROMPT_LEN_PREFILL)])
+        model(long_ids)
+        t = time.perf_counter()
+        model(long_ids)
+        out["prefill_tok_s"] = PROMPT_LEN_PREFILL / (time.perf_counter() - t)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def worker_ours(model_dir: str, dtype: str, decode_tokens: int) -> dict:
+    from mistral_grpc.engine.args import EngineArgs
+    from mistral_grpc.engine.engine import LLMEngine
+    from mistral_grpc.engine.request import GenerationRequest
+    from mistral_grpc.engine.sampling_params import SamplingParams
+
+    async def run() -> dict:
+        engine = LLMEngine.from_args(EngineArgs(model=model_dir, device="cpu", dtype=dtype, max_batch_size=STREAMS,
+                                                kv_cache_memory=512 * 2**20, max_prefill_tokens=PROMPT_LEN_PREFILL))
+        await engine.start()
+
+        async def one(ids: list[int], max_tokens: int, tag: str) -> tuple[float, float, int]:
+            """(time to first token, total seconds, tokens generated)."""
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+            start = time.perf_counter()
+            first = None
+            count = 0
+            async for output in engine.generate(GenerationRequest(tag, ids, params)):
+                first = first or time.perf_counter() - start
+                count = output.completion_tokens
+            return first, time.perf_counter() - start, count
+
+        out = {}
+        await one(prompt(PROMPT_LEN_DECODE, 99), 4, "warm")
+        first, total, count = await one(prompt(PROMPT_LEN_DECODE), decode_tokens, "decode")
+        out["decode_tok_s"] = (count - 1) / (total - first)
+        first, _, _ = await one(prompt(PROMPT_LEN_PREFILL, 7), 1, "prefill")
+        out["prefill_tok_s"] = PROMPT_LEN_PREFILL / first
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(prompt(PROMPT_LEN_DECODE, 100 + i), decode_tokens, f"s{i}")
+                                         for i in range(STREAMS)))
+        out["aggregate_tok_s"] = sum(r[2] for r in results) / (time.perf_counter() - start)
+        await engine.shutdown()
+        return out
+
+    out = asyncio.run(run())
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def read_bandwidth_gbs() -> float:
+    from mistral_grpc import ops
+
+    return max(ops.read_bandwidth(2**30, 3) for _ in range(3))
+
+
+# ---- driver ----------------------------------------------------------------------------------
+
+def run_worker(kind: str, model_dir: str, dtype: str, decode_tokens: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--model-dir", model_dir, "--dtype", dtype,
+           "--decode-tokens", str(decode_tokens)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--worker", choices=["ours", "transformers"])
+    parser.add_argument("--model-dir")
+    args = parser.parse_args()
+    if args.worker:
+        fn = worker_ours if args.worker == "ours" else worker_transformers
+        print(json.dumps(fn(args.model_dir, args.dtype[0], args.decode_tokens)))
+        return
+
+    bandwidth = read_bandwidth_gbs()
+    print(f"machine: {os.cpu_count()} cores, best read bandwidth measured by the extension: {bandwidth:.1f} GB/s")
+    hf_fp32_decode = None
+    rows = []
+    for dtype in args.dtype:
+        with tempfile.TemporaryDirectory() as model_dir:
+            build_model(model_dir, dtype)
+            weight_bytes = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir)
+                               if f.endswith(".safetensors"))
+            hf = run_worker("transformers", model_dir, dtype, args.decode_tokens)
+            ours = run_worker("ours", model_dir, dtype, args.decode_tokens)
+        if dtype == "float32":
+            hf_fp32_decode = hf["decode_tok_s"]
+        bound = bandwidth * 1e9 / weight_bytes
+        rows.append((dtype, weight_bytes, hf, ours, bound))
+
+    print(f"\n{'dtype':9} {'metric':28} {'transformers':>13} {'ours':>10} {'ratio':>7}")
+    for dtype, weight_bytes, hf, ours, bound in rows:
+        metrics = [("batch-1 decode tok/s", hf["decode_tok_s"], ours["decode_tok_s"]),
+                   (f"prefill tok/s ({PROMPT_LEN_PREFILL} tokens)", hf["prefill_tok_s"], ours["prefill_tok_s"]),
+                   (f"{STREAMS} streams aggregate tok/s", hf["decode_tok_s"], ours["aggregate_tok_s"]),
+                   ("peak RSS MB", hf["peak_rss_mb"], ours["peak_rss_mb"])]
+        for name, theirs, mine in metrics:
+            print(f"{dtype:9} {name:28} {theirs:13.1f} {mine:10.1f} {mine / theirs:6.2f}x")
+        print(f"{dtype:9} {'bandwidth bound tok/s':28} {'':13} {bound:10.1f} "
+              f"(weights {weight_bytes / 1e6:.0f} MB; batch-1 reaches {ours['decode_tok_s'] / bound:.0%})")
+        if hf_fp32_decode and dtype != "float32":
+            print(f"{dtype:9} {'decode vs transformers fp32':28} {hf_fp32_decode:13.1f} "
+                  f"{ours['decode_tok_s']:10.1f} {ours['decode_tok_s'] / hf_fp32_decode:6.2f}x")
+    print(f"\n('{STREAMS} streams' compares our aggregate with transformers' batch-1 decode, as the target does.)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The synchronous heart of the engine: one `step()` schedules, runs the decoder, samples, detokenizes,
+matches stops and reports what each request gained. It runs on one worker thread (engine.py)."""
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from mistral_grpc import _C
+from mistral_grpc.engine.block_manager import BlockManager
+from mistral_grpc.engine.model_runner import ModelRunner
+from mistral_grpc.engine.request import ChoiceDelta, GenerationOutput, GenerationRequest, TokenLogprob, TopLogprob
+from mistral_grpc.engine.sampler import Sampler
+from mistral_grpc.engine.scheduler import ScheduledChunk, Scheduler
+from mistral_grpc.engine.sequence import Sequence, SequenceStatus
+from mistral_grpc.metrics import GENERATION_TOKENS, INTER_TOKEN_LATENCY, PROMPT_TOKENS, TIME_TO_FIRST_TOKEN
+from mistral_grpc.model.decoder import MistralDecoder
+from mistral_grpc.tokenizer import MistralTokenizer
+
+Emit = Callable[[GenerationOutput | Exception], None]
+_GOLDEN = 0x9E3779B97F4A7C15  # spreads the choices of one request over unrelated Philox keys
+
+
+@dataclass(eq=False)
+class _Choice:
+    seq: Sequence
+    detokenizer: object
+    stop: object | None
+    last_token_time: float | None = None
+    # v0.3: after the [TOOL_CALLS] token the text is a JSON payload, held back and parsed at the end.
+    tool_text: str | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    request: GenerationRequest
+    emit: Emit
+    choices: list[_Choice] = field(default_factory=list)
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.seq.status is SequenceStatus.FINISHED for c in self.choices)
+
+
+class EngineCore:
+    def __init__(self, model: MistralDecoder, tokenizer: MistralTokenizer, num_blocks: int, block_size: int,
+                 max_batch_size: int, max_prefill_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens)
+        self.runner = ModelRunner(model, model.allocate_kv_cache(num_blocks, block_size), block_size)
+        self.sampler = Sampler(tokenizer.vocab_size)
+        self.token_text = TokenTexts(tokenizer)
+        self._requests: dict[str, _Request] = {}
+        self._next_seq_id = 0
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def num_running_requests(self) -> int:
+        return len({s.request_id for s in self.scheduler.running})
+
+    def add_request(self, request: GenerationRequest, max_tokens: int, emit: Emit) -> None:
+        params = request.params
+        base_seed = params.seed if params.seed is not None else secrets.randbits(63)
+        state = _Request(request, emit)
+        now = time.monotonic()
+        for index in range(params.n):
+            seq = Sequence(self._next_seq_id, request.request_id, index, list(request.prompt_token_ids),
+                           len(request.prompt_token_ids), params, (base_seed + index * _GOLDEN) % 2**63,
+                           max_tokens, now)
+            self._next_seq_id += 1
+            if index > 0:
+                seq.waits_for = state.choices[0].seq
+            stop = _C.StopMatcher(list(params.stop)) if params.stop else None
+            state.choices.append(_Choice(seq, self.tokenizer.detokenizer(), stop))
+            self.scheduler.add(seq)
+        self._requests[request.request_id] = state
+        PROMPT_TOKENS.inc(len(request.prompt_token_ids))
+
+    def abort_request(self, request_id: str) -> None:
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return
+        for choice in state.choices:
+            if choice.seq.status is not SequenceStatus.FINISHED:
+                self.scheduler.finish(choice.seq, None)
+
+    def fail_all(self, error: Exception) -> None:
+        """Ends every request with `error` and frees all their blocks (after a failed step)."""
+        for request_id, state in list(self._requests.items()):
+            self.abort_request(request_id)
+            state.emit(error)
+
+    def step(self) -> None:
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return
+        logits = self.runner.run(plan.chunks)
+        sampling = [(i, c) for i, c in enumerate(plan.chunks) if c.samples]
+        for chunk in plan.chunks:
+            chunk.seq.num_computed += chunk.num_tokens
+            self.blocks.register_full_blocks(chunk.seq.blocks, chunk.seq.token_ids, chunk.seq.num_computed)
+        if not sampling:
+            return
+        rows = torch.tensor([i for i, _ in sampling], device=logits.device)
+        seqs = [c.seq for _, c in sampling]
+        result = self.sampler.sample(logits.index_select(0, rows), seqs)
+        now = time.monotonic()
+        touched: dict[str, list[ChoiceDelta]] = {}
+        for row, seq in enumerate(seqs):
+            state = self._requests[seq.request_id]
+            choice = state.choices[seq.index]
+            delta = self._append_token(choice, result.tokens[row], now)
+            if seq.params.logprobs:
+                delta.logprobs.append(self._logprob(result, row))
+            touched.setdefault(seq.request_id, []).append(delta)
+            if state.first_token_time is None:
+                state.first_token_time = now
+                TIME_TO_FIRST_TOKEN.observe(now - seq.arrival_time)
+        GENERATION_TOKENS.inc(len(seqs))
+        for request_id, deltas in touched.items():
+            state = self._requests[request_id]
+            completion = sum(c.seq.num_output for c in state.choices)
+            state.emit(GenerationOutput(deltas, len(state.request.prompt_token_ids), completion, state.finished))
+            if state.finished:
+                del self._requests[request_id]
+
+    def _append_token(self, choice: _Choice, token: int, now: float) -> ChoiceDelta:
+        seq = choice.seq
+        seq.token_ids.append(token)
+        if choice.last_token_time is not None:
+            INTER_TOKEN_LATENCY.observe(now - choice.last_token_time)
+        choice.last_token_time = now
+        delta = ChoiceDelta(seq.index, token_ids=[token])
+        reason = None
+        if token == self.tokenizer.eos_id:
+            text, reason = self._release(choice, choice.detokenizer.flush(), final=True), "stop"
+        else:
+            if token == self.tokenizer.tool_calls_token_id and choice.tool_text is None:
+                choice.tool_text = ""
+            text = self._release(choice, choice.detokenizer.push(token), final=False)
+            if choice.stop is not None and choice.stop.stopped:
+                reason = "stop"
+            elif seq.num_output >= seq.max_tokens:
+                text += self._release(choice, choice.detokenizer.flush(), final=True)
+                reason = "length"
+        if choice.tool_text is None:
+            delta.text = text
+        else:
+            choice.tool_text += text
+            if reason is not None:
+                delta.text, delta.tool_calls = self.tokenizer.parse_tool_calls(choice.tool_text)
+                if delta.tool_calls and reason == "stop":
+                    reason = "tool_calls"
+        if reason is not None:
+            delta.finish_reason = reason
+            self.scheduler.finish(seq, reason)
+        return delta
+
+    @staticmethod
+    def _release(choice: _Choice, text: str, final: bool) -> str:
+        """Passes decoded text through the stop matcher: what is safe to send now (all of it at the end)."""
+        if choice.stop is None:
+            return text
+        released = choice.stop.push(text)
+        if final and not choice.stop.stopped:
+            released += choice.stop.flush()
+        return released
+
+    def _logprob(self, result, row: int) -> TokenLogprob:
+        top = [TopLogprob(self.token_text.text(t), lp, self.token_text.bytes(t)) for t, lp in result.top[row]]
+        token = result.tokens[row]
+        return TokenLogprob(self.token_text.text(token), result.logprobs[row], self.token_text.bytes(token), top)
+
+
+class TokenTexts:
+    """A token's own text and UTF-8 bytes for logprobs (SentencePiece's ▁ is a space, <0xNN> one byte)."""
+
+    def __init__(self, tokenizer: MistralTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, bytes] = {}
+
+    def bytes(self, token: int) -> list[int]:
+        return list(self._raw(token))
+
+    def text(self, token: int) -> str:
+        return self._raw(token).decode("utf-8", errors="replace")
+
+    def _raw(self, token: int) -> bytes:
+        raw = self._cache.get(token)
+        if raw is None:
+            raw = self._tokenizer.token_bytes(token)
+            self._cache[token] = raw
+        return raw

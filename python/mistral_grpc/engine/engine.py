@@ -1,0 +1,222 @@
+"""The asyncio face of the engine: many concurrent callers, one worker thread stepping the model.
+
+The gRPC handlers await `generate()`; they never wait on the model. Requests and aborts reach the
+worker through a queue; outputs come back to each caller's asyncio queue through the event loop.
+A caller that goes away (cancel, deadline, closed stream) aborts its request, and the worker frees
+its blocks before the next step.
+"""
+
+import asyncio
+import logging
+import os
+import queue
+import tempfile
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from mistral_grpc.engine.args import EngineArgs
+from mistral_grpc.engine.core import EngineCore
+from mistral_grpc.engine.request import (EngineInternalError, EngineUnavailableError, GenerationOutput,
+                                         GenerationRequest, PromptTooLongError, QueueFullError)
+from mistral_grpc.engine.sampling_params import SamplingParams
+from mistral_grpc.metrics import (KV_CACHE_BLOCKS_TOTAL, KV_CACHE_BLOCKS_USED, RUNNING_REQUESTS,
+                                  WAITING_REQUESTS)
+from mistral_grpc.model.decoder import MistralDecoder
+from mistral_grpc.model.demo import write_demo_model
+from mistral_grpc.tokenizer import ChatMessage, MistralTokenizer
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_CPU_KV_BYTES = 2 * 2**30
+_CUDA_KV_SHARE = 0.85  # of the GPU memory left free once the weights are loaded
+
+
+@dataclass(frozen=True)
+class _Add:
+    request: GenerationRequest
+    max_tokens: int
+    emit: object
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.model_name = args.served_model_name or ("demo" if args.model == "demo"
+                                                     else os.path.basename(os.path.normpath(args.model)))
+        self.ready = False
+        self.max_model_len = 0
+        self.tokenizer: MistralTokenizer | None = None
+        self._core: EngineCore | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._stopping = False
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> "LLMEngine":
+        return cls(args)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Loads and warms up the model off the event loop, then starts the worker."""
+        await asyncio.to_thread(self._load)
+        self._worker = threading.Thread(target=self._run, name="mistral-grpc-engine", daemon=True)
+        self._worker.start()
+        await self._warm_up()
+        self.ready = True
+        self._idle.set()
+
+    def _load(self) -> None:
+        device = self.args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = None if self.args.dtype == "auto" else getattr(torch, self.args.dtype)
+        model_dir = self.args.model
+        if model_dir == "demo":
+            log.warning("serving the DEMO model: random weights, the real Mistral tokenizer. "
+                        "Its text is meaningless; pass --model DIR for real weights.")
+            model_dir = write_demo_model(os.path.join(tempfile.gettempdir(), "mistral-grpc-demo"))
+        model = MistralDecoder.from_dir(model_dir, device=device, dtype=dtype)
+        self.tokenizer = MistralTokenizer.from_dir(model_dir)
+        num_blocks = self._num_kv_blocks(model)
+        self.max_model_len = min(model.config.max_position_embeddings, num_blocks * self.args.block_size)
+        self._core = EngineCore(model, self.tokenizer, num_blocks, self.args.block_size, self.args.max_batch_size,
+                                self.args.max_prefill_tokens)
+        KV_CACHE_BLOCKS_TOTAL.set(num_blocks)
+        log.info("loaded %s on %s (%s): %d KV blocks of %d tokens, context %d", model_dir, device, model.dtype,
+                 num_blocks, self.args.block_size, self.max_model_len)
+
+    def _num_kv_blocks(self, model: MistralDecoder) -> int:
+        cfg = model.config
+        bytes_per_block = (2 * cfg.num_hidden_layers * self.args.block_size * cfg.num_key_value_heads
+                           * cfg.head_dim * model.dtype.itemsize)
+        budget = self.args.kv_cache_memory
+        if budget is None:
+            if model.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(model.device)
+                budget = int(free * _CUDA_KV_SHARE)
+            else:
+                budget = _DEFAULT_CPU_KV_BYTES
+        blocks = budget // bytes_per_block
+        if blocks < 1:
+            raise ValueError(f"--kv-cache-memory {budget} bytes holds no KV block ({bytes_per_block} bytes each)")
+        return int(blocks)
+
+    async def _warm_up(self) -> None:
+        """One short greedy generation, so the first real request pays no first-call costs."""
+        prompt = self.tokenizer.encode_chat([ChatMessage(role="user", content="warm up")])
+        request = GenerationRequest("warmup", prompt, SamplingParams(temperature=0.0, max_tokens=2))
+        async for _ in self._submit(request, 2):
+            pass
+
+    async def drain(self) -> None:
+        """Refuses new requests and waits for the running ones to finish."""
+        self._draining = True
+        await self._idle.wait()
+
+    async def shutdown(self) -> None:
+        self._draining = True
+        self._stopping = True
+        self._wakeup.set()
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.join)
+        self.ready = False
+
+    def kv_blocks_used(self) -> int:
+        return self._core.blocks.num_used_blocks if self._core else 0
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Checks admission now (raising before anything streams), then yields outputs as they come."""
+        if not self.ready or self._draining:
+            raise EngineUnavailableError("the server is draining" if self._draining else "the model is loading")
+        if self._in_flight >= self.args.max_batch_size + self.args.max_queue:
+            raise QueueFullError(f"the queue is full ({self._in_flight} requests in flight); retry later")
+        return self._submit(request, self.resolve_max_tokens(request.params, len(request.prompt_token_ids)))
+
+    def resolve_max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
+        """The generated-token budget, or PromptTooLongError when prompt + max_tokens exceed the context."""
+        room = self.max_model_len - prompt_len
+        if params.max_tokens is None:
+            if room < 1:
+                raise PromptTooLongError(f"the prompt has {prompt_len} tokens; the context holds {self.max_model_len}")
+            return room
+        if params.max_tokens > room:
+            raise PromptTooLongError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                                     f"context of {self.max_model_len} tokens")
+        return params.max_tokens
+
+    async def _submit(self, request: GenerationRequest, max_tokens: int) -> AsyncIterator[GenerationOutput]:
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[GenerationOutput | Exception] = asyncio.Queue()
+        finished = False
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            self._send(_Add(request, max_tokens, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)))
+            while not finished:
+                out = await outputs.get()
+                if isinstance(out, Exception):
+                    finished = True  # the worker already dropped the request
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self._send(_Abort(request.request_id))
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    def _send(self, message: _Add | _Abort) -> None:
+        self._inbox.put(message)
+        self._wakeup.set()
+
+    # ---- worker thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        core = self._core
+        while not self._stopping:
+            self._drain_inbox(core)
+            if not core.has_work:
+                self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            try:
+                core.step()
+            except Exception:  # a failed step must not kill the server: fail its requests, keep serving
+                log.exception("engine step failed; failing the requests in flight")
+                core.fail_all(EngineInternalError("the engine failed while generating; see the server log"))
+            self._update_gauges(core)
+        self._update_gauges(core)
+
+    def _drain_inbox(self, core: EngineCore) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(message, _Add):
+                core.add_request(message.request, message.max_tokens, message.emit)
+            else:
+                core.abort_request(message.request_id)
+            self._update_gauges(core)
+
+    def _update_gauges(self, core: EngineCore) -> None:
+        running = core.num_running_requests()
+        RUNNING_REQUESTS.set(running)
+        WAITING_REQUESTS.set(core.num_requests - running)
+        KV_CACHE_BLOCKS_USED.set(core.blocks.num_used_blocks)

@@ -1,0 +1,119 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Each step decodes every running sequence (one token each), then spends a prompt-token budget on
+prefill chunks (sequences already part-way first, then newcomers in arrival order), so a long
+prompt never stalls the running streams. When the cache runs out of blocks for a decode, the
+newest sequence is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from mistral_grpc.engine.block_manager import BlockManager, NoFreeBlocksError
+from mistral_grpc.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, from seq.num_computed on
+
+    @property
+    def samples(self) -> bool:
+        """True when the chunk reaches the sequence's last token, whose logits pick the next one."""
+        return self.seq.num_computed + self.num_tokens == len(self.seq.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_prefill_tokens: int) -> None:
+        self.blocks = blocks
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        # Admission keeps this many blocks spare so running sequences can grow without thrashing.
+        self.watermark = max(1, blocks.num_blocks // 100)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last is the newest
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str | None) -> None:
+        """Retires a sequence (reason None = aborted) and returns its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.blocks)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        self._schedule_decodes(out)
+        budget = self.max_prefill_tokens
+        for seq in self.running:
+            if seq.in_prefill and budget > 0:
+                n = min(seq.num_uncomputed, budget)
+                out.chunks.append(ScheduledChunk(seq, n))
+                budget -= n
+        self._admit(out, budget)
+        return out
+
+    def _schedule_decodes(self, out: SchedulerOutput) -> None:
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or seq.in_prefill:
+                continue  # preempted as a victim earlier in this loop, or still prefilling
+            while True:
+                try:
+                    self.blocks.append_slots(seq.blocks, len(seq.token_ids))
+                    out.chunks.append(ScheduledChunk(seq, 1))
+                    break
+                except NoFreeBlocksError:
+                    victim = self.running[-1]
+                    self._preempt(victim, out)
+                    if victim is seq:
+                        break
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.blocks)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        out.chunks = [c for c in out.chunks if c.seq is not seq]
+        out.preempted.append(seq)
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_batch_size:
+                return
+            if seq.waits_for is not None:
+                parent = seq.waits_for
+                if parent.status is not SequenceStatus.FINISHED and parent.num_computed < parent.prompt_len:
+                    continue  # its prompt blocks are not cached yet: sharing them beats computing them twice
+                seq.waits_for = None
+            if not self.blocks.can_allocate(len(seq.token_ids), reserve=self.watermark) and self.running:
+                return  # first come, first served: nobody overtakes a request that does not fit yet
+            try:
+                seq.num_computed = self.blocks.allocate(seq.blocks, seq.token_ids)
+            except NoFreeBlocksError:
+                return
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed, budget)
+            out.chunks.append(ScheduledChunk(seq, n))
+            budget -= n
