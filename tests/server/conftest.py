@@ -1,18 +1,9 @@
 """Fixtures for the server tests: a fake engine, and real grpc.aio servers on it in a loop thread."""
 
-import importlib.util
-import sys
-
 import pytest
 
-# Until the real tokenizer lands on main, the server imports this stand-in under its name.
-if importlib.util.find_spec("mistral_grpc.tokenizer") is None:
-    import fake_tokenizer
-
-    sys.modules["mistral_grpc.tokenizer"] = fake_tokenizer
-
-from fake_engine import FakeEngine  # noqa: E402
-from harness import LiveServer, LoopThread  # noqa: E402
+from fake_engine import FakeEngine
+from harness import LiveServer, LoopThread
 
 
 @pytest.fixture(scope="session")

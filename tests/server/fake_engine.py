@@ -1,17 +1,24 @@
-"""A scripted engine with LLMEngine's interface: each step yields the next piece of a fixed text per
-choice, and KV blocks are counted the way the real engine holds them (freed on finish or abort)."""
+"""A scripted engine with LLMEngine's interface and the real tokenizer: each step yields the next
+piece of a fixed text per choice, and KV blocks are counted the way the real engine holds them
+(freed when the request finishes or its iterator is closed)."""
 
 import asyncio
 import math
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from functools import cache
 
 from mistral_grpc.engine.request import (ChoiceDelta, EngineUnavailableError, GenerationOutput, GenerationRequest,
                                          PromptTooLongError, QueueFullError, TokenLogprob, TopLogprob)
-
-from fake_tokenizer import MistralTokenizer
+from mistral_grpc.tokenizer import MistralTokenizer, ToolCall
+from mistral_grpc.tokenizer.vocab import SHIPPED_DIR
 
 PIECES = ("Hel", "lo", "!", "", " I", " am", " choice", " {index}", ".")
+
+
+@cache
+def tokenizer(version: str = "v3") -> MistralTokenizer:
+    return MistralTokenizer.from_file(SHIPPED_DIR / f"mistral_tokenizer_{version}.json")
 
 
 def choice_text(index: int, pieces: tuple[str, ...] = PIECES) -> str:
@@ -20,65 +27,74 @@ def choice_text(index: int, pieces: tuple[str, ...] = PIECES) -> str:
 
 class FakeEngine:
     def __init__(self, *, model_name: str = "demo", max_model_len: int = 256, step_delay: float = 0.0,
-                 pieces: tuple[str, ...] = PIECES, max_queue: int = 1000, fail_after_steps: int | None = None,
-                 load_gate: threading.Event | None = None, block_size: int = 16) -> None:
+                 pieces: tuple[str, ...] = PIECES, tool_calls: tuple[ToolCall, ...] = (), max_queue: int = 1000,
+                 fail_after_steps: int | None = None, load_gate: threading.Event | None = None,
+                 template: str = "v3", block_size: int = 16) -> None:
         self.model_name = model_name
         self.max_model_len = max_model_len
-        self.tokenizer = MistralTokenizer()
+        self.tokenizer = tokenizer(template)
         self.ready = False
         self.step_delay = step_delay
         self.pieces = pieces
+        self.tool_calls = list(tool_calls)  # when given: the pieces are held back, the calls come at the end
         self.max_queue = max_queue
         self.fail_after_steps = fail_after_steps
         self.load_gate = load_gate  # start() waits for it: a model that loads when the test says
         self.block_size = block_size
         self.requests: list[GenerationRequest] = []
+        self.running = 0
         self._draining = False
         self._blocks: dict[tuple[str, int], int] = {}  # (request, choice) -> blocks held
-        self._running = 0
 
     async def start(self) -> None:
         if self.load_gate is not None:
             await asyncio.to_thread(self.load_gate.wait)
         self.ready = True
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
         if self._draining or not self.ready:
             raise EngineUnavailableError("draining" if self._draining else "loading")
-        if self._running >= self.max_queue:
-            raise QueueFullError(f"{self._running} requests waiting (--max-queue {self.max_queue})")
+        if self.running >= self.max_queue:
+            raise QueueFullError(f"{self.running} requests in flight")
         prompt = len(request.prompt_token_ids)
         max_tokens = request.params.max_tokens
-        if prompt + (max_tokens or 1) > self.max_model_len:
-            raise PromptTooLongError(f"prompt {prompt} + max_tokens {max_tokens} > context {self.max_model_len}")
+        if max_tokens is None and prompt >= self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {prompt} tokens; the context holds {self.max_model_len}")
+        if max_tokens is not None and prompt + max_tokens > self.max_model_len:
+            raise PromptTooLongError(f"prompt ({prompt} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                                     f"{self.max_model_len} tokens")
         self.requests.append(request)
         return self._run(request)
 
-    async def _run(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+    async def _run(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
         params = request.params
         prompt = len(request.prompt_token_ids)
-        limit = min(len(self.pieces), params.max_tokens or self.max_model_len - prompt)
-        self._running += 1
+        steps = min(len(self.pieces), params.max_tokens or self.max_model_len - prompt)
+        self.running += 1
         generated = 0
         try:
-            for step in range(limit):
+            for step in range(steps):
                 await asyncio.sleep(self.step_delay)
                 if self.fail_after_steps is not None and step >= self.fail_after_steps:
                     raise RuntimeError("fake engine failure: secret internals /srv/model.py line 42")
+                last = step == steps - 1
                 deltas = []
                 for index in range(params.n):
                     self._blocks[(request.request_id, index)] = math.ceil((prompt + step + 1) / self.block_size)
                     text = self.pieces[step].replace("{index}", str(index))
-                    finish = None
-                    if step == limit - 1:
-                        finish = "stop" if limit == len(self.pieces) else "length"
-                    logprobs = [self._logprob(text, params.top_logprobs)] if params.logprobs else []
-                    deltas.append(ChoiceDelta(index=index, text=text, token_ids=[100 + step], logprobs=logprobs,
-                                              finish_reason=finish))
+                    delta = ChoiceDelta(index=index, text=text, token_ids=[100 + step],
+                                        logprobs=[self._logprob(text, params.top_logprobs)] if params.logprobs else [])
+                    if self.tool_calls:
+                        delta.text = ""
+                    if last:
+                        delta.finish_reason = "stop" if steps == len(self.pieces) else "length"
+                        if self.tool_calls:
+                            delta.tool_calls, delta.finish_reason = self.tool_calls, "tool_calls"
+                    deltas.append(delta)
                     generated += 1
-                yield GenerationOutput(deltas=deltas, prompt_tokens=prompt, completion_tokens=generated)
+                yield GenerationOutput(deltas=deltas, prompt_tokens=prompt, completion_tokens=generated, finished=last)
         finally:
-            self._running -= 1
+            self.running -= 1
             for index in range(params.n):
                 self._blocks.pop((request.request_id, index), None)
 
@@ -90,7 +106,7 @@ class FakeEngine:
 
     async def drain(self) -> None:
         self._draining = True
-        while self._running:
+        while self.running:
             await asyncio.sleep(0.01)
 
     async def shutdown(self) -> None:

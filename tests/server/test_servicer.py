@@ -16,14 +16,14 @@ from grpc_testing_adapter import SyncServicer
 from harness import LoopThread
 from mistral_grpc.metrics import REGISTRY
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2
-from mistral_grpc.server import errors
+from mistral_grpc.engine.request import EngineUnavailableError, QueueFullError
 from mistral_grpc.server.servicer import ChatServicer
-from mistral_grpc.tokenizer import ChatMessage
+from mistral_grpc.tokenizer import ChatMessage, ToolCall
 
 SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"]
 CHAT = SERVICE.methods_by_name["Chat"]
 STREAM_CHAT = SERVICE.methods_by_name["StreamChat"]
-TOOL_CALL_PIECES = ("[TOOL_CALLS]", '[{"name": "get_weather", ', '"arguments": {"city": "Paris"}}]')
+WEATHER_CALL = ToolCall(id="abcDEF123", name="get_weather", arguments='{"city": "Paris"}')
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                                  "parameters": {"type": "object", "properties": {
                                                      "city": {"type": "string", "minLength": 1}}}}}
@@ -91,7 +91,7 @@ def test_chat_returns_the_whole_completion_with_exact_usage(make):
     assert (choice.index, choice.message.role, choice.message.content, choice.finish_reason) == (
         0, "assistant", choice_text(0), "stop")
     assert not choice.HasField("logprobs")
-    prompt = harness.engine.tokenizer.encode_chat([ChatMessage(role="user", content="Hello!")], None)
+    prompt = harness.engine.tokenizer.encode_chat([ChatMessage(role="user", content="Hello!")])
     assert harness.engine.requests[-1].prompt_token_ids == prompt
     assert (response.usage.prompt_tokens, response.usage.completion_tokens, response.usage.total_tokens) == (
         len(prompt), 9, len(prompt) + 9)
@@ -161,25 +161,24 @@ def test_logprobs_come_per_token_with_top_alternatives(make):
     assert streamed == [e.token for e in entries]
 
 
-@pytest.mark.parametrize("tool_choice", [None, "auto", "any"])
-def test_tool_calls_are_parsed_from_the_completion(make, tool_choice):
-    harness = make(pieces=TOOL_CALL_PIECES)
-    fields = {"tools": [WEATHER_TOOL]} | ({"tool_choice": tool_choice} if tool_choice else {})
-    response, code, _, _ = harness.chat(hello(**fields))
+def test_tool_calls_come_whole_with_finish_reason_tool_calls(make):
+    harness = make(tool_calls=(WEATHER_CALL,))
+    response, code, _, _ = harness.chat(hello(tools=[WEATHER_TOOL]))
     assert code == grpc.StatusCode.OK
     [choice] = response.choices
     assert choice.finish_reason == "tool_calls" and choice.message.content == ""
     [call] = choice.message.tool_calls
-    assert re.fullmatch(r"[A-Za-z0-9]{9}", call.id) and call.type == "function"
-    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
-    assert not call.HasField("index")
+    assert (call.id, call.type, call.function.name) == ("abcDEF123", "function", "get_weather")
+    assert json.loads(call.function.arguments) == {"city": "Paris"} and not call.HasField("index")
 
-    chunks, code, _, _ = harness.stream(hello(**fields))
+    chunks, code, _, _ = harness.stream(hello(tools=[WEATHER_TOOL], n=2))
     assert code == grpc.StatusCode.OK
-    assert chunks[0].choices[0].delta.role == "assistant" and not chunks[0].choices[0].delta.tool_calls
-    last = chunks[-1].choices[0]
-    assert last.finish_reason == "tool_calls" and last.delta.tool_calls[0].index == 0
-    assert last.delta.tool_calls[0].function.name == "get_weather"
+    for index in range(2):
+        mine = [choice for chunk in chunks for choice in chunk.choices if choice.index == index]
+        assert mine[0].delta.role == "assistant" and not mine[0].delta.tool_calls
+        assert mine[-1].finish_reason == "tool_calls"
+        [call] = mine[-1].delta.tool_calls
+        assert (call.index, call.id, call.function.name) == (0, "abcDEF123", "get_weather")
 
 
 def test_tools_reach_the_template_with_their_schema_as_sent(make, monkeypatch):
@@ -194,13 +193,6 @@ def test_tools_reach_the_template_with_their_schema_as_sent(make, monkeypatch):
     assert isinstance(tool.parameters["properties"]["city"]["minLength"], int)
     harness.chat(hello(tools=[WEATHER_TOOL], tool_choice="none"))
     assert seen[-1] is None
-
-
-def test_tool_choice_none_leaves_the_text_as_content(make):
-    response, code, _, _ = make(pieces=TOOL_CALL_PIECES).chat(hello(tools=[WEATHER_TOOL], tool_choice="none"))
-    assert code == grpc.StatusCode.OK
-    assert response.choices[0].message.content == "".join(TOOL_CALL_PIECES)
-    assert response.choices[0].finish_reason == "stop" and not response.choices[0].message.tool_calls
 
 
 def test_assistant_tool_calls_and_tool_results_reach_the_template(make, monkeypatch):
@@ -218,7 +210,7 @@ def test_assistant_tool_calls_and_tool_results_reach_the_template(make, monkeypa
     assert (assistant.tool_calls[0].id, assistant.tool_calls[0].name) == ("abcDEF123", "get_weather")
     assert json.loads(assistant.tool_calls[0].arguments) == {"city": "Paris"}
     assert (tool.role, tool.content, tool.tool_call_id, tool.name) == ("tool", "22C", "abcDEF123", "get_weather")
-    assert (user.name, user.tool_calls, user.tool_call_id) == (None, None, None)
+    assert (user.name, user.tool_calls, user.tool_call_id) == (None, [], None)
 
 
 BAD_FIELDS = [
@@ -230,7 +222,8 @@ BAD_FIELDS = [
         {"type": "function", "function": {"name": "f", "arguments": "not json"}}]}, {"role": "user", "content": "b"}]},
      "messages[1].tool_calls[0].function.arguments"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
-        {"type": "function", "function": {"arguments": "{}"}}]}, {"role": "user", "content": "b"}]},
+        {"id": "abcDEF123", "type": "function", "function": {"arguments": "{}"}}]},
+        {"role": "tool", "content": "b", "tool_call_id": "abcDEF123"}]},
      "messages[1].tool_calls[0].function.name"),
     ({"temperature": 2.5}, "temperature"),
     ({"temperature": -0.1}, "temperature"),
@@ -282,23 +275,24 @@ def test_template_errors_name_the_offending_field(make):
     _, code, _, bad = make().chat(request({"messages": [{"role": "user", "content": "a"},
                                                         {"role": "assistant", "content": "b"}]}))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert bad == [("messages[1].role", "the conversation must end with a user or tool message")]
+    assert bad == [("messages[1].role",
+                    "the conversation must end with a user or tool message for the assistant to answer")]
 
 
 def test_prompt_plus_max_tokens_beyond_the_context_names_both_numbers(make):
     harness = make(max_model_len=64)
     words = " ".join(["word"] * 40)
-    prompt = len(harness.engine.tokenizer.encode_chat([ChatMessage(role="user", content=words)], None))
+    prompt = len(harness.engine.tokenizer.encode_chat([ChatMessage(role="user", content=words)]))
     _, code, details, bad = harness.chat(request({"messages": [{"role": "user", "content": words}],
                                                   "max_tokens": 30}))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     [(field, description)] = bad
-    assert field == "max_tokens"
-    assert f"{prompt} tokens" in description and "max_tokens is 30" in description and "64" in description
+    assert field == "max_tokens" and prompt + 30 > 64
+    assert f"{prompt} tokens" in description and "max_tokens (30)" in description and "64" in description
     _, code, _, _ = harness.chat(request({"messages": [{"role": "user", "content": words}],
                                           "max_tokens": 64 - prompt}))
     assert code == grpc.StatusCode.OK
-    _, code, _, bad = harness.chat(request({"messages": [{"role": "user", "content": " ".join(["w"] * 70)}]}))
+    _, code, _, bad = harness.chat(request({"messages": [{"role": "user", "content": words * 2}]}))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and bad[0][0] == "messages"
 
 
@@ -336,9 +330,8 @@ def test_loading_draining_and_full_queue(make, loop):
 
 
 @pytest.mark.parametrize("error,code", [
-    (errors.QueueFullError("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.EngineUnavailableError("draining"), grpc.StatusCode.UNAVAILABLE),
-    (errors.PromptTooLongError("prompt 10 + max_tokens 20 > 16"), grpc.StatusCode.INVALID_ARGUMENT),
+    (QueueFullError("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (EngineUnavailableError("draining"), grpc.StatusCode.UNAVAILABLE),
 ])
 def test_engine_errors_map_to_their_codes(make, monkeypatch, error, code):
     harness = make()

@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from mistral_grpc.engine.request import EngineUnavailableError, PromptTooLongError, QueueFullError
+from mistral_grpc.tokenizer import TemplateError
 
 
 @dataclass
@@ -42,26 +43,21 @@ def invalid_argument(violations: list[tuple[str, str]]) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {summary}", violations)
 
 
-def context_overflow(prompt_tokens: int, max_tokens: int | None, context_length: int) -> RequestError:
-    if max_tokens is None:
-        description = (f"the prompt has {prompt_tokens} tokens, which leaves no room in the model's context "
-                       f"of {context_length} tokens; shorten the conversation")
-        return invalid_argument([("messages", description)])
-    description = (f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
-                   f"{prompt_tokens + max_tokens} exceeds the model's context of {context_length} tokens; "
-                   f"lower max_tokens to at most {max(context_length - prompt_tokens, 0)} or shorten the conversation")
-    return invalid_argument([("max_tokens", description)])
-
-
-def from_engine_error(error: Exception) -> RequestError | None:
-    """The status for an error the engine raises before its first output; None for anything else."""
+def describe(error: Exception, *, max_tokens_given: bool) -> RequestError | None:
+    """The status for an error the servicer, the template or the engine raised; None for a failure
+    nobody foresaw (INTERNAL)."""
+    if isinstance(error, RequestError):
+        return error
+    if isinstance(error, TemplateError):
+        return invalid_argument([(error.field or "messages", str(error))])
+    if isinstance(error, PromptTooLongError):
+        # The fix is a smaller max_tokens when one was asked for, else a shorter conversation.
+        return invalid_argument([("max_tokens" if max_tokens_given else "messages", str(error))])
     if isinstance(error, QueueFullError):
         return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"the server is at capacity, retry with backoff ({error})")
     if isinstance(error, EngineUnavailableError):
         return RequestError(grpc.StatusCode.UNAVAILABLE, f"the model is not serving: {error}")
-    if isinstance(error, PromptTooLongError):
-        return invalid_argument([("max_tokens", str(error))])
     return None
 
 

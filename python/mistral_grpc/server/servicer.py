@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 import grpc
@@ -22,7 +22,7 @@ from mistral_grpc.proto.mistral.chat.v1 import chat_pb2, chat_pb2_grpc
 from mistral_grpc.server import errors
 from mistral_grpc.server.responses import ChoiceState, CompletionHeader, usage
 from mistral_grpc.server.validation import parse_request
-from mistral_grpc.tokenizer import MistralTokenizer, TemplateError
+from mistral_grpc.tokenizer import MistralTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ class Engine(Protocol):
     tokenizer: MistralTokenizer
     ready: bool
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]: ...
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
+        """Closing the generator (or cancelling its consumer) aborts the request and frees its KV blocks."""
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
@@ -50,9 +51,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:
         started = time.monotonic()
         try:
-            response = await self._chat(request, started)
+            response = await self._chat(request)
         except BaseException as error:  # noqa: BLE001 (every ending is classified and counted)
-            await self._fail("Chat", error, context, started)
+            await self._fail("Chat", error, request, context, started)
             raise
         _count("Chat", grpc.StatusCode.OK, started)
         return response
@@ -61,19 +62,19 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                          context: grpc.aio.ServicerContext) -> AsyncIterator[chat_pb2.ChatChunk]:
         started = time.monotonic()
         try:
-            async with contextlib.aclosing(self._stream(request, started)) as chunks:
+            async with contextlib.aclosing(self._stream(request)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         except BaseException as error:  # noqa: BLE001
-            await self._fail("StreamChat", error, context, started)
+            await self._fail("StreamChat", error, request, context, started)
             raise
         _count("StreamChat", grpc.StatusCode.OK, started)
 
-    async def _chat(self, request: chat_pb2.ChatRequest, started: float) -> chat_pb2.ChatResponse:
+    async def _chat(self, request: chat_pb2.ChatRequest) -> chat_pb2.ChatResponse:
         header = CompletionHeader.new(self._engine.model_name)
         generation, choices = await self._prepare(request, header.id)
         last: GenerationOutput | None = None
-        async with contextlib.aclosing(self._outputs(generation, started)) as outputs:
+        async with contextlib.aclosing(self._engine.generate(generation)) as outputs:
             async for output in outputs:
                 for delta in output.deltas:
                     choices[delta.index].add(delta)
@@ -84,21 +85,20 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                                      model=header.model, choices=[choice.choice() for choice in choices],
                                      usage=usage(last))
 
-    async def _stream(self, request: chat_pb2.ChatRequest, started: float) -> AsyncIterator[chat_pb2.ChatChunk]:
+    async def _stream(self, request: chat_pb2.ChatRequest) -> AsyncIterator[chat_pb2.ChatChunk]:
         header = CompletionHeader.new(self._engine.model_name)
         generation, choices = await self._prepare(request, header.id)
-        async with contextlib.aclosing(self._outputs(generation, started)) as outputs:
+        async with contextlib.aclosing(self._engine.generate(generation)) as outputs:
             async for output in outputs:
                 updates = [update for delta in output.deltas
                            if (update := choices[delta.index].add(delta)) is not None]
-                done = all(choice.finished for choice in choices)
-                if updates or done:
+                if updates or output.finished:
                     chunk = chat_pb2.ChatChunk(id=header.id, object="chat.completion.chunk",
                                                created=header.created, model=header.model, choices=updates)
-                    if done:
+                    if output.finished:
                         chunk.usage.CopyFrom(usage(output))
                     yield chunk
-                if done:
+                if output.finished:
                     return
         raise RuntimeError("the engine ended a request before all its choices finished")
 
@@ -112,28 +112,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         tokenizer = self._engine.tokenizer
         # A 32K-token prompt takes a while to template and encode: keep the event loop free for other calls.
         prompt = await asyncio.to_thread(tokenizer.encode_chat, parsed.messages, parsed.tools)
-        max_tokens = parsed.params.max_tokens
-        context_length = self._engine.max_model_len
-        if len(prompt) + (max_tokens or 1) > context_length:
-            raise errors.context_overflow(len(prompt), max_tokens, context_length)
-        parse_tool_calls = tokenizer.parse_tool_calls if parsed.tools and tokenizer.template_version == "v3" else None
-        choices = [ChoiceState(i, parse_tool_calls, parsed.params.logprobs) for i in range(parsed.params.n)]
+        choices = [ChoiceState(i, parsed.params.logprobs) for i in range(parsed.params.n)]
         return GenerationRequest(request_id=request_id, prompt_token_ids=prompt, params=parsed.params), choices
 
-    async def _outputs(self, generation: GenerationRequest, started: float) -> AsyncIterator[GenerationOutput]:
-        """The engine's outputs, timed; closing this (or cancelling the call) aborts the request."""
-        timing = _TokenTiming(started)
-        outputs = self._engine.generate(generation)
-        try:
-            async for output in outputs:
-                timing.observe(output)
-                yield output
-        finally:
-            close = getattr(outputs, "aclose", None)
-            if close is not None:
-                await close()
-
-    async def _fail(self, rpc: str, error: BaseException, context: grpc.aio.ServicerContext, started: float) -> None:
+    async def _fail(self, rpc: str, error: BaseException, request: chat_pb2.ChatRequest,
+                    context: grpc.aio.ServicerContext, started: float) -> None:
         """Counts the call's ending; for a failure it can describe, aborts with that status (raises)."""
         if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
             remaining = context.time_remaining()
@@ -142,7 +125,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             return
         if isinstance(error, grpc.aio.AbortError) or not isinstance(error, Exception):
             return
-        failure = _classify(error)
+        failure = errors.describe(error, max_tokens_given=request.HasField("max_tokens"))
         if failure is None:
             incident = uuid.uuid4().hex[:12]
             logger.error("%s failed (incident %s)", rpc, incident, exc_info=error)
@@ -152,38 +135,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         await context.abort(status.code, status.details, status.trailing_metadata)
 
 
-def _classify(error: Exception) -> errors.RequestError | None:
-    if isinstance(error, errors.RequestError):
-        return error
-    if isinstance(error, TemplateError):
-        return errors.invalid_argument([(error.field or "messages", str(error))])
-    return errors.from_engine_error(error)
-
-
 def _count(rpc: str, code: grpc.StatusCode, started: float) -> None:
     metrics.REQUESTS.labels(rpc=rpc, code=code.name).inc()
     metrics.REQUEST_DURATION.labels(rpc=rpc).observe(time.monotonic() - started)
 
-
-class _TokenTiming:
-    """Time to first token (from the call's arrival) and the gap between a choice's tokens."""
-
-    def __init__(self, started: float) -> None:
-        self._started = started
-        self._first_seen = False
-        self._last_token_at: dict[int, float] = {}
-
-    def observe(self, output: GenerationOutput) -> None:
-        now = time.monotonic()
-        for delta in output.deltas:
-            if not delta.token_ids:
-                continue
-            if not self._first_seen:
-                self._first_seen = True
-                metrics.TIME_TO_FIRST_TOKEN.observe(now - self._started)
-            previous = self._last_token_at.get(delta.index)
-            if previous is not None:
-                gap = (now - previous) / len(delta.token_ids)
-                for _ in delta.token_ids:
-                    metrics.INTER_TOKEN_LATENCY.observe(gap)
-            self._last_token_at[delta.index] = now

@@ -3,11 +3,11 @@
 All violations of one request are collected and reported together (INVALID_ARGUMENT with one
 google.rpc.BadRequest field violation each). Sampling ranges live in SamplingParams.violations();
 this module checks the rest: the model name, messages, tools, tool_choice and response_format.
-Whether a conversation fits the model's template (role order, tool-call ids) is the template's call.
+Whether a conversation fits the model's template (role order, tool-call ids, function names, tool
+schemas) is the template's call: its TemplateError names the field too.
 """
 
 import json
-import re
 from dataclasses import dataclass
 
 import grpc
@@ -17,12 +17,10 @@ from mistral_grpc.engine.sampling_params import SamplingParams
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2
 from mistral_grpc.server.errors import RequestError, invalid_argument
 from mistral_grpc.tokenizer import ChatMessage, ToolCall, ToolDefinition
+from mistral_grpc.tokenizer.messages import ROLES
 
-ROLES = ("system", "user", "assistant", "tool")
 TOOL_CHOICES = ("none", "auto", "any")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
-# OpenAI's rule for function names.
-FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # The ChatRequest fields that map one to one onto SamplingParams (same names).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "n", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "seed", "logprobs", "top_logprobs")
@@ -72,15 +70,13 @@ def _messages(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) 
             violations.append((f"{where}.tool_calls", "only assistant messages carry tool_calls"))
         calls = [_tool_call(call, f"{where}.tool_calls[{j}]", violations) for j, call in enumerate(message.tool_calls)]
         messages.append(ChatMessage(role=message.role, content=message.content, name=message.name or None,
-                                    tool_calls=calls or None, tool_call_id=message.tool_call_id or None))
+                                    tool_calls=calls, tool_call_id=message.tool_call_id or None))
     return messages
 
 
 def _tool_call(call: chat_pb2.ToolCall, where: str, violations: list[tuple[str, str]]) -> ToolCall:
     if call.type not in ("", "function"):
         violations.append((f"{where}.type", f"must be 'function' (got {call.type!r})"))
-    if not call.function.name:
-        violations.append((f"{where}.function.name", "must name the function that was called"))
     arguments = call.function.arguments or "{}"
     try:
         if not isinstance(json.loads(arguments), dict):
@@ -98,10 +94,7 @@ def _tools(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) -> 
         if tool.type not in ("", "function"):
             violations.append((f"{where}.type", f"must be 'function' (got {tool.type!r})"))
         name = tool.function.name
-        if not FUNCTION_NAME.fullmatch(name):
-            violations.append((f"{where}.function.name",
-                               f"must be 1 to 64 letters, digits, underscores or dashes (got {name!r})"))
-        elif name in seen:
+        if name in seen:
             violations.append((f"{where}.function.name", f"{name!r} is defined twice"))
         seen.add(name)
         parameters = struct_to_dict(tool.function.parameters) if tool.function.HasField("parameters") else {}
