@@ -101,10 +101,10 @@ class ChatServer:
 
     async def drain_and_stop(self) -> None:
         """Health NOT_SERVING and new calls UNAVAILABLE at once; running calls finish within the grace."""
-        logger.info("draining: running calls have %.0f s to finish", self.options.grace_period)
         deadline = time.monotonic() + self.options.grace_period
         await self.health.enter_graceful_shutdown()
         self.servicer.start_draining()
+        logger.info("draining: running calls have %.0f s to finish", self.options.grace_period)
         try:
             await asyncio.wait_for(self.engine.drain(), self.options.grace_period)
         except TimeoutError:
