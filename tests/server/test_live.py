@@ -209,3 +209,26 @@ def test_metrics_port_serves_the_design_names(serve_fake):
                  "mistral_grpc_kv_cache_blocks_used", "mistral_grpc_kv_cache_blocks_total"):
         assert f"\n{name}" in text, name
     assert 'mistral_grpc_requests_total{code="OK",rpc="Chat"}' in text
+
+
+def test_garbage_and_hostile_requests_do_not_disturb_a_running_stream(serve_fake):
+    server = serve_fake(step_delay=0.01, pieces=LONG[:50], max_model_len=4096)
+    with ChatClient(server.target) as client, grpc.insecure_channel(server.target) as channel:
+        stream = client.stream_chat("Hello!")
+        first = next(stream)
+        raw_chat = channel.unary_unary("/mistral.chat.v1.ChatService/Chat")  # bytes in, bytes out
+        for payload in (b"\xff" * 64, b"\x12\x03\x0a\x01", bytes(range(256)) * 4):
+            with pytest.raises(grpc.RpcError) as raised:
+                raw_chat(payload, timeout=10)
+            assert raised.value.code() == grpc.StatusCode.UNKNOWN  # grpc's answer to undecodable bytes
+        hostile = [{"max_tokens": 2**31 - 1}, {"top_logprobs": 10**9, "logprobs": True}, {"n": -(2**31)},
+                   {"temperature": 1e308}]
+        for fields in hostile:
+            with pytest.raises(grpc.RpcError) as raised:
+                client.chat("Hi", **fields)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        huge = client.chat("Hi", stop=["x" * 100_000] * 16, seed=2**63 - 1, n=8, max_tokens=3)
+        assert len(huge.choices) == 8
+        rest = list(stream)
+    assert [first, *rest][-1].choices[0].finish_reason == "stop"
+    wait_for(lambda: server.engine.kv_blocks_used() == 0)

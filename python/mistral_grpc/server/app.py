@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
@@ -70,7 +69,7 @@ class ChatServer:
         self.engine = engine
         self.options = options
         self.servicer = ChatServicer(engine)
-        self.health = HealthServicer()
+        self.health = health.aio.HealthServicer()
         interceptors = [ApiKeyInterceptor(options.api_key)] if options.api_key else []
         # gzip-compressed requests are always accepted; responses go uncompressed unless asked (low latency).
         self._server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
