@@ -4,4 +4,36 @@
 
 #include <ATen/core/Tensor.h>
 
-namespace mistral_grpc {}  // namespace mistral_grpc
+namespace mistral_grpc {
+
+// Decoder layer ops (defined in checks.cpp). Shapes, dtypes, devices and layouts: they never read
+// tensor data, so they cost nothing on CUDA.
+void check_rms_norm_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight);
+void check_fused_add_rms_norm_args(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight);
+void check_rotary_embedding_args(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& cos_sin_cache);
+void check_silu_and_mul_args(const at::Tensor& out, const at::Tensor& gate_up);
+void check_reshape_and_cache_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& slot_mapping);
+void check_paged_attention_args(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                const at::Tensor& seq_lens, const at::Tensor& query_start_loc);
+
+// Checks of the index values themselves, for host tensors: the CPU kernels call them before touching
+// memory. The CUDA kernels cannot read device metadata without a sync; they bound every index they
+// read instead and write NaN (attention, rotary) or skip the write (cache) where one is out of range.
+void check_positions_in_range(const at::Tensor& positions, int64_t max_position);
+void check_slots_in_range(const at::Tensor& slot_mapping, int64_t num_slots);
+void check_attention_metadata(const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                              const at::Tensor& query_start_loc, int64_t num_tokens, int64_t num_blocks,
+                              int64_t block_size, int64_t sliding_window);
+
+// Sampling ops (defined in cpu/sampling.cpp).
+void check_apply_penalties_args(const at::Tensor& logits, const at::Tensor& prompt_tokens,
+                                const at::Tensor& output_tokens, const at::Tensor& repetition,
+                                const at::Tensor& presence, const at::Tensor& frequency);
+void check_sample_args(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_p,
+                       const at::Tensor& top_k, const at::Tensor& seeds, const at::Tensor& offsets,
+                       const at::Tensor& tokens, const at::Tensor& logprobs);
+
+}  // namespace mistral_grpc

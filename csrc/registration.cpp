@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "ops.h"
+#include "stop_matcher.h"
 
 TORCH_LIBRARY(mistral_grpc, m) {
   // Decoder layer ops.
@@ -29,4 +30,5 @@ TORCH_LIBRARY(mistral_grpc, m) {
 // registrations above); host-side classes (the stop-string matcher) are bound here too.
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mistral_grpc torch extension: ops live under torch.ops.mistral_grpc";
+  mistral_grpc::bind_stop_matcher(m);
 }

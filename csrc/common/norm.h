@@ -1,5 +1,8 @@
 // RMSNorm math shared by the CPU and CUDA kernels, in Hugging Face's order: the input is
 // upcast to fp32, normalised, cast back to the input dtype, then multiplied by the weight.
+//
+// V is a float on CUDA and a vector of floats on CPU; `round` rounds to the storage dtype and back
+// (HF's intermediate casts), the final cast happens where the result is stored.
 #pragma once
 
 #include <cmath>
@@ -8,16 +11,6 @@
 #include "common/host_device.h"
 
 namespace mistral_grpc {
-
-template <typename T>
-MG_HOST_DEVICE float sum_of_squares(const T* row, int64_t n) {
-  float acc = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = static_cast<float>(row[i]);
-    acc += v * v;
-  }
-  return acc;
-}
 
 MG_HOST_DEVICE float rms_inverse(float sum_sq, int64_t n, float eps) {
 #if defined(__CUDA_ARCH__)
@@ -28,10 +21,15 @@ MG_HOST_DEVICE float rms_inverse(float sum_sq, int64_t n, float eps) {
 }
 
 // HF: weight * (x.float() * inv).to(dtype)
-template <typename T>
-MG_HOST_DEVICE T rms_scale(T x, float inv, T w) {
-  const T normed = static_cast<T>(static_cast<float>(x) * inv);
-  return static_cast<T>(static_cast<float>(w) * static_cast<float>(normed));
+template <typename V, typename Round>
+MG_HOST_DEVICE V rms_scale(const V& x, float inv, const V& weight, Round round) {
+  return weight * round(x * inv);
+}
+
+// HF's residual add in the activation dtype: hidden = residual + hidden.
+template <typename V, typename Round>
+MG_HOST_DEVICE V residual_add(const V& x, const V& residual, Round round) {
+  return round(x + residual);
 }
 
 }  // namespace mistral_grpc
