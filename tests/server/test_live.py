@@ -112,6 +112,16 @@ def test_health_is_not_serving_while_loading_and_calls_are_unavailable(serve_fak
         assert client.chat("Hello!").choices[0].finish_reason == "stop"
 
 
+def test_stopping_while_loading_does_not_wait_for_the_model(serve_fake):
+    loaded = threading.Event()
+    server = serve_fake(ServeOptions(host="localhost", port=0, grace_period=30), start=False, load_gate=loaded)
+    server.start(wait_for_engine=False)
+    with ChatClient(server.target) as client:
+        wait_for(lambda: _health(client) == "NOT_SERVING")
+    server.begin_stop().result(timeout=10)  # well within the 30 s grace: nothing was running
+    loaded.set()
+
+
 def _health(client: ChatClient) -> str | None:
     try:
         return client.health()

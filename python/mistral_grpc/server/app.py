@@ -105,7 +105,8 @@ class ChatServer:
         self.servicer.start_draining()
         logger.info("draining: running calls have %.0f s to finish", self.options.grace_period)
         try:
-            await asyncio.wait_for(self.engine.drain(), self.options.grace_period)
+            if self.engine.ready:  # an engine still loading has nothing to drain
+                await asyncio.wait_for(self.engine.drain(), self.options.grace_period)
         except TimeoutError:
             logger.warning("grace period over: cancelling the calls still running")
         # The engine is done; give the last chunks time to reach their callers, cancel what is left.

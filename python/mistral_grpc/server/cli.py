@@ -8,8 +8,6 @@ from mistral_grpc.engine.args import EngineArgs, parse_bytes
 from mistral_grpc.server.app import ServeOptions, serve
 from mistral_grpc.server.auth import read_api_key
 
-logger = logging.getLogger("mistral_grpc.serve")
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="serve the model over gRPC",
@@ -48,9 +46,6 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mistral_grpc.engine.engine import LLMEngine
 
-    if args.model == "demo":
-        logger.warning("serving the DEMO model: random weights, so its text is MEANINGLESS "
-                       "(pass --model DIR for real Mistral-7B-Instruct weights)")
     engine = LLMEngine.from_args(EngineArgs(
         model=args.model, device=args.device, dtype=args.dtype, served_model_name=args.served_model_name,
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory))
