@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,12 +33,12 @@ STREAMS = 16
 def build_model(out_dir: str, dtype: str) -> None:
     from transformers import MistralConfig, MistralForCausalLM
 
-    from mistral_grpc.model.demo import copy_demo_tokenizer
+    from mistral_grpc.model.demo import TOKENIZER_SOURCE
 
     torch.manual_seed(0)
     model = MistralForCausalLM(MistralConfig(**GEOMETRY, torch_dtype=dtype)).to(getattr(torch, dtype))
     model.save_pretrained(out_dir)
-    copy_demo_tokenizer(out_dir)
+    shutil.copyfile(TOKENIZER_SOURCE, os.path.join(out_dir, "tokenizer.json"))
 
 
 def prompt(n: int, salt: int = 0) -> list[int]:

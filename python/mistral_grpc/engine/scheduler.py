@@ -43,6 +43,8 @@ class Scheduler:
         self.watermark = max(1, blocks.num_blocks // 100)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is the newest
+        self.prefix_hit_tokens = 0  # prompt tokens the prefix cache spared us from computing
+        self.num_preemptions = 0
 
     @property
     def has_work(self) -> bool:
@@ -89,6 +91,7 @@ class Scheduler:
                         break
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.blocks.free(seq.blocks)
         seq.reset_for_recompute()
@@ -111,6 +114,7 @@ class Scheduler:
                 seq.num_computed = self.blocks.allocate(seq.blocks, seq.token_ids)
             except NoFreeBlocksError:
                 return
+            self.prefix_hit_tokens += seq.num_computed
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

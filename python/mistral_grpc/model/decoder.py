@@ -1,0 +1,156 @@
+"""The Mistral decoder: Hugging Face weights run layer by layer on the extension's ops.
+
+One forward step takes a packed batch (prompts, prompt chunks and decode tokens side by side), writes the
+new tokens' keys and values into the paged cache and returns next-token logits for each sequence.
+The arithmetic follows transformers' MistralForCausalLM step for step (rounding included), so the two
+agree to float32 round-off.
+"""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from mistral_grpc import ops
+from mistral_grpc.model.config import DTYPES, MistralConfig
+from mistral_grpc.model.weights import LayerWeights, MistralWeights, load_weights
+
+Projection = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class BatchInput:
+    """One step's packed batch, on the model's device. Each sequence contributes a chunk of new tokens
+    (a prompt, part of one, or one decode token) placed after the tokens it already has in the cache."""
+
+    token_ids: torch.Tensor  # int64 [T]: every sequence's new tokens, back to back
+    positions: torch.Tensor  # int64 [T]: each token's position in its sequence
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot (block * block_size + offset) of each token's k/v
+    block_tables: torch.Tensor  # int32 [B, max_blocks]: each sequence's cache blocks, in order, padded
+    seq_lens: torch.Tensor  # int32 [B]: tokens in the cache after this step, this step's included
+    query_start_loc: torch.Tensor  # int32 [B + 1]: sequence b owns tokens query_start_loc[b]:[b + 1]; >= 1 each
+
+
+@dataclass
+class KVCache:
+    """Per-layer key and value caches, each [num_blocks, block_size, Hkv, D] in the model's dtype."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+# The seam for faster projections: every matmul of the model is built by one of these two.
+def make_linear(weight: torch.Tensor) -> Projection:
+    """x [T, in] -> x @ weight.T [T, out]."""
+    return partial(F.linear, weight=weight)
+
+
+def make_gate_up_silu(gate_up: torch.Tensor) -> Projection:
+    """x [T, H] -> silu(x @ gate.T) * (x @ up.T) [T, F], gate_up being gate's rows then up's."""
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        fused = F.linear(x, gate_up)
+        out = fused.new_empty(fused.shape[0], fused.shape[1] // 2)
+        ops.silu_and_mul(out, fused)
+        return out
+
+    return project
+
+
+class _Layer:
+    def __init__(self, weights: LayerWeights) -> None:
+        self.input_norm = weights.input_norm
+        self.post_attention_norm = weights.post_attention_norm
+        self.qkv_proj = make_linear(weights.qkv)
+        self.o_proj = make_linear(weights.o_proj)
+        self.gate_up_silu = make_gate_up_silu(weights.gate_up)
+        self.down_proj = make_linear(weights.down_proj)
+
+
+class MistralDecoder:
+    def __init__(self, config: MistralConfig, weights: MistralWeights) -> None:
+        self.config = config
+        self.device = weights.embed_tokens.device
+        self.dtype = weights.embed_tokens.dtype
+        self.embed_tokens = weights.embed_tokens
+        self.layers = [_Layer(layer) for layer in weights.layers]
+        self.norm = weights.norm
+        self.lm_head = make_linear(weights.lm_head)
+        self.cos_sin_cache = _cos_sin_cache(config, self.dtype, self.device)
+        self.scale = config.head_dim ** -0.5  # as transformers writes it, so rounding matches
+        self.sliding_window = config.sliding_window or 0
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | str | None = None) -> "MistralDecoder":
+        """Loads a Hugging Face model directory; dtype None (or "auto") keeps config.json's torch_dtype."""
+        config = MistralConfig.from_dir(path)
+        return cls(config, load_weights(path, config, _resolve_dtype(dtype, config), device))
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        shape = (num_blocks, block_size, self.config.num_key_value_heads, self.config.head_dim)
+
+        def zeros() -> list[torch.Tensor]:
+            return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+
+        return KVCache(keys=zeros(), values=zeros())
+
+    @torch.inference_mode()
+    def forward(self, batch: BatchInput, kv_cache: KVCache) -> torch.Tensor:
+        """Logits [B, V] in float32 for the last new token of each sequence of the batch."""
+        eps = self.config.rms_norm_eps
+        residual = F.embedding(batch.token_ids, self.embed_tokens)
+        hidden = torch.empty_like(residual)
+        ops.rms_norm(hidden, residual, self.layers[0].input_norm, eps)
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                ops.fused_add_rms_norm(hidden, residual, layer.input_norm, eps)
+            hidden = self._attention(i, layer, hidden, batch, kv_cache)
+            ops.fused_add_rms_norm(hidden, residual, layer.post_attention_norm, eps)
+            hidden = layer.down_proj(layer.gate_up_silu(hidden))
+
+        # Only each sequence's last token needs the last residual add, the final norm and the lm_head.
+        last = (batch.query_start_loc[1:] - 1).long()
+        hidden, residual = hidden[last], residual[last]
+        ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
+        return self.lm_head(hidden).float()
+
+    def _attention(self, index: int, layer: _Layer, hidden: torch.Tensor, batch: BatchInput,
+                   kv_cache: KVCache) -> torch.Tensor:
+        config = self.config
+        tokens = hidden.shape[0]
+        q, k, v = layer.qkv_proj(hidden).split([config.q_size, config.kv_size, config.kv_size], dim=-1)
+        q = q.reshape(tokens, config.num_attention_heads, config.head_dim).contiguous()
+        k = k.reshape(tokens, config.num_key_value_heads, config.head_dim).contiguous()
+        v = v.reshape(tokens, config.num_key_value_heads, config.head_dim).contiguous()
+        ops.rotary_embedding(batch.positions, q, k, self.cos_sin_cache)
+        key_cache, value_cache = kv_cache.keys[index], kv_cache.values[index]
+        ops.reshape_and_cache(k, v, key_cache, value_cache, batch.slot_mapping)
+        out = torch.empty_like(q)
+        ops.paged_attention(out, q, key_cache, value_cache, batch.block_tables, batch.seq_lens,
+                            batch.query_start_loc, self.scale, self.sliding_window)
+        return layer.o_proj(out.view(tokens, config.q_size))
+
+
+def _cos_sin_cache(config: MistralConfig, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[max_pos, D]: cos then sin, computed in float32 as transformers does, then cast to the model's dtype
+    (transformers casts them to the activations' dtype before rotating)."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    freqs = torch.outer(torch.arange(config.max_position_embeddings, dtype=torch.float32), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device=device, dtype=dtype)
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, config: MistralConfig) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return config.torch_dtype
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
+    return dtype

@@ -1,0 +1,185 @@
+"""The engine end to end on the demo model: batching changes no result, cancellation and preemption
+leak no KV block, stops, budgets, n > 1 and the prefix cache behave as a caller expects."""
+
+import asyncio
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from mistral_grpc.engine.args import EngineArgs
+from mistral_grpc.engine.engine import LLMEngine
+from mistral_grpc.engine.request import GenerationOutput, GenerationRequest, PromptTooLongError, QueueFullError
+from mistral_grpc.engine.sampling_params import SamplingParams
+from mistral_grpc.tokenizer import ChatMessage
+
+
+class Harness:
+    """One demo engine on its own event loop, shared by the tests of this module."""
+
+    def __init__(self, **engine_args) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.engine = LLMEngine.from_args(EngineArgs(device="cpu", **engine_args))
+        self.run(self.engine.start())
+        self._ids = iter(range(10**9))
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def prompt(self, text: str) -> list[int]:
+        return self.engine.tokenizer.encode_chat([ChatMessage(role="user", content=text)])
+
+    async def collect(self, prompt: list[int], **params) -> list[GenerationOutput]:
+        request = GenerationRequest(f"t{next(self._ids)}", prompt, SamplingParams(**params))
+        return [out async for out in self.engine.generate(request)]
+
+    def close(self) -> None:
+        self.run(self.engine.shutdown())
+        self.loop.close()
+
+
+def text_of(outputs: list[GenerationOutput], index: int = 0) -> str:
+    return "".join(d.text for o in outputs for d in o.deltas if d.index == index)
+
+
+def tokens_of(outputs: list[GenerationOutput], index: int = 0) -> list[int]:
+    return [t for o in outputs for d in o.deltas if d.index == index for t in d.token_ids]
+
+
+def finish_of(outputs: list[GenerationOutput], index: int = 0) -> str | None:
+    return [d.finish_reason for o in outputs for d in o.deltas if d.index == index][-1]
+
+
+@pytest.fixture(scope="module")
+def h() -> Iterator[Harness]:
+    harness = Harness(kv_cache_memory=32 * 2**20, max_batch_size=16, max_prefill_tokens=64)
+    yield harness
+    harness.close()
+
+
+def test_greedy_output_is_the_same_alone_and_batched(h: Harness) -> None:
+    prompts = [h.prompt(f"Tell me about topic {i}" + " please" * i) for i in range(6)]
+    alone = [tokens_of(h.run(h.collect(p, temperature=0.0, max_tokens=12))) for p in prompts]
+
+    async def together():
+        return await asyncio.gather(*(h.collect(p, temperature=0.0, max_tokens=12) for p in prompts))
+
+    assert [tokens_of(o) for o in h.run(together())] == alone
+    assert h.engine.kv_blocks_used() == 0
+
+
+def test_a_seed_gives_the_same_tokens_whatever_shares_the_batch(h: Harness) -> None:
+    p = h.prompt("seeded")
+    alone = tokens_of(h.run(h.collect(p, temperature=1.0, top_p=0.9, seed=42, max_tokens=10)))
+
+    async def crowded():
+        others = [h.collect(h.prompt(f"noise {i}"), temperature=1.0, max_tokens=10) for i in range(5)]
+        results = await asyncio.gather(*others[:2], h.collect(p, temperature=1.0, top_p=0.9, seed=42, max_tokens=10),
+                                       *others[2:])
+        return results[2]
+
+    assert tokens_of(h.run(crowded())) == alone
+    different = tokens_of(h.run(h.collect(p, temperature=1.0, top_p=0.9, seed=43, max_tokens=10)))
+    assert different != alone
+
+
+def test_budget_ends_with_length_and_exact_usage(h: Harness) -> None:
+    p = h.prompt("count")
+    outputs = h.run(h.collect(p, temperature=0.0, max_tokens=7))
+    assert finish_of(outputs) == "length" and len(tokens_of(outputs)) == 7
+    assert outputs[-1].prompt_tokens == len(p) and outputs[-1].completion_tokens == 7 and outputs[-1].finished
+
+
+def test_stop_string_ends_generation_and_is_not_sent(h: Harness) -> None:
+    p = h.prompt("stop somewhere")
+    full = text_of(h.run(h.collect(p, temperature=0.0, max_tokens=24)))
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert len(stop) == 3
+    outputs = h.run(h.collect(p, temperature=0.0, max_tokens=24, stop=(stop,)))
+    assert finish_of(outputs) == "stop"
+    assert text_of(outputs) == full[: full.index(stop)]
+
+
+def test_n_choices_share_the_prompt_blocks(h: Harness) -> None:
+    p = h.prompt("a fairly long shared prompt " * 8)
+    before = h.engine._core.scheduler.prefix_hit_tokens
+    outputs = h.run(h.collect(p, temperature=1.0, seed=7, max_tokens=5, n=3))
+    assert sorted({d.index for o in outputs for d in o.deltas}) == [0, 1, 2]
+    assert all(finish_of(outputs, i) == "length" for i in range(3))
+    assert outputs[-1].completion_tokens == 15
+    hits = h.engine._core.scheduler.prefix_hit_tokens - before
+    assert hits >= 2 * (len(p) - 2 * h.engine.args.block_size)  # choices 1 and 2 reused choice 0's blocks
+
+
+def test_a_repeated_prompt_reuses_the_cached_prefix(h: Harness) -> None:
+    p = h.prompt("the same system prompt and question " * 6)
+    h.run(h.collect(p, temperature=0.0, max_tokens=2))
+    before = h.engine._core.scheduler.prefix_hit_tokens
+    h.run(h.collect(p, temperature=0.0, max_tokens=2))
+    assert h.engine._core.scheduler.prefix_hit_tokens - before >= len(p) - 2 * h.engine.args.block_size
+
+
+def test_too_long_a_request_is_refused_before_it_runs(h: Harness) -> None:
+    with pytest.raises(PromptTooLongError, match=str(h.engine.max_model_len)):
+        h.engine.generate(GenerationRequest("long", h.prompt("x"), SamplingParams(max_tokens=h.engine.max_model_len)))
+
+
+def test_randomised_requests_with_cancellations_leave_zero_blocks(h: Harness) -> None:
+    rng = random.Random(0)
+
+    async def one(i: int) -> None:
+        params = dict(temperature=rng.choice([0.0, 0.7, 1.0]), max_tokens=rng.randint(1, 12), n=rng.choice([1, 1, 2]),
+                      seed=rng.randrange(100), stop=rng.choice([(), ("e",), ("the", "a")]))
+        consumer = h.collect(h.prompt("request %d " % i + "word " * rng.randint(0, 40)), **params)
+        if rng.random() < 0.3:  # the caller goes away part-way
+            task = asyncio.ensure_future(consumer)
+            await asyncio.sleep(rng.random() * 0.05)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        else:
+            outputs = await consumer
+            assert outputs[-1].finished
+
+    async def wave(start: int) -> None:
+        await asyncio.gather(*(one(start + i) for i in range(25)))
+
+    for start in range(0, 200, 25):
+        h.run(wave(start))
+    h.run(asyncio.sleep(0.2))  # aborts are applied at the worker's next turn
+    assert h.engine.kv_blocks_used() == 0
+
+
+def test_preemption_under_a_tiny_cache_changes_no_greedy_result() -> None:
+    block_bytes = 2 * 4 * 16 * 2 * 32 * 4  # k and v, 4 layers, 16 tokens, 2 KV heads, head_dim 32, fp32
+    small = Harness(kv_cache_memory=16 * block_bytes, max_batch_size=8, max_prefill_tokens=64)
+    try:
+        prompts = [small.prompt(f"preempt me {i} " + "pad " * 20) for i in range(6)]
+        alone = [tokens_of(small.run(small.collect(p, temperature=0.0, max_tokens=40))) for p in prompts]
+
+        async def together():
+            return await asyncio.gather(*(small.collect(p, temperature=0.0, max_tokens=40) for p in prompts))
+
+        assert [tokens_of(o) for o in small.run(together())] == alone
+        assert small.engine._core.scheduler.num_preemptions > 0
+        assert small.engine.kv_blocks_used() == 0
+    finally:
+        small.close()
+
+
+def test_the_queue_bound_refuses_the_excess_at_once() -> None:
+    tiny = Harness(kv_cache_memory=8 * 2**20, max_batch_size=1, max_queue=1)
+    try:
+        async def flood():
+            first = tiny.engine.generate(GenerationRequest("q1", tiny.prompt("a"), SamplingParams(max_tokens=50)))
+            second = tiny.engine.generate(GenerationRequest("q2", tiny.prompt("b"), SamplingParams(max_tokens=50)))
+            started = [asyncio.ensure_future(anext(first)), asyncio.ensure_future(anext(second))]
+            await asyncio.sleep(0)
+            with pytest.raises(QueueFullError):
+                tiny.engine.generate(GenerationRequest("q3", tiny.prompt("c"), SamplingParams(max_tokens=5)))
+            await asyncio.gather(*started)
+            await first.aclose()
+            await second.aclose()
+
+        tiny.run(flood())
+    finally:
+        tiny.close()
