@@ -1,7 +1,10 @@
 """Fixtures for the server tests: a fake engine, and real grpc.aio servers on it in a loop thread."""
 
+from pathlib import Path
+
 import pytest
 
+from external_clients import install_node_client
 from fake_engine import FakeEngine
 from harness import LiveServer, LoopThread
 
@@ -26,3 +29,9 @@ def serve_fake(loop):
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def node_client() -> Path:
+    """The Node.js client script, its packages installed."""
+    return install_node_client()

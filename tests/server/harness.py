@@ -1,6 +1,12 @@
-"""An event loop in a background thread, and a ChatServer on it called through real gRPC channels."""
+"""A ChatServer on an event loop in a background thread, or a server in its own process, for tests
+that call them through real gRPC channels."""
 
 import asyncio
+import os
+import queue
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import Coroutine
 
@@ -57,3 +63,26 @@ class LiveServer:
 
     def stop(self) -> None:
         self.begin_stop().result(timeout=60)
+
+
+class ServerProcess:
+    """`python ARGS...` serving in a child process; ready once it logs "SERVING model ... on port N"."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        self.process = subprocess.Popen([sys.executable, *args], env=self.env, stderr=subprocess.PIPE, text=True)
+        self.log: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [self.log.put(line) for line in self.process.stderr], daemon=True).start()
+        self.port = int(self.wait_for_log(r"SERVING model .* on port (\d+)").group(1))
+        self.target = f"localhost:{self.port}"
+
+    def wait_for_log(self, pattern: str, timeout: float = 120) -> re.Match:
+        while True:
+            line = self.log.get(timeout=timeout)
+            if match := re.search(pattern, line):
+                return match
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()

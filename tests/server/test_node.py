@@ -1,38 +1,15 @@
-"""A Node.js @grpc/grpc-js client (loading the .proto at run time) streaming completions.
-
-node/ holds the client, its package.json and the committed package-lock.json; the first run
-installs the locked packages into node/node_modules (git-ignored) with `npm ci`.
-"""
+"""A Node.js @grpc/grpc-js client (loading the .proto at run time) streaming completions."""
 
 import json
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
 import seed_bodies
+from external_clients import NODE, NPM, node_stream as stream
 from fake_engine import choice_text
 
-NODE_DIR = Path(__file__).parent / "node"
-NODE, NPM = shutil.which("node"), shutil.which("npm")
 pytestmark = pytest.mark.skipif(NODE is None or NPM is None,
                                 reason="Node.js and npm are not installed: the Node.js client test needs both")
-
-
-@pytest.fixture(scope="module")
-def node_client() -> Path:
-    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        installed = subprocess.run([NPM, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True,
-                                   text=True, timeout=600)
-        assert installed.returncode == 0, f"npm ci failed:\n{installed.stderr}"
-    return NODE_DIR / "stream_chat.js"
-
-
-def stream(node_client: Path, target: str, body: str) -> tuple[int, list[dict]]:
-    done = subprocess.run([NODE, str(node_client), target, body], capture_output=True, text=True, timeout=120)
-    assert not done.stderr, done.stderr
-    return done.returncode, [json.loads(line) for line in done.stdout.splitlines()]
 
 
 def test_node_client_streams_a_completion(serve_fake, node_client):

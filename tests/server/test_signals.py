@@ -1,42 +1,14 @@
 """SIGTERM drains a server process: health NOT_SERVING, new calls UNAVAILABLE, running streams
 finish within the grace period, exit status 0."""
 
-import os
-import queue
-import re
 import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import grpc
 import pytest
 
+from harness import ServerProcess
 from mistral_grpc.client import ChatClient
-
-
-class ServerProcess:
-    def __init__(self, step_delay: float, grace_period: float) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve_fake.py")),
-                                         str(step_delay), str(grace_period)],
-                                        env=env, stderr=subprocess.PIPE, text=True)
-        self.log: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [self.log.put(line) for line in self.process.stderr], daemon=True).start()
-        self.port = int(self.wait_for_log(r"SERVING model .* on port (\d+)").group(1))
-        self.target = f"localhost:{self.port}"
-
-    def wait_for_log(self, pattern: str) -> re.Match:
-        while True:
-            line = self.log.get(timeout=60)
-            if match := re.search(pattern, line):
-                return match
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
 
 
 @pytest.fixture
@@ -44,7 +16,8 @@ def server_process():
     processes = []
 
     def start(step_delay: float, grace_period: float) -> ServerProcess:
-        processes.append(ServerProcess(step_delay, grace_period))
+        script = Path(__file__).with_name("serve_fake.py")
+        processes.append(ServerProcess([str(script), str(step_delay), str(grace_period)]))
         return processes[-1]
 
     yield start

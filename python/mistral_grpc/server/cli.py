@@ -5,6 +5,7 @@ import asyncio
 import logging
 
 from mistral_grpc.engine.args import EngineArgs, parse_bytes
+from mistral_grpc.engine.engine import LLMEngine
 from mistral_grpc.server.app import ServeOptions, serve
 from mistral_grpc.server.auth import read_api_key
 
@@ -44,8 +45,6 @@ def run(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("mistral-grpc serve: --tls-cert and --tls-key go together")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from mistral_grpc.engine.engine import LLMEngine
-
     engine = LLMEngine.from_args(EngineArgs(
         model=args.model, device=args.device, dtype=args.dtype, served_model_name=args.served_model_name,
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory))
