@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fake_engine import choice_text
 from mistral_grpc.client import ChatClient, field_violations
@@ -155,6 +156,15 @@ def test_draining_cancels_what_outlives_the_grace_period(serve_fake):
         assert raised.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
         stopped.result(timeout=30)
     assert server.engine.kv_blocks_used() == 0
+
+
+def test_a_health_watch_does_not_hold_up_draining(serve_fake):
+    server = serve_fake(ServeOptions(host="localhost", port=0, grace_period=60))
+    with grpc.insecure_channel(server.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        server.begin_stop().result(timeout=20)  # no call was running: no need to wait out the 60 s grace
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_api_key_guards_chat_but_not_health(serve_fake, tmp_path):

@@ -9,7 +9,6 @@ then the process exits 0.
 import asyncio
 import logging
 import signal
-import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +27,7 @@ logger = logging.getLogger(__name__)
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _MiB = 1 << 20
+_STOP_GRACE_S = 1.0
 
 CHANNEL_OPTIONS = (
     # A 32K-token prompt is well under 1 MiB of text; 16 MiB leaves room for long tool schemas.
@@ -100,17 +100,18 @@ class ChatServer:
 
     async def drain_and_stop(self) -> None:
         """Health NOT_SERVING and new calls UNAVAILABLE at once; running calls finish within the grace."""
-        deadline = time.monotonic() + self.options.grace_period
         await self.health.enter_graceful_shutdown()
         self.servicer.start_draining()
         logger.info("draining: running calls have %.0f s to finish", self.options.grace_period)
+        waits = [self.servicer.wait_for_running_calls()]
+        if self.engine.ready:  # an engine still loading has nothing to drain
+            waits.append(self.engine.drain())
         try:
-            if self.engine.ready:  # an engine still loading has nothing to drain
-                await asyncio.wait_for(self.engine.drain(), self.options.grace_period)
+            await asyncio.wait_for(asyncio.gather(*waits), self.options.grace_period)
         except TimeoutError:
             logger.warning("grace period over: cancelling the calls still running")
-        # The engine is done; give the last chunks time to reach their callers, cancel what is left.
-        await self._server.stop(grace=max(deadline - time.monotonic(), 1.0))
+        # A moment for the last statuses to go out; then health Watch streams and any call left are cancelled.
+        await self._server.stop(grace=_STOP_GRACE_S)
         await self.engine.shutdown()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

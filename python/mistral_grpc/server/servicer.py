@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Protocol
 
 import grpc
@@ -43,32 +43,52 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._draining = False
+        self._running_calls = 0
+        self._no_calls = asyncio.Event()
+        self._no_calls.set()
 
     def start_draining(self) -> None:
         """From now on new calls get UNAVAILABLE; calls already running go on."""
         self._draining = True
 
+    async def wait_for_running_calls(self) -> None:
+        """Returns once no Chat or StreamChat call is running."""
+        await self._no_calls.wait()
+
     async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:
         started = time.monotonic()
-        try:
-            response = await self._chat(request)
-        except BaseException as error:  # noqa: BLE001 (every ending is classified and counted)
-            await self._fail("Chat", error, request, context, started)
-            raise
+        with self._running():
+            try:
+                response = await self._chat(request)
+            except BaseException as error:  # noqa: BLE001 (every ending is classified and counted)
+                await self._fail("Chat", error, request, context, started)
+                raise
         _count("Chat", grpc.StatusCode.OK, started)
         return response
 
     async def StreamChat(self, request: chat_pb2.ChatRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[chat_pb2.ChatChunk]:
         started = time.monotonic()
-        try:
-            async with contextlib.aclosing(self._stream(request)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        except BaseException as error:  # noqa: BLE001
-            await self._fail("StreamChat", error, request, context, started)
-            raise
+        with self._running():
+            try:
+                async with contextlib.aclosing(self._stream(request)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+            except BaseException as error:  # noqa: BLE001
+                await self._fail("StreamChat", error, request, context, started)
+                raise
         _count("StreamChat", grpc.StatusCode.OK, started)
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        self._running_calls += 1
+        self._no_calls.clear()
+        try:
+            yield
+        finally:
+            self._running_calls -= 1
+            if not self._running_calls:
+                self._no_calls.set()
 
     async def _chat(self, request: chat_pb2.ChatRequest) -> chat_pb2.ChatResponse:
         header = CompletionHeader.new(self._engine.model_name)
