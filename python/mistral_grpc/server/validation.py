@@ -29,8 +29,9 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "n", "presence
 @dataclass(frozen=True)
 class ParsedRequest:
     messages: list[ChatMessage]
-    tools: list[ToolDefinition] | None  # None when none are given or tool_choice is "none"
-    tool_choice: str  # "none" | "auto" | "any"
+    # None when none are given or tool_choice is "none". "any" offers them as "auto" does: nothing
+    # forces the model to call one yet (that needs constrained decoding).
+    tools: list[ToolDefinition] | None
     params: SamplingParams
 
 
@@ -54,8 +55,7 @@ def parse_request(request: chat_pb2.ChatRequest, served_model: str) -> ParsedReq
         raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
                            f"response_format type {request.response_format.type!r} is not supported yet by this "
                            "server; use type 'text' and ask for JSON in the prompt")
-    return ParsedRequest(messages=messages, tools=tools if tool_choice != "none" else None,
-                         tool_choice=tool_choice, params=params)
+    return ParsedRequest(messages=messages, tools=tools if tool_choice != "none" else None, params=params)
 
 
 def _messages(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) -> list[ChatMessage]:
