@@ -15,23 +15,23 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PROTO_ROOT = os.path.join(ROOT, "proto")
 PYTHON_ROOT = os.path.join(ROOT, "python")
-PROTO_OUT = os.path.join(PYTHON_ROOT, "mistral_grpc", "proto")
 
 
-def generate_grpc_stubs() -> None:
+def generate_grpc_stubs(out_root: str = PYTHON_ROOT) -> None:
     """Generates the Python stubs from proto/ into mistral_grpc/proto (never hand-edited, not committed).
 
     The include mapping `mistral_grpc/proto=proto` makes protoc write imports as
     `from mistral_grpc.proto.mistral.chat.v1 import ...`, so no top-level `mistral` package appears.
+    out_root is the folder holding mistral_grpc/ (a test regenerates elsewhere to spot stale stubs).
     """
     protos = sorted(glob.glob(os.path.join(PROTO_ROOT, "**", "*.proto"), recursive=True))
     if not protos:
         return
     virtual = ["mistral_grpc/proto/" + os.path.relpath(p, PROTO_ROOT) for p in protos]
     subprocess.check_call([sys.executable, "-m", "grpc_tools.protoc", f"-Imistral_grpc/proto={PROTO_ROOT}",
-                           f"--python_out={PYTHON_ROOT}", f"--grpc_python_out={PYTHON_ROOT}",
-                           f"--pyi_out={PYTHON_ROOT}", *virtual], cwd=ROOT)
-    for dirpath, _, _ in os.walk(PROTO_OUT):
+                           f"--python_out={out_root}", f"--grpc_python_out={out_root}",
+                           f"--pyi_out={out_root}", *virtual], cwd=ROOT)
+    for dirpath, _, _ in os.walk(os.path.join(out_root, "mistral_grpc", "proto")):
         init = os.path.join(dirpath, "__init__.py")
         if not os.path.exists(init):
             open(init, "w").close()

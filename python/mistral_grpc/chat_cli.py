@@ -1,0 +1,81 @@
+"""`mistral-grpc chat "Hello!"`: one exchange with a running server, the reply streamed to the terminal."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import grpc
+
+from mistral_grpc.client import ChatClient, field_violations
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("chat", help="send one message to a running server",
+                                   description="Send one user message and print the reply as it is made.")
+    parser.add_argument("message", help="the user message")
+    parser.add_argument("--system", help="a system message to send first")
+    parser.add_argument("--target", default="localhost:50051", help="server address (default %(default)s)")
+    parser.add_argument("--model", help="the model name to ask for (default: whatever the server serves)")
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                        help="print the reply as it is made (default) or all at once")
+    parser.add_argument("--usage", action="store_true", help="print the token counts to stderr at the end")
+    parser.add_argument("--timeout", type=float, help="deadline of the call in seconds")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--temperature", type=float, help="[0, 2]; 0 = greedy (server default 1)")
+    sampling.add_argument("--top-p", type=float, help="(0, 1] (default 1)")
+    sampling.add_argument("--top-k", type=int, help="0 = off (default)")
+    sampling.add_argument("--max-tokens", type=int, help="default: what is left of the context")
+    sampling.add_argument("--stop", action="append", help="a stop string (repeatable, up to 16)")
+    sampling.add_argument("--seed", type=int, help="same seed + same request = same reply")
+    sampling.add_argument("--presence-penalty", type=float, help="[-2, 2]")
+    sampling.add_argument("--frequency-penalty", type=float, help="[-2, 2]")
+    sampling.add_argument("--repetition-penalty", type=float, help="(0, 10], > 1 penalizes repeats")
+    security = parser.add_argument_group("security")
+    security.add_argument("--api-key-file", help="file holding the API key (or set MISTRAL_GRPC_API_KEY)")
+    security.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    security.add_argument("--ca-cert", help="connect with TLS, trusting this PEM certificate")
+    parser.set_defaults(run=run)
+
+
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "presence_penalty",
+                  "frequency_penalty", "repetition_penalty")
+
+
+def run(args: argparse.Namespace) -> int:
+    api_key = Path(args.api_key_file).read_text().strip() if args.api_key_file else os.environ.get("MISTRAL_GRPC_API_KEY")
+    root_certificates = Path(args.ca_cert).read_bytes() if args.ca_cert else None
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.message}]
+    fields = {name: getattr(args, name) for name in SAMPLING_FLAGS} | {"model": args.model}
+    with ChatClient(args.target, api_key=api_key, tls=args.tls, root_certificates=root_certificates,
+                    timeout=args.timeout) as client:
+        try:
+            usage = _stream(client, messages, fields) if args.stream else _whole(client, messages, fields)
+        except grpc.RpcError as error:
+            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+            for field, description in field_violations(error):
+                print(f"  {field}: {description}", file=sys.stderr)
+            return 1
+    if args.usage:
+        print(f"prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens} "
+              f"total_tokens={usage.total_tokens}", file=sys.stderr)
+    return 0
+
+
+def _stream(client: ChatClient, messages: list[dict], fields: dict):
+    usage = None
+    for chunk in client.stream_chat(messages, **fields):
+        for choice in chunk.choices:
+            sys.stdout.write(choice.delta.content)
+        sys.stdout.flush()
+        if chunk.HasField("usage"):
+            usage = chunk.usage
+    sys.stdout.write("\n")
+    return usage
+
+
+def _whole(client: ChatClient, messages: list[dict], fields: dict):
+    response = client.chat(messages, **fields)
+    print(response.choices[0].message.content)
+    return response.usage

@@ -1,0 +1,143 @@
+"""The grpc.aio server around the engine: ChatService, health, reflection, auth, TLS, metrics, draining.
+
+Lifecycle: the port opens first with health NOT_SERVING (probes and callers see "loading", not
+"connection refused"), the engine loads and warms up, health turns SERVING. On SIGTERM/SIGINT health
+turns NOT_SERVING, new calls get UNAVAILABLE, running calls get up to the grace period to finish,
+then the process exits 0.
+"""
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from mistral_grpc.metrics import REGISTRY
+from mistral_grpc.proto.mistral.chat.v1 import chat_pb2, chat_pb2_grpc
+from mistral_grpc.server.auth import ApiKeyInterceptor
+from mistral_grpc.server.servicer import ChatServicer, Engine
+
+logger = logging.getLogger(__name__)
+
+CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+_MiB = 1 << 20
+_STOP_GRACE_S = 1.0
+
+CHANNEL_OPTIONS = (
+    # A 32K-token prompt is well under 1 MiB of text; 16 MiB leaves room for long tool schemas.
+    ("grpc.max_receive_message_length", 16 * _MiB),
+    # A whole completion with top_logprobs=20 runs to about 1 KiB per token.
+    ("grpc.max_send_message_length", 64 * _MiB),
+    # Long streams may stay quiet between chunks (a long prompt's prefill): ping the peer every 30 s so a
+    # vanished client is noticed (and its generation cancelled) and idle-timeout proxies keep the stream.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Clients keeping their own streams alive may ping every 10 s without being sent GOAWAY (too_many_pings).
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+)
+
+
+class ServableEngine(Engine, Protocol):
+    async def start(self) -> None: ...
+    async def drain(self) -> None: ...
+    async def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "[::]"
+    port: int = 50051  # 0 = any free port (ChatServer.port tells which)
+    metrics_port: int | None = None
+    api_key: str | None = None
+    tls_cert: bytes | None = None  # PEM; TLS when both are given
+    tls_key: bytes | None = None
+    grace_period: float = 30.0  # seconds running calls get to finish once draining starts
+
+
+class ChatServer:
+    """Build it inside the event loop that will run it."""
+
+    def __init__(self, engine: ServableEngine, options: ServeOptions) -> None:
+        self.engine = engine
+        self.options = options
+        self.servicer = ChatServicer(engine)
+        self.health = health.aio.HealthServicer()
+        interceptors = [ApiKeyInterceptor(options.api_key)] if options.api_key else []
+        # gzip-compressed requests are always accepted; responses go uncompressed unless asked (low latency).
+        self._server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((CHAT_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server)
+        address = f"{options.host}:{options.port}"
+        if options.tls_cert is not None and options.tls_key is not None:
+            credentials = grpc.ssl_server_credentials([(options.tls_key, options.tls_cert)])
+            self.port = self._server.add_secure_port(address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self._metrics_server = None
+
+    async def start(self) -> None:
+        """Opens the port (health NOT_SERVING), loads the engine, then turns health SERVING."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.options.metrics_port is not None:
+            self._metrics_server, _ = start_http_server(self.options.metrics_port, registry=REGISTRY)
+        await self._server.start()
+        scheme = "TLS" if self.options.tls_cert else "plaintext"
+        logger.info("listening on %s:%d (%s); loading the model", self.options.host, self.port, scheme)
+        await self.engine.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        logger.info("SERVING model %r on port %d", self.engine.model_name, self.port)
+
+    async def drain_and_stop(self) -> None:
+        """Health NOT_SERVING and new calls UNAVAILABLE at once; running calls finish within the grace."""
+        await self.health.enter_graceful_shutdown()
+        self.servicer.start_draining()
+        logger.info("draining: running calls have %.0f s to finish", self.options.grace_period)
+        waits = [self.servicer.wait_for_running_calls()]
+        if self.engine.ready:  # an engine still loading has nothing to drain
+            waits.append(self.engine.drain())
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), self.options.grace_period)
+        except TimeoutError:
+            logger.warning("grace period over: cancelling the calls still running")
+        # A moment for the last statuses to go out; then health Watch streams and any call left are cancelled.
+        await self._server.stop(grace=_STOP_GRACE_S)
+        await self.engine.shutdown()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        logger.info("stopped")
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for service in ("", CHAT_SERVICE):
+            await self.health.set(service, status)
+
+
+async def serve(engine: ServableEngine, options: ServeOptions) -> None:
+    """Runs until SIGTERM or SIGINT, then drains. Raises if the model fails to load."""
+    server = ChatServer(engine, options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception() is not None:
+        stopping.cancel()
+        await server.drain_and_stop()
+        raise starting.exception()
+    await stopping
+    if not starting.done():
+        logger.info("stop requested while loading")
+        starting.cancel()
+    await server.drain_and_stop()

@@ -1,0 +1,161 @@
+"""ChatService on the engine: Chat (whole completion) and StreamChat (chunks as tokens are made).
+
+Each call: check the server is serving -> validate -> template + tokenize (off the event loop) ->
+check the context -> engine.generate -> responses. Every way a call ends is counted in
+mistral_grpc_requests_total{rpc,code}. A call that is cancelled or runs past its deadline closes the
+engine's iterator, which aborts the request and frees its KV blocks.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from typing import Protocol
+
+import grpc
+
+from mistral_grpc import metrics
+from mistral_grpc.engine.request import GenerationOutput, GenerationRequest
+from mistral_grpc.proto.mistral.chat.v1 import chat_pb2, chat_pb2_grpc
+from mistral_grpc.server import errors
+from mistral_grpc.server.responses import ChoiceState, CompletionHeader, usage
+from mistral_grpc.server.validation import parse_request
+from mistral_grpc.tokenizer import MistralTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    """The part of LLMEngine the servicer uses."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: MistralTokenizer
+    ready: bool
+
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
+        """Closing the generator (or cancelling its consumer) aborts the request and frees its KV blocks."""
+
+
+class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._draining = False
+        self._running_calls = 0
+        self._no_calls = asyncio.Event()
+        self._no_calls.set()
+
+    def start_draining(self) -> None:
+        """From now on new calls get UNAVAILABLE; calls already running go on."""
+        self._draining = True
+
+    async def wait_for_running_calls(self) -> None:
+        """Returns once no Chat or StreamChat call is running."""
+        await self._no_calls.wait()
+
+    async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:
+        started = time.monotonic()
+        with self._running():
+            try:
+                response = await self._chat(request)
+            except BaseException as error:  # noqa: BLE001 (every ending is classified and counted)
+                await self._fail("Chat", error, request, context, started)
+                raise
+        _count("Chat", grpc.StatusCode.OK, started)
+        return response
+
+    async def StreamChat(self, request: chat_pb2.ChatRequest,
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[chat_pb2.ChatChunk]:
+        started = time.monotonic()
+        with self._running():
+            try:
+                async with contextlib.aclosing(self._stream(request)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+            except BaseException as error:  # noqa: BLE001
+                await self._fail("StreamChat", error, request, context, started)
+                raise
+        _count("StreamChat", grpc.StatusCode.OK, started)
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        self._running_calls += 1
+        self._no_calls.clear()
+        try:
+            yield
+        finally:
+            self._running_calls -= 1
+            if not self._running_calls:
+                self._no_calls.set()
+
+    async def _chat(self, request: chat_pb2.ChatRequest) -> chat_pb2.ChatResponse:
+        header = CompletionHeader.new(self._engine.model_name)
+        generation, choices = await self._prepare(request, header.id)
+        last: GenerationOutput | None = None
+        async with contextlib.aclosing(self._engine.generate(generation)) as outputs:
+            async for output in outputs:
+                for delta in output.deltas:
+                    choices[delta.index].add(delta)
+                last = output
+        if last is None:
+            raise RuntimeError("the engine ended a request without any output")
+        return chat_pb2.ChatResponse(id=header.id, object="chat.completion", created=header.created,
+                                     model=header.model, choices=[choice.choice() for choice in choices],
+                                     usage=usage(last))
+
+    async def _stream(self, request: chat_pb2.ChatRequest) -> AsyncIterator[chat_pb2.ChatChunk]:
+        header = CompletionHeader.new(self._engine.model_name)
+        generation, choices = await self._prepare(request, header.id)
+        async with contextlib.aclosing(self._engine.generate(generation)) as outputs:
+            async for output in outputs:
+                updates = [update for delta in output.deltas
+                           if (update := choices[delta.index].add(delta)) is not None]
+                if updates or output.finished:
+                    chunk = chat_pb2.ChatChunk(id=header.id, object="chat.completion.chunk",
+                                               created=header.created, model=header.model, choices=updates)
+                    if output.finished:
+                        chunk.usage.CopyFrom(usage(output))
+                    yield chunk
+                if output.finished:
+                    return
+        raise RuntimeError("the engine ended a request before all its choices finished")
+
+    async def _prepare(self, request: chat_pb2.ChatRequest,
+                       request_id: str) -> tuple[GenerationRequest, list[ChoiceState]]:
+        if self._draining:
+            raise errors.UNAVAILABLE_DRAINING
+        if not self._engine.ready:
+            raise errors.UNAVAILABLE_LOADING
+        parsed = parse_request(request, self._engine.model_name)
+        tokenizer = self._engine.tokenizer
+        # A 32K-token prompt takes a while to template and encode: keep the event loop free for other calls.
+        prompt = await asyncio.to_thread(tokenizer.encode_chat, parsed.messages, parsed.tools)
+        choices = [ChoiceState(i, parsed.params.logprobs) for i in range(parsed.params.n)]
+        return GenerationRequest(request_id=request_id, prompt_token_ids=prompt, params=parsed.params), choices
+
+    async def _fail(self, rpc: str, error: BaseException, request: chat_pb2.ChatRequest,
+                    context: grpc.aio.ServicerContext, started: float) -> None:
+        """Counts the call's ending; for a failure it can describe, aborts with that status (raises)."""
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            _count(rpc, grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, started)
+            return
+        if isinstance(error, grpc.aio.AbortError) or not isinstance(error, Exception):
+            return
+        failure = errors.describe(error, max_tokens_given=request.HasField("max_tokens"))
+        if failure is None:
+            incident = uuid.uuid4().hex[:12]
+            logger.error("%s failed (incident %s)", rpc, incident, exc_info=error)
+            failure = errors.internal(incident)
+        _count(rpc, failure.code, started)
+        status = failure.to_status()
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _count(rpc: str, code: grpc.StatusCode, started: float) -> None:
+    metrics.REQUESTS.labels(rpc=rpc, code=code.name).inc()
+    metrics.REQUEST_DURATION.labels(rpc=rpc).observe(time.monotonic() - started)
+

@@ -1,0 +1,254 @@
+"""The server through real gRPC channels (Python client) on the fake engine: deadlines, cancellation,
+concurrency, health, draining, API key, TLS, gzip, message sizes and the metrics port."""
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fake_engine import choice_text
+from mistral_grpc.client import ChatClient, field_violations
+from mistral_grpc.metrics import REGISTRY
+from mistral_grpc.server.app import ServeOptions
+from mistral_grpc.tokenizer import ChatMessage
+
+LONG = tuple(f" w{i}" for i in range(400))  # a completion that outlives the calls that cancel it
+
+
+def wait_for(condition, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def count(rpc: str, code: str) -> float:
+    return REGISTRY.get_sample_value("mistral_grpc_requests_total", {"rpc": rpc, "code": code}) or 0.0
+
+
+def test_chat_and_stream_through_the_python_client(serve_fake):
+    server = serve_fake(step_delay=0.001)
+    with ChatClient(server.target) as client:
+        response = client.chat("Hello!", n=2, temperature=0.5)
+        assert [c.message.content for c in response.choices] == [choice_text(0), choice_text(1)]
+        assert "".join(client.stream_text([{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "Hello!"}])) == choice_text(0)
+        with pytest.raises(grpc.RpcError) as raised:
+            client.chat("Hello!", temperature=9, top_p=0)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [field for field, _ in field_violations(raised.value)] == ["temperature", "top_p"]
+        assert client.health() == "SERVING"
+
+
+@pytest.mark.parametrize("rpc", ["Chat", "StreamChat"])
+def test_a_deadline_stops_generation_and_frees_its_kv_blocks(serve_fake, rpc):
+    server = serve_fake(step_delay=0.02, pieces=LONG)
+    before = count(rpc, "DEADLINE_EXCEEDED")
+    with ChatClient(server.target) as client, pytest.raises(grpc.RpcError) as raised:
+        if rpc == "Chat":
+            client.chat("Hello!", timeout=0.3)
+        else:
+            list(client.stream_chat("Hello!", timeout=0.3))
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: server.engine.kv_blocks_used() == 0 and server.engine.running == 0)
+    wait_for(lambda: count(rpc, "DEADLINE_EXCEEDED") == before + 1)
+
+
+def test_a_client_that_stops_reading_cancels_its_generation(serve_fake):
+    server = serve_fake(step_delay=0.02, pieces=LONG)
+    with ChatClient(server.target) as client:
+        for i, _ in enumerate(client.stream_text("Hello!")):
+            if i == 3:
+                assert server.engine.kv_blocks_used() > 0
+                break
+    wait_for(lambda: server.engine.kv_blocks_used() == 0 and server.engine.running == 0)
+
+
+def test_concurrent_calls_with_cancellations_end_holding_no_kv_blocks(serve_fake):
+    server = serve_fake(step_delay=0.005, pieces=LONG[:60])
+    expected = "".join(LONG[:60])
+
+    def call(i: int) -> str:
+        with ChatClient(server.target) as client:
+            try:
+                if i % 4 == 0:
+                    return client.chat("Hello!", n=2).choices[1].message.content
+                if i % 4 == 1:
+                    return "".join(client.stream_text("Hello!"))
+                if i % 4 == 2:
+                    return client.chat("Hello!", timeout=0.05).choices[0].message.content
+                for j, _ in enumerate(client.stream_text("Hello!", n=3)):
+                    if j == 5:
+                        return "stopped"
+            except grpc.RpcError as error:
+                return error.code().name
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        results = list(pool.map(call, range(48)))
+    assert results[0::4] == [expected] * 12 and results[1::4] == [expected] * 12
+    assert set(results[2::4]) <= {"DEADLINE_EXCEEDED", expected} and results[3::4] == ["stopped"] * 12
+    wait_for(lambda: server.engine.kv_blocks_used() == 0 and server.engine.running == 0)
+
+
+def test_health_is_not_serving_while_loading_and_calls_are_unavailable(serve_fake):
+    loaded = threading.Event()
+    server = serve_fake(start=False, load_gate=loaded)
+    server.start(wait_for_engine=False)
+    with ChatClient(server.target) as client:
+        wait_for(lambda: _health(client) == "NOT_SERVING")
+        assert client.health("mistral.chat.v1.ChatService") == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as raised:
+            client.chat("Hello!")
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in raised.value.details()
+        loaded.set()
+        server.starting.result(timeout=30)
+        assert client.health() == "SERVING" and client.health("mistral.chat.v1.ChatService") == "SERVING"
+        assert client.chat("Hello!").choices[0].finish_reason == "stop"
+
+
+def test_stopping_while_loading_does_not_wait_for_the_model(serve_fake):
+    loaded = threading.Event()
+    server = serve_fake(ServeOptions(host="localhost", port=0, grace_period=30), start=False, load_gate=loaded)
+    server.start(wait_for_engine=False)
+    with ChatClient(server.target) as client:
+        wait_for(lambda: _health(client) == "NOT_SERVING")
+    server.begin_stop().result(timeout=10)  # well within the 30 s grace: nothing was running
+    loaded.set()
+
+
+def _health(client: ChatClient) -> str | None:
+    try:
+        return client.health()
+    except grpc.RpcError:
+        return None
+
+
+def test_draining_refuses_new_calls_and_lets_running_streams_finish(serve_fake):
+    server = serve_fake(step_delay=0.01, pieces=LONG[:100])
+    with ChatClient(server.target) as client:
+        stream = client.stream_chat("Hello!")
+        first = next(stream)
+        stopped = server.begin_stop()
+        wait_for(lambda: client.health() == "NOT_SERVING")
+        with pytest.raises(grpc.RpcError) as raised:
+            client.chat("Hello!")
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        chunks = [first, *stream]
+        assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].usage.completion_tokens == 100
+        stopped.result(timeout=30)
+
+
+def test_draining_cancels_what_outlives_the_grace_period(serve_fake):
+    server = serve_fake(ServeOptions(host="localhost", port=0, grace_period=0.5), step_delay=0.02, pieces=LONG)
+    with ChatClient(server.target) as client:
+        stream = client.stream_chat("Hello!")
+        next(stream)
+        stopped = server.begin_stop()
+        with pytest.raises(grpc.RpcError) as raised:
+            list(stream)
+        assert raised.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        stopped.result(timeout=30)
+    assert server.engine.kv_blocks_used() == 0
+
+
+def test_a_health_watch_does_not_hold_up_draining(serve_fake):
+    server = serve_fake(ServeOptions(host="localhost", port=0, grace_period=60))
+    with grpc.insecure_channel(server.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        server.begin_stop().result(timeout=20)  # no call was running: no need to wait out the 60 s grace
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_api_key_guards_chat_but_not_health(serve_fake, tmp_path):
+    server = serve_fake(ServeOptions(host="localhost", port=0, api_key="s3cret-key"))
+    before = count("Chat", "UNAUTHENTICATED")
+    for key in (None, "wrong", "s3cret-key "):
+        with ChatClient(server.target, api_key=key) as client:
+            for call in (lambda: client.chat("Hi"), lambda: list(client.stream_chat("Hi"))):
+                with pytest.raises(grpc.RpcError) as raised:
+                    call()
+                assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "authorization: Bearer" in raised.value.details()
+            assert client.health() == "SERVING"
+    assert count("Chat", "UNAUTHENTICATED") == before + 3
+    with ChatClient(server.target, api_key="s3cret-key") as client:
+        assert client.chat("Hi").choices[0].message.content == choice_text(0)
+        assert "".join(client.stream_text("Hi")) == choice_text(0)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_tls(serve_fake, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    server = serve_fake(ServeOptions(host="localhost", port=0, tls_cert=cert.read_bytes(), tls_key=key.read_bytes()))
+    with ChatClient(server.target, root_certificates=cert.read_bytes()) as client:
+        assert client.chat("Hello!").choices[0].message.content == choice_text(0)
+    with ChatClient(server.target, timeout=5) as plaintext, pytest.raises(grpc.RpcError):
+        plaintext.chat("Hello!")
+
+
+def test_gzip_compressed_requests_are_accepted(serve_fake):
+    server = serve_fake(max_model_len=4096)
+    with ChatClient(server.target, compression=grpc.Compression.Gzip) as client:
+        assert client.chat("Hello! " * 1000).choices[0].message.content == choice_text(0)
+        assert "".join(client.stream_text("Hello!")) == choice_text(0)
+
+
+def test_a_32k_token_prompt_goes_through(serve_fake):
+    server = serve_fake(max_model_len=32768)
+    prompt = " ".join(["word"] * 32000)  # a token a word
+    with ChatClient(server.target) as client:
+        response = client.chat(prompt, max_tokens=9, logprobs=True, top_logprobs=20)
+    expected = len(server.engine.tokenizer.encode_chat([ChatMessage(role="user", content=prompt)]))
+    assert response.usage.prompt_tokens == expected > 32000
+    assert response.choices[0].message.content == choice_text(0)
+
+
+def test_metrics_port_serves_the_design_names(serve_fake):
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    server = serve_fake(ServeOptions(host="localhost", port=0, metrics_port=port))
+    with ChatClient(server.target) as client:
+        client.chat("Hello!")
+    text = urllib.request.urlopen(f"http://localhost:{port}/metrics", timeout=10).read().decode()
+    for name in ("mistral_grpc_requests_total", "mistral_grpc_time_to_first_token_seconds",
+                 "mistral_grpc_inter_token_latency_seconds", "mistral_grpc_request_duration_seconds",
+                 "mistral_grpc_prompt_tokens_total", "mistral_grpc_generation_tokens_total",
+                 "mistral_grpc_running_requests", "mistral_grpc_waiting_requests",
+                 "mistral_grpc_kv_cache_blocks_used", "mistral_grpc_kv_cache_blocks_total"):
+        assert f"\n{name}" in text, name
+    assert 'mistral_grpc_requests_total{code="OK",rpc="Chat"}' in text
+
+
+def test_garbage_and_hostile_requests_do_not_disturb_a_running_stream(serve_fake):
+    server = serve_fake(step_delay=0.01, pieces=LONG[:50], max_model_len=4096)
+    with ChatClient(server.target) as client, grpc.insecure_channel(server.target) as channel:
+        stream = client.stream_chat("Hello!")
+        first = next(stream)
+        raw_chat = channel.unary_unary("/mistral.chat.v1.ChatService/Chat")  # bytes in, bytes out
+        for payload in (b"\xff" * 64, b"\x12\x03\x0a\x01", bytes(range(256)) * 4):
+            with pytest.raises(grpc.RpcError) as raised:
+                raw_chat(payload, timeout=10)
+            assert raised.value.code() == grpc.StatusCode.UNKNOWN  # grpc's answer to undecodable bytes
+        hostile = [{"max_tokens": 2**31 - 1}, {"top_logprobs": 10**9, "logprobs": True}, {"n": -(2**31)},
+                   {"temperature": 1e308}]
+        for fields in hostile:
+            with pytest.raises(grpc.RpcError) as raised:
+                client.chat("Hi", **fields)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        huge = client.chat("Hi", stop=["x" * 100_000] * 16, seed=2**63 - 1, n=8, max_tokens=3)
+        assert len(huge.choices) == 8
+        rest = list(stream)
+    assert [first, *rest][-1].choices[0].finish_reason == "stop"
+    wait_for(lambda: server.engine.kv_blocks_used() == 0)
