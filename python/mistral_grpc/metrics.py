@@ -1,8 +1,9 @@
 """The Prometheus metrics of shared/DESIGN.md, in one registry that the engine and the server update
 and the side port (--metrics-port) exposes."""
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+disable_created_metrics()  # the *_created series only double what scrapers already know
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
