@@ -3,7 +3,7 @@
 Lifecycle: the port opens first with health NOT_SERVING (probes and callers see "loading", not
 "connection refused"), the engine loads and warms up, health turns SERVING. On SIGTERM/SIGINT health
 turns NOT_SERVING, new calls get UNAVAILABLE, running calls get up to the grace period to finish,
-then the process exits 0.
+then the process exits 0. The health service "liveness" stays SERVING throughout (see LivenessHealth).
 """
 
 import asyncio
@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+LIVENESS_SERVICE = "liveness"
 _MiB = 1 << 20
 _STOP_GRACE_S = 1.0
 
@@ -42,7 +43,28 @@ CHANNEL_OPTIONS = (
     ("grpc.http2.max_pings_without_data", 0),
     # Clients keeping their own streams alive may ping every 10 s without being sent GOAWAY (too_many_pings).
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Clients balancing over DNS (a headless Service) resolve again only when a connection closes: a GOAWAY
+    # every ~5 minutes lets them find replicas added since. Running streams are not cut (no age grace).
+    ("grpc.max_connection_age_ms", 300_000),
 )
+
+
+class LivenessHealth(health.aio.HealthServicer):
+    """grpc.health.v1 that also answers for LIVENESS_SERVICE: SERVING for as long as the process answers at
+    all, loading and draining included. "" and ChatService say whether to send traffic (readiness); a
+    liveness probe on them would have a loading or draining replica killed."""
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        if request.service == LIVENESS_SERVICE:
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        return await super().Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        if request.service != LIVENESS_SERVICE:
+            return await super().Watch(request, context)
+        await context.write(health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING))
+        await asyncio.Event().wait()  # never changes: the stream ends when the server stops
 
 
 class ServableEngine(Engine, Protocol):
@@ -69,7 +91,7 @@ class ChatServer:
         self.engine = engine
         self.options = options
         self.servicer = ChatServicer(engine)
-        self.health = health.aio.HealthServicer()
+        self.health = LivenessHealth()
         interceptors = [ApiKeyInterceptor(options.api_key)] if options.api_key else []
         # gzip-compressed requests are always accepted; responses go uncompressed unless asked (low latency).
         self._server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
@@ -91,6 +113,7 @@ class ChatServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.options.metrics_port is not None:
             self._metrics_server, _ = start_http_server(self.options.metrics_port, registry=REGISTRY)
+            logger.info("metrics on port %d at /metrics", self._metrics_server.server_port)
         await self._server.start()
         scheme = "TLS" if self.options.tls_cert else "plaintext"
         logger.info("listening on %s:%d (%s); loading the model", self.options.host, self.port, scheme)
