@@ -94,7 +94,7 @@ async def one_stream(stub: chat_pb2_grpc.ChatServiceStub, request: chat_pb2.Chat
 async def run_load(target: str, streams: int, requests: int, request: chat_pb2.ChatRequest,
                    duration: float) -> tuple[list[StreamResult], float]:
     """Each of `streams` workers sends one stream after another until `requests` have been sent or the
-    duration is up (streams still running then are cut by their deadline)."""
+    duration is up (streams still running then are cut by their deadline: DEADLINE_EXCEEDED)."""
     results: list[StreamResult] = []
     remaining = requests
     options = [("grpc.service_config", SERVICE_CONFIG), ("grpc.max_receive_message_length", 64 << 20)]
@@ -115,9 +115,10 @@ async def run_load(target: str, streams: int, requests: int, request: chat_pb2.C
 
 
 def percentiles(values: list[float]) -> str:
-    if len(values) < 2:
-        return " / ".join(["-"] * 3) if not values else " / ".join([f"{values[0] * 1e3:.1f}"] * 3)
-    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    """p50 / p90 / p99 in milliseconds."""
+    if not values:
+        return "-"
+    cuts = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
     return " / ".join(f"{cuts[p - 1] * 1e3:.1f}" for p in (50, 90, 99))
 
 
