@@ -142,20 +142,6 @@ class Block {
   Shared& s_;
 };
 
-// The largest key in [lo, hi] where `holds` (monotone, block-uniform, true at lo) is true.
-template <typename Holds>
-__device__ uint32_t largest_key_where(uint32_t lo, uint32_t hi, Holds holds) {
-  while (lo < hi) {
-    const uint32_t mid = lo + static_cast<uint32_t>((static_cast<uint64_t>(hi) - lo + 1) / 2);
-    if (holds(mid)) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
-
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     sample_kernel(const scalar_t* __restrict__ logits, int64_t vocab, const float* __restrict__ temperature,
