@@ -203,7 +203,8 @@ class RowSampler {
     const cpu::vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     vfloat max = cpu::splat(-INFINITY);
     cpu::for_each_lane_step(vocab_, [&](int64_t i, int64_t n) {
-      const vfloat v = lane < static_cast<int32_t>(n) ? sanitize_logit(cpu::load_n(row + i, n)) : cpu::splat(-INFINITY);
+      const vfloat loaded = sanitize_logit(cpu::load_n(row + i, n));
+      const vfloat v = lane < static_cast<int32_t>(n) ? loaded : cpu::splat(-INFINITY);
       cpu::store(logit_.data() + i, v);
       max = cpu::max(max, v);
     });

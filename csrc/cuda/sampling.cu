@@ -103,7 +103,9 @@ class Block {
 
   __device__ explicit Block(Shared& shared) : s_(shared) {}
 
-  __device__ float sum(float v) { return share(cub::BlockReduce<float, kThreads>(s_.temp.sum).Sum(v), s_.float_result); }
+  __device__ float sum(float v) {
+    return share(cub::BlockReduce<float, kThreads>(s_.temp.sum).Sum(v), s_.float_result);
+  }
 
   __device__ int64_t count(int64_t v) {
     return share(cub::BlockReduce<int64_t, kThreads>(s_.temp.count).Sum(v), s_.int_result);

@@ -50,7 +50,10 @@ def test_kernel_draws_the_reference_philox_number(device: str) -> None:
 
 def mixed_settings(rows: int) -> dict[str, list]:
     gen = torch.Generator().manual_seed(1)
-    pick = lambda choices: [choices[i] for i in torch.randint(len(choices), (rows,), generator=gen).tolist()]  # noqa: E731
+
+    def pick(choices: list) -> list:
+        return [choices[i] for i in torch.randint(len(choices), (rows,), generator=gen).tolist()]
+
     return {
         "temperature": pick([0.0, 0.3, 0.7, 1.0, 1.5, 2.0]),
         "top_p": pick([1.0, 0.999, 0.95, 0.8, 0.5, 0.1]),
