@@ -11,8 +11,9 @@
 //   4. u = philox_uniform(seed, offset); the token is the first survivor, in token-id order,
 //      whose running weight exceeds u * (total survivor weight).
 // Thresholds are logit values, not probabilities: logits tie exactly where probabilities might
-// round together, and the CUDA kernel searches them exactly through order_key below. The CPU
-// finds the same thresholds by selection (nth_element and a weighted quickselect).
+// round together, and both devices search them exactly through order_key below: CUDA bisects
+// over the whole row with block reductions; the CPU keeps a heap for top-k and bisects top-p over
+// the few tokens heavy enough to matter.
 #pragma once
 
 #include <cfloat>
@@ -25,15 +26,17 @@
 namespace mistral_grpc {
 
 // NaN can never be chosen (it becomes -inf), +inf is capped so max - x stays finite, and -0.0
-// becomes +0.0 so equal logits always have equal order keys.
-MG_HOST_DEVICE float sanitize_logit(float x) {
-  if (x != x) return -INFINITY;
-  if (x == 0.f) return 0.f;
-  return x > FLT_MAX ? FLT_MAX : x;
+// becomes +0.0 so equal logits always have equal order keys. V is a float on CUDA and a vector of
+// floats on CPU.
+template <typename V>
+MG_HOST_DEVICE V sanitize_logit(const V& x) {
+  const V not_nan = x == x ? x : V{} - INFINITY;
+  const V capped = not_nan < FLT_MAX ? not_nan : V{} + FLT_MAX;
+  return capped + 0.f;  // -0 + 0 = +0
 }
 
 // A monotone map from floats to uint32: a < b  <=>  order_key(a) < order_key(b) (no NaN, and
-// +0.0 only, after sanitize_logit). Lets CUDA bisect thresholds bit by bit over integers.
+// +0.0 only, after sanitize_logit). Lets thresholds be bisected exactly, over integers.
 MG_HOST_DEVICE uint32_t order_key(float x) {
   uint32_t bits;
   memcpy(&bits, &x, sizeof(bits));
@@ -47,6 +50,25 @@ MG_HOST_DEVICE float from_order_key(uint32_t key) {
   return x;
 }
 
+// The largest key in [lo, hi] where `holds` is true, for a `holds` that is monotone (true up to
+// some key, false above) and taken to be true at lo: a bisection, at most 32 evaluations. Both
+// devices find the top-p threshold (CUDA also top-k's) with it, `holds` reducing over the row.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename Holds>
+MG_HOST_DEVICE uint32_t largest_key_where(uint32_t lo, uint32_t hi, Holds holds) {
+  while (lo < hi) {
+    const uint32_t mid = lo + static_cast<uint32_t>((static_cast<uint64_t>(hi) - lo + 1) / 2);
+    if (holds(mid)) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
 // Greedy's order: a higher logit wins, and on a tie the lower token id.
 MG_HOST_DEVICE bool greedy_prefers(float a, int64_t a_index, float b, int64_t b_index) {
   return a > b || (a == b && a_index < b_index);
@@ -54,8 +76,9 @@ MG_HOST_DEVICE bool greedy_prefers(float a, int64_t a_index, float b, int64_t b_
 
 // The exponent of a token's unnormalised probability at temperature T, relative to the row's
 // largest logit: weight = exp(weight_exponent) <= 1. Each device brings its own exp (CUDA's
-// intrinsic, a vectorisable polynomial on CPU).
-MG_HOST_DEVICE float weight_exponent(float x, float max_logit, float temperature) {
+// intrinsic, cpu/simd.h's polynomial).
+template <typename V>
+MG_HOST_DEVICE V weight_exponent(const V& x, float max_logit, float temperature) {
   return (x - max_logit) / temperature;
 }
 

@@ -1,21 +1,20 @@
-// Penalty and sampling kernels on CPU, one row per task (at::parallel_for). Sampling follows the
-// rule of common/sampling.h and finds its thresholds by selection rather than sorting
-// (nth_element for top-k, a weighted quickselect for top-p), so a row costs O(V).
+// Penalty and sampling kernels on CPU, rows split across threads (at::parallel_for). Sampling
+// follows the rule of common/sampling.h and finds its thresholds by selection rather than sorting
+// (a bounded heap for top-k, a weighted quickselect for top-p), so a row costs O(V).
 // Also the argument checks both backends share (declared in ops.h).
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <functional>
-#include <utility>
 #include <vector>
 
+#include "common/dispatch.h"
 #include "common/philox.h"
 #include "common/sampling.h"
+#include "cpu/simd.h"
 #include "ops.h"
 
 namespace mistral_grpc {
@@ -107,7 +106,7 @@ void apply_penalties_cpu(at::Tensor& logits, const at::Tensor& prompt_tokens, co
   const float* freq = frequency.const_data_ptr<float>();
   const int64_t* prompt = prompt_tokens.const_data_ptr<int64_t>();
   const int64_t* output = output_tokens.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "apply_penalties_cpu", [&] {
+  MG_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "apply_penalties_cpu", [&] {
     scalar_t* data = logits.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<int32_t> marks;
@@ -136,73 +135,39 @@ struct Draw {
   float logprob;
 };
 
-// The largest logit v such that the items with logit >= v weigh at least `target` (items are
-// (logit, weight) pairs; reordered in place). Quickselect on the logit: each round splits the
-// window around a pivot and keeps the side holding the crossing, O(n) expected.
-float weighted_select(std::vector<std::pair<float, float>>& items, float target) {
-  const auto weight_of = [](auto first, auto last) {
-    float sum = 0.f;
-    for (; first != last; ++first) sum += first->second;
-    return sum;
-  };
-  auto lo = items.begin(), hi = items.end();
-  float above = 0.f;  // weight of the items known to lie above the window: always < target
-  while (lo != hi) {
-    const float pivot = lo[(hi - lo) / 2].first;
-    const auto greater_end = std::partition(lo, hi, [pivot](const auto& item) { return item.first > pivot; });
-    const auto equal_end = std::partition(greater_end, hi, [pivot](const auto& item) { return item.first == pivot; });
-    const float greater = weight_of(lo, greater_end), equal = weight_of(greater_end, equal_end);
-    if (greater_end != lo && above + greater >= target) {
-      hi = greater_end;
-    } else if (above + greater + equal >= target) {
-      return pivot;
-    } else {
-      above += greater + equal;
-      lo = equal_end;
-    }
-  }
-  return -INFINITY;  // rounding left the target just out of reach: keep every item
+using cpu::kLanes;
+using cpu::vfloat;
+
+MG_ALWAYS_INLINE float reduce_max(const vfloat& v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
 }
 
-// exp(x) for x <= 0 (the sampler only exponentiates logit - max), within a few ulp of expf:
-// Cody-Waite reduction and Cephes' polynomial in plain arithmetic, so loops calling it vectorise
-// (std::exp does not without -ffast-math). Results below FLT_MIN flush to 0, so exp(-inf) is 0.
-// The range test compares bit patterns, not floats: for x <= 0 a larger pattern is a larger
-// magnitude, and an integer compare lets GCC vectorise under -ftrapping-math.
-inline float exp_nonpositive(float x) {
-  constexpr uint32_t kLowest = std::bit_cast<uint32_t>(-87.33654f);  // ~log(FLT_MIN)
-  const uint32_t bits = std::bit_cast<uint32_t>(x);
-  const bool in_range = bits <= kLowest;
-  const float clamped = std::bit_cast<float>(in_range ? bits : kLowest);
-  const float n = (clamped * 1.44269504f + 12582912.f) - 12582912.f;  // round(x / ln 2), by 1.5 * 2^23
-  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;    // x - n ln 2 in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float scale = std::bit_cast<float>(in_range ? (static_cast<int32_t>(n) + 127) << 23 : 0);  // 2^n
-  return (p * r * r + r + 1.f) * scale;
+MG_ALWAYS_INLINE bool any_lane(const cpu::vint& mask) {
+  int32_t any = 0;
+  for (int i = 0; i < kLanes; ++i) any |= mask[i];
+  return any != 0;
 }
 
-// Samples one row at a time, reusing its scratch across the rows of one parallel task. The
-// whole-row passes are written so the compiler vectorises them (omp simd reductions).
+// Samples one row at a time, reusing its scratch across the rows of one task. Whole-row passes
+// run in cpu::vfloat steps over scratch padded to whole vectors with -inf logits (weight 0, never
+// chosen); the top-k heap and the inverse-CDF walk are scalar.
 class RowSampler {
  public:
-  explicit RowSampler(int64_t vocab) : logit_(vocab), weight_(vocab) {}
+  explicit RowSampler(int64_t vocab)
+      : vocab_(vocab),
+        padded_(cpu::round_up_to_lanes(vocab)),
+        logit_(padded_),
+        weight_(padded_),
+        heavy_logit_(padded_),
+        heavy_weight_(padded_) {}
 
-  template <typename scalar_t>
-  Draw sample(const scalar_t* row, const RowSettings& settings) {
-    const int64_t vocab = static_cast<int64_t>(logit_.size());
-    float* x = logit_.data();
-    float max_logit = -INFINITY;
-#pragma omp simd reduction(max : max_logit)
-    for (int64_t i = 0; i < vocab; ++i) {
-      x[i] = sanitize_logit(static_cast<float>(row[i]));
-      max_logit = x[i] > max_logit ? x[i] : max_logit;
-    }
-    const int64_t best = std::find(x, x + vocab, max_logit) - x;  // the first maximum: greedy's tie-break
+  template <typename T>
+  MG_ALWAYS_INLINE Draw sample(const T* row, const RowSettings& settings) {
+    const float max_logit = load_logits(row);
+    // Greedy's tie-break: the first maximum.
+    const int64_t best = std::find(logit_.begin(), logit_.begin() + vocab_, max_logit) - logit_.begin();
     if (settings.temperature == 0.f || max_logit == -INFINITY) {
       return {best, max_logit - log_normalizer(max_logit)};
     }
@@ -210,17 +175,18 @@ class RowSampler {
     const float log_norm = settings.temperature == 1.f ? max_logit + std::log(total) : log_normalizer(max_logit);
 
     float keep_from = -INFINITY;
-    if (top_k_active(settings.top_k, vocab)) keep_from = top_k_threshold(settings.top_k);
-    if (top_p_active(settings.top_p)) keep_from = std::max(keep_from, top_p_threshold(keep_from, settings.top_p));
-
+    if (top_k_active(settings.top_k, vocab_)) keep_from = top_k_threshold(settings.top_k);
+    if (top_p_active(settings.top_p)) {
+      const float mass = keep_from == -INFINITY ? total : weight_from(keep_from);
+      keep_from = top_p_threshold(keep_from, settings.top_p, mass, max_logit, settings.temperature);
+    }
+    const float kept = keep_from == -INFINITY ? total : weight_from(keep_from);
+    const float* x = logit_.data();
     const float* w = weight_.data();
-    float kept = 0.f;
-#pragma omp simd reduction(+ : kept)
-    for (int64_t i = 0; i < vocab; ++i) kept += static_cast<float>(x[i] >= keep_from) * w[i];
     const float target = philox_uniform(settings.seed, settings.offset) * kept;
     float running = 0.f;
     int64_t last = best;
-    for (int64_t i = 0; i < vocab; ++i) {
+    for (int64_t i = 0; i < vocab_; ++i) {
       if (x[i] < keep_from || w[i] == 0.f) continue;
       running += w[i];
       last = i;
@@ -231,37 +197,45 @@ class RowSampler {
   }
 
  private:
-  // log(sum(exp(logits))) at temperature 1, for the returned log-probability.
-  float log_normalizer(float max_logit) const {
-    if (max_logit == -INFINITY) return NAN;  // every logit -inf: no distribution to speak of
-    const float* x = logit_.data();
-    const int64_t vocab = static_cast<int64_t>(logit_.size());
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < vocab; ++i) sum += exp_nonpositive(x[i] - max_logit);
-    return max_logit + std::log(sum);
+  // Sanitized logits into the scratch (the padding lanes -inf); returns their maximum.
+  template <typename T>
+  MG_ALWAYS_INLINE float load_logits(const T* row) {
+    const cpu::vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    vfloat max = cpu::splat(-INFINITY);
+    cpu::for_each_lane_step(vocab_, [&](int64_t i, int64_t n) {
+      const vfloat loaded = sanitize_logit(cpu::load_n(row + i, n));
+      const vfloat v = lane < static_cast<int32_t>(n) ? loaded : cpu::splat(-INFINITY);
+      cpu::store(logit_.data() + i, v);
+      max = cpu::max(max, v);
+    });
+    return reduce_max(max);
   }
 
-  float fill_weights(float max_logit, float temperature) {
-    const float* x = logit_.data();
-    float* w = weight_.data();
-    const int64_t vocab = static_cast<int64_t>(logit_.size());
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < vocab; ++i) {
-      w[i] = exp_nonpositive(weight_exponent(x[i], max_logit, temperature));
-      sum += w[i];
+  // log(sum(exp(logits))) at temperature 1, for the returned log-probability.
+  MG_ALWAYS_INLINE float log_normalizer(float max_logit) const {
+    if (max_logit == -INFINITY) return NAN;  // every logit -inf: no distribution to speak of
+    vfloat sum{};
+    for (int64_t i = 0; i < padded_; i += kLanes) sum += cpu::Exp{}(cpu::load(logit_.data() + i) - max_logit);
+    return max_logit + std::log(cpu::reduce_sum(sum));
+  }
+
+  MG_ALWAYS_INLINE float fill_weights(float max_logit, float temperature) {
+    vfloat sum{};
+    for (int64_t i = 0; i < padded_; i += kLanes) {
+      const vfloat w = cpu::Exp{}(weight_exponent(cpu::load(logit_.data() + i), max_logit, temperature));
+      cpu::store(weight_.data() + i, w);
+      sum += w;
     }
-    return sum;
+    return cpu::reduce_sum(sum);
   }
 
   // The k-th largest logit: a min-heap of the k largest seen so far, so a logit costs one compare
   // with the heap's least unless it enters (about k log(V/k) times in all for unordered logits).
-  float top_k_threshold(int64_t top_k) {
+  MG_ALWAYS_INLINE float top_k_threshold(int64_t top_k) {
     const auto greater = std::greater<float>();
     heap_.assign(logit_.begin(), logit_.begin() + top_k);
     std::make_heap(heap_.begin(), heap_.end(), greater);
-    for (size_t i = top_k; i < logit_.size(); ++i) {
+    for (int64_t i = top_k; i < vocab_; ++i) {
       if (logit_[i] <= heap_.front()) continue;
       std::pop_heap(heap_.begin(), heap_.end(), greater);
       heap_.back() = logit_[i];
@@ -270,53 +244,92 @@ class RowSampler {
     return heap_.front();
   }
 
-  // Tokens lighter than (1 - top_p) * mass / n together weigh less than (1 - top_p) * mass, so the
-  // threshold lies above all of them: only the heavier ones go into the selection.
-  float top_p_threshold(float keep_from, float top_p) {
-    const float* x = logit_.data();
-    const float* w = weight_.data();
-    const int64_t vocab = static_cast<int64_t>(logit_.size());
-    float mass = 0.f, count = 0.f;
-#pragma omp simd reduction(+ : mass, count)
-    for (int64_t i = 0; i < vocab; ++i) {
-      const float kept = static_cast<float>(x[i] >= keep_from);
-      mass += kept * w[i];
-      count += kept;
-    }
-    const float light = (1.f - top_p) * mass / count;
-    survivors_.clear();
-    for (int64_t i = 0; i < vocab; ++i)
-      if (x[i] >= keep_from && w[i] >= light) survivors_.emplace_back(x[i], w[i]);
-    return weighted_select(survivors_, top_p * mass);
+  // The weight of the tokens with logit >= from.
+  MG_ALWAYS_INLINE float weight_from(float from) const {
+    vfloat sum{};
+    for (int64_t i = 0; i < padded_; i += kLanes)
+      sum += cpu::load(logit_.data() + i) >= from ? cpu::load(weight_.data() + i) : vfloat{};
+    return cpu::reduce_sum(sum);
   }
 
-  std::vector<float> logit_, weight_, heap_;
-  std::vector<std::pair<float, float>> survivors_;
+  // The top-p threshold among the tokens with logit >= keep_from (weighing `mass` together), by
+  // bisection over order keys. Tokens lighter than (1 - top_p) * mass / V together weigh less than
+  // (1 - top_p) * mass, so the threshold lies above all of them: only tokens whose logit puts
+  // them above that weight (less a margin for rounding) are gathered and searched.
+  MG_ALWAYS_INLINE float top_p_threshold(float keep_from, float top_p, float mass, float max_logit,
+                                         float temperature) {
+    const float light = max_logit + temperature * (std::log((1.f - top_p) * mass / vocab_) - 1e-3f);
+    const float floor = std::max(keep_from, light);
+    const float* x = logit_.data();
+    const float* w = weight_.data();
+    float* heavy_x = heavy_logit_.data();
+    float* heavy_w = heavy_weight_.data();
+    int64_t heavy = 0;
+    for (int64_t i = 0; i < padded_; i += kLanes) {
+      if (!any_lane(cpu::load(x + i) >= floor)) continue;  // most vectors, for peaked logits
+      for (int64_t j = i; j < i + kLanes; ++j) {  // branch-free: only heavy tokens advance the end
+        heavy_x[heavy] = x[j];
+        heavy_w[heavy] = w[j];
+        heavy += x[j] >= floor;
+      }
+    }
+    const int64_t padded = cpu::round_up_to_lanes(heavy);
+    std::fill(heavy_x + heavy, heavy_x + padded, -INFINITY);
+    std::fill(heavy_w + heavy, heavy_w + padded, 0.f);
+    const float target = top_p * mass;
+    const uint32_t key = largest_key_where(order_key(floor), order_key(max_logit), [&](uint32_t candidate) {
+      const float from = from_order_key(candidate);
+      vfloat above{};
+      for (int64_t i = 0; i < padded; i += kLanes)
+        above += cpu::load(heavy_x + i) >= from ? cpu::load(heavy_w + i) : vfloat{};
+      return cpu::reduce_sum(above) >= target;
+    });
+    return from_order_key(key);
+  }
+
+  int64_t vocab_, padded_;
+  std::vector<float> logit_, weight_, heap_, heavy_logit_, heavy_weight_;
 };
+
+struct SampleBatch {
+  int64_t vocab;
+  const float* temperature;
+  const float* top_p;
+  const int64_t* top_k;
+  const int64_t* seeds;
+  const int64_t* offsets;
+  int64_t* tokens;
+  float* logprobs;
+};
+
+template <typename T>
+MG_CPU_CLONES void sample_rows(const T* logits, const SampleBatch& b, int64_t begin, int64_t end) {
+  RowSampler sampler(b.vocab);
+  for (int64_t r = begin; r < end; ++r) {
+    const RowSettings settings{b.temperature[r], b.top_p[r], b.top_k[r], static_cast<uint64_t>(b.seeds[r]),
+                               static_cast<uint64_t>(b.offsets[r])};
+    const Draw draw = sampler.sample(logits + r * b.vocab, settings);
+    b.tokens[r] = draw.token;
+    b.logprobs[r] = draw.logprob;
+  }
+}
 
 void sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_p,
                 const at::Tensor& top_k, const at::Tensor& seeds, const at::Tensor& offsets, at::Tensor& tokens,
                 at::Tensor& logprobs) {
   check_sample_args(logits, temperature, top_p, top_k, seeds, offsets, tokens, logprobs);
-  const int64_t rows = logits.size(0), vocab = logits.size(1);
-  const float* temp = temperature.const_data_ptr<float>();
-  const float* p = top_p.const_data_ptr<float>();
-  const int64_t* k = top_k.const_data_ptr<int64_t>();
-  const int64_t* seed = seeds.const_data_ptr<int64_t>();
-  const int64_t* offset = offsets.const_data_ptr<int64_t>();
-  int64_t* token_out = tokens.mutable_data_ptr<int64_t>();
-  float* logprob_out = logprobs.mutable_data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "sample_cpu", [&] {
+  const SampleBatch batch{logits.size(1),
+                          temperature.const_data_ptr<float>(),
+                          top_p.const_data_ptr<float>(),
+                          top_k.const_data_ptr<int64_t>(),
+                          seeds.const_data_ptr<int64_t>(),
+                          offsets.const_data_ptr<int64_t>(),
+                          tokens.mutable_data_ptr<int64_t>(),
+                          logprobs.mutable_data_ptr<float>()};
+  MG_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "sample_cpu", [&] {
     const scalar_t* data = logits.const_data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-      RowSampler sampler(vocab);
-      for (int64_t r = begin; r < end; ++r) {
-        const RowSettings settings{temp[r], p[r], k[r], static_cast<uint64_t>(seed[r]), static_cast<uint64_t>(offset[r])};
-        const Draw draw = sampler.sample(data + r * vocab, settings);
-        token_out[r] = draw.token;
-        logprob_out[r] = draw.logprob;
-      }
-    });
+    at::parallel_for(0, logits.size(0), 1,
+                     [&](int64_t begin, int64_t end) { sample_rows(data, batch, begin, end); });
   });
 }
 

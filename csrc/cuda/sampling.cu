@@ -103,7 +103,9 @@ class Block {
 
   __device__ explicit Block(Shared& shared) : s_(shared) {}
 
-  __device__ float sum(float v) { return share(cub::BlockReduce<float, kThreads>(s_.temp.sum).Sum(v), s_.float_result); }
+  __device__ float sum(float v) {
+    return share(cub::BlockReduce<float, kThreads>(s_.temp.sum).Sum(v), s_.float_result);
+  }
 
   __device__ int64_t count(int64_t v) {
     return share(cub::BlockReduce<int64_t, kThreads>(s_.temp.count).Sum(v), s_.int_result);
@@ -141,20 +143,6 @@ class Block {
 
   Shared& s_;
 };
-
-// The largest key in [lo, hi] where `holds` (monotone, block-uniform, true at lo) is true.
-template <typename Holds>
-__device__ uint32_t largest_key_where(uint32_t lo, uint32_t hi, Holds holds) {
-  while (lo < hi) {
-    const uint32_t mid = lo + static_cast<uint32_t>((static_cast<uint64_t>(hi) - lo + 1) / 2);
-    if (holds(mid)) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
