@@ -1,0 +1,95 @@
+"""The decoder's linear layers: the extension's weight-streaming kernels on CPU, cuBLAS on CUDA.
+
+A CPU decode step reads every weight once, so its speed is the rate the weights stream through
+the cores: ops.linear reads a weight packed once at load time at close to the machine's read
+bandwidth, where torch's matrix-vector product reaches a fraction of it (benchmarks/bench_linear.py).
+Large batches (prefill) are compute-bound instead; there torch (oneDNN, AMX for bf16) wins for bf16,
+and gets the weight back from the pack per call (one extra pass over it, small next to the GEMM),
+so only one copy of each weight lives in memory. On CUDA the weight is kept as is and torch calls cuBLAS.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from mistral_grpc import ops
+
+# The most rows of x the CPU kernels take; larger batches go to torch. Measured with
+# `benchmarks/bench_linear.py --batches` on the 2-core Xeon (AVX512_BF16, AMX) of our CI/dev machine:
+# fp32: ours is level with or ahead of torch's oneDNN/MKL up to T = 256, so ours up to 256;
+# bf16: torch's AMX GEMM beats our vdpbf16ps kernel, even counting the unpack, from T = 64.
+CPU_KERNEL_MAX_ROWS = {torch.float32: 256, torch.bfloat16: 32}
+
+
+class _PackedLayer:
+    """Small batches on CPU go to the extension's kernel on the packed weight; everything else
+    to torch on the dense weight (kept as is on CUDA, unpacked per call on CPU)."""
+
+    def __init__(self, out_features: int, in_features: int, *, packed: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None) -> None:
+        self.out_features = out_features
+        self.in_features = in_features
+        self.packed = packed  # CPU: the only copy of the weight
+        self.weight = weight  # CUDA: the dense weight, for cuBLAS
+
+    def _kernel(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _torch(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight torch multiplies by (on CPU a fresh copy, unpacked)."""
+        return self.weight if self.packed is None else ops.unpack_linear_weight(self.packed)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype (which must be the weight's),
+        written into `out` if given."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected x [..., {self.in_features}], got {tuple(x.shape)}")
+        rows = x.reshape(-1, self.in_features)
+        shape = (*x.shape[:-1], self.out_features)
+        if self.packed is not None and rows.shape[0] <= CPU_KERNEL_MAX_ROWS.get(rows.dtype, 0):
+            out = rows.new_empty(shape) if out is None else out
+            self._kernel(out.view(-1, self.out_features), rows if rows.stride(-1) == 1 else rows.contiguous())
+            return out
+        y = self._torch(rows, self.dense_weight()).view(shape)
+        return y if out is None else out.copy_(y)
+
+
+class PackedLinear(_PackedLayer):
+    """y = x @ weight.T for an nn.Linear-layout weight [N, K] (no bias, as in Mistral). The decoder's
+    qkv is one of these over the concatenated q, k, v weights."""
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> "PackedLinear":
+        n, k = weight.shape
+        if weight.device.type == "cpu":
+            return cls(n, k, packed=ops.pack_linear_weight(weight))
+        return cls(n, k, weight=weight)
+
+    def _kernel(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        ops.linear(out, x, self.packed)
+
+    def _torch(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+
+class PackedGateUpSilu(_PackedLayer):
+    """The Mistral MLP's first half: silu(x @ gate.T) * (x @ up.T) for gate, up [F, K]. On CPU one
+    op reads the packed gate+up weight and writes [T, F] without materialising [T, 2F]."""
+
+    @classmethod
+    def from_weights(cls, gate: torch.Tensor, up: torch.Tensor) -> "PackedGateUpSilu":
+        if gate.shape != up.shape:
+            raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
+        f, k = gate.shape
+        if gate.device.type == "cpu":
+            return cls(f, k, packed=ops.pack_gate_up_weight(gate, up))
+        return cls(f, k, weight=torch.cat([gate, up]))
+
+    def _kernel(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        ops.linear_silu_mul(out, x, self.packed)
+
+    def _torch(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, weight).chunk(2, dim=-1)
+        return F.silu(gate) * up
