@@ -29,7 +29,7 @@ namespace mistral_grpc::linear {
 // One call's operands, shared by every tile range the threads split it into.
 struct Problem {
   const uint8_t* tiles;  // tile 0 (just past the header)
-  int64_t steps;         // 64-byte lines per tile
+  int64_t steps;         // 64-byte lines per 16-row sub-tile
   int64_t k;             // logical input features
   const void* x;         // [rows, k], rows x_stride elements apart; fp32 or bf16 as the weight
   int64_t x_stride;
@@ -39,8 +39,8 @@ struct Problem {
   int64_t n;             // valid outputs: N (linear) or F (silu_mul)
 };
 
-// Computes the outputs of tiles [begin, end) for all rows: for `linear` a tile is 16 outputs,
-// for `silu_mul` a tile index is one gate tile plus its up tile (16 outputs of silu(g) * u).
+// Computes the outputs of tiles [begin, end) for all rows: 16 outputs per tile (for `silu_mul`,
+// silu(gate) * up of the tile's 16 gate and 16 up rows).
 using TileRangeFn = void (*)(const Problem&, int64_t begin, int64_t end);
 // Streams `lines` 64-byte lines with the kernels' own load loop; returns a value to keep it alive.
 using ReadLinesFn = float (*)(const uint8_t* data, int64_t lines);
@@ -60,6 +60,13 @@ extern const KernelSet kAvx2Bf16;
 extern const KernelSet kAvx512Fp32;
 extern const KernelSet kAvx512Bf16;         // bf16 widened with shifts, fp32 FMA (AVX-512F only)
 extern const KernelSet kAvx512Bf16Dot;      // vdpbf16ps on the packed pairs (AVX512_BF16)
+// AMX for bf16 batches (prefill): the packed bf16 tile is already the VNNI layout of an AMX B tile.
+// Needs K % 32 == 0 and x with its rows padded to a multiple of kAmxRowBlock, zeros past T.
+extern const KernelSet kAmxBf16;
+constexpr int64_t kAmxRowBlock = 32;
+constexpr int64_t kAmxKBlock = 32;
+// Whether the CPU has AMX-BF16 and the OS lets this process use the tile registers (asked once).
+bool amx_usable();
 #endif
 
 // How far ahead of the line being multiplied the kernels prefetch. Each thread streams one
@@ -99,5 +106,42 @@ struct Bf16Operands {
   static float low(XVal pair) { return bits_to_float(pair << 16); }
   static float high(XVal pair) { return bits_to_float(pair & 0xffff0000u); }
 };
+
+// The epilogues, shared by every kernel: sums[(g * units + u) * rows + m][16] holds row m's dot
+// products with sub-tile u of tile ids[g] (units = 1 for linear, 2 = gate, up for silu_mul).
+template <typename Elem>
+void store_linear(const Problem& p, const int64_t* ids, int tiles, int64_t row0, int64_t rows, const float* sums) {
+  auto* out = static_cast<Elem*>(p.out);
+  for (int g = 0; g < tiles; ++g) {
+    const int64_t n0 = ids[g] * kTileRows;
+    const int64_t width = std::min(kTileRows, p.n - n0);
+    for (int64_t m = 0; m < rows; ++m) {
+      const float* src = sums + (g * rows + m) * kTileRows;
+      Elem* dst = out + (row0 + m) * p.out_stride + n0;
+      for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<Elem>(src[j]);
+    }
+  }
+}
+
+// gate and up are rounded to the output dtype first, as F.linear would return them, so the fused
+// op equals linear followed by silu_and_mul.
+template <typename Elem>
+void store_silu_mul(const Problem& p, const int64_t* ids, int tiles, int64_t row0, int64_t rows, const float* sums) {
+  auto* out = static_cast<Elem*>(p.out);
+  for (int g = 0; g < tiles; ++g) {
+    const int64_t f0 = ids[g] * kTileRows;
+    const int64_t width = std::min(kTileRows, p.n - f0);
+    for (int64_t m = 0; m < rows; ++m) {
+      const float* gate = sums + ((2 * g) * rows + m) * kTileRows;
+      const float* up = sums + ((2 * g + 1) * rows + m) * kTileRows;
+      Elem* dst = out + (row0 + m) * p.out_stride + f0;
+      for (int64_t j = 0; j < width; ++j) {
+        const float gj = static_cast<float>(static_cast<Elem>(gate[j]));
+        const float uj = static_cast<float>(static_cast<Elem>(up[j]));
+        dst[j] = static_cast<Elem>(gj / (1.f + std::exp(-gj)) * uj);
+      }
+    }
+  }
+}
 
 }  // namespace mistral_grpc::linear

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -21,9 +22,10 @@ using namespace linear;
 
 // ---- which kernels run ----------------------------------------------------------------------
 
-// Ordered: a CPU that has one level has every level below it.
-enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
-constexpr const char* kIsaNames[] = {"portable", "avx2", "avx512", "avx512_bf16"};
+// Ordered: a CPU that has one level has every level below it. amx = avx512_bf16 for small
+// batches, AMX for large bf16 ones.
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
+constexpr const char* kIsaNames[] = {"portable", "avx2", "avx512", "avx512_bf16", "amx"};
 
 Isa detect_isa() {
 #if MG_LINEAR_X86_KERNELS
@@ -32,7 +34,7 @@ Isa detect_isa() {
   const bool avx512 = __builtin_cpu_supports("avx512f");
   if (avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512bf16")) {
-    return Isa::kAvx512Bf16;
+    return amx_usable() ? Isa::kAmx : Isa::kAvx512Bf16;
   }
   if (avx512) return Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
@@ -55,6 +57,7 @@ const KernelSet& kernels_for(WeightDtype dtype) {
   const bool fp32 = dtype == WeightDtype::kFloat32;
   switch (active_isa().load(std::memory_order_relaxed)) {
 #if MG_LINEAR_X86_KERNELS
+    case Isa::kAmx:
     case Isa::kAvx512Bf16:
       return fp32 ? kAvx512Fp32 : kAvx512Bf16Dot;
     case Isa::kAvx512:
@@ -74,7 +77,7 @@ std::string linear_cpu_isa(std::string_view isa) {
     if (isa != "best") {
       const auto* found = std::find(std::begin(kIsaNames), std::end(kIsaNames), isa);
       TORCH_CHECK(found != std::end(kIsaNames), "linear_cpu_isa: unknown ISA '", isa,
-                  "' (portable, avx2, avx512, avx512_bf16 or best)");
+                  "' (portable, avx2, avx512, avx512_bf16, amx or best)");
       wanted = static_cast<Isa>(found - std::begin(kIsaNames));
     }
     TORCH_CHECK(wanted <= best_isa(), "linear_cpu_isa: this CPU (or build) does not support ", isa, "; best is ",
@@ -103,28 +106,32 @@ void check_weight(const at::Tensor& w, const char* op, const char* name) {
   weight_dtype(w, op);
 }
 
-// Moves a [rows, k] matrix between its row-major form and packed tiles first_tile,
-// first_tile + tile_stride, ... (tile_stride 2 interleaves gate and up). Packing writes the zero
-// pads too; unpacking skips them.
+// Moves a [rows, k] matrix between its row-major form and sub-tile `unit` of every packed tile
+// (of `units` interleaved line by line: gate is unit 0 and up unit 1 of a gate_up pack), 16 lines
+// (a 16 x 16 block of fp32) at a time, so each matrix row sees a whole cache line at once: fp32
+// rows of K = 1024 lie 4 KiB apart, in one L1 set, and line-by-line writes thrash it. The pads
+// are left alone: the packed tensor starts zeroed.
 template <bool kPack, typename T>
-void copy_tiles(T* packed, T* matrix, int64_t rows, int64_t k, int64_t first_tile, int64_t tile_stride) {
+void copy_tiles(T* packed, T* matrix, int64_t rows, int64_t k, int64_t units, int64_t unit) {
   constexpr int64_t kPerStep = kStepBytes / kTileRows / sizeof(T);  // 1 for fp32, 2 for bf16
+  constexpr int64_t kLineElems = kStepBytes / sizeof(T);
+  constexpr int64_t kBlockLines = 16;
   const int64_t steps = (k + kPerStep - 1) / kPerStep;
-  const int64_t tile_elems = steps * kTileRows * kPerStep;
   at::parallel_for(0, tiles_for(rows), 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      T* tile = packed + (first_tile + t * tile_stride) * tile_elems;
-      for (int64_t s = 0; s < steps; ++s) {
-        for (int64_t j = 0; j < kTileRows; ++j) {
-          const int64_t row = t * kTileRows + j;
-          for (int64_t p = 0; p < kPerStep; ++p) {
-            T& slot = tile[(s * kTileRows + j) * kPerStep + p];
-            const int64_t c = s * kPerStep + p;
-            const bool real = row < rows && c < k;
-            if constexpr (kPack) {
-              slot = real ? matrix[row * k + c] : T(0);
-            } else if (real) {
-              matrix[row * k + c] = slot;
+      const int64_t valid_rows = std::min(kTileRows, rows - t * kTileRows);
+      for (int64_t s0 = 0; s0 < steps; s0 += kBlockLines) {
+        const int64_t s1 = std::min(steps, s0 + kBlockLines);
+        for (int64_t j = 0; j < valid_rows; ++j) {
+          T* row = matrix + (t * kTileRows + j) * k;
+          for (int64_t s = s0; s < s1; ++s) {
+            T* lane = packed + ((t * steps + s) * units + unit) * kLineElems + j * kPerStep;
+            for (int64_t p = 0; p < std::min(kPerStep, k - s * kPerStep); ++p) {
+              if constexpr (kPack) {
+                lane[p] = row[s * kPerStep + p];
+              } else {
+                row[s * kPerStep + p] = lane[p];
+              }
             }
           }
         }
@@ -134,25 +141,24 @@ void copy_tiles(T* packed, T* matrix, int64_t rows, int64_t k, int64_t first_til
 }
 
 template <bool kPack>
-void copy_matrix(uint8_t* tiles, const at::Tensor& matrix, int64_t first_tile, int64_t tile_stride) {
+void copy_matrix(uint8_t* tiles, const at::Tensor& matrix, int64_t units, int64_t unit) {
   const int64_t rows = matrix.size(0), k = matrix.size(1);
   if (matrix.scalar_type() == at::kFloat) {
-    copy_tiles<kPack>(reinterpret_cast<float*>(tiles), matrix.data_ptr<float>(), rows, k, first_tile, tile_stride);
+    copy_tiles<kPack>(reinterpret_cast<float*>(tiles), matrix.data_ptr<float>(), rows, k, units, unit);
   } else {
-    copy_tiles<kPack>(reinterpret_cast<c10::BFloat16*>(tiles), matrix.data_ptr<c10::BFloat16>(), rows, k,
-                      first_tile, tile_stride);
+    copy_tiles<kPack>(reinterpret_cast<c10::BFloat16*>(tiles), matrix.data_ptr<c10::BFloat16>(), rows, k, units,
+                      unit);
   }
 }
 
 at::Tensor new_packed(WeightDtype dtype, PackKind kind, int64_t n, int64_t k) {
-  at::Tensor packed = at::empty({packed_bytes(dtype, kind, n, k)}, at::TensorOptions().dtype(at::kByte));
+  at::Tensor packed = at::zeros({packed_bytes(dtype, kind, n, k)}, at::TensorOptions().dtype(at::kByte));
   PackedHeader header{};
   header.magic = kPackedMagic;
   header.dtype = dtype;
   header.kind = kind;
   header.n = n;
   header.k = k;
-  std::memset(packed.data_ptr<uint8_t>(), 0, kHeaderBytes);
   std::memcpy(packed.data_ptr<uint8_t>(), &header, sizeof header);
   return packed;
 }
@@ -161,7 +167,7 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
   check_weight(weight, "pack_linear_weight", "weight");
   const at::Tensor w = weight.contiguous();
   at::Tensor packed = new_packed(weight_dtype(w, ""), PackKind::kLinear, w.size(0), w.size(1));
-  copy_matrix<true>(packed.data_ptr<uint8_t>() + kHeaderBytes, w, 0, 1);
+  copy_matrix<true>(packed.data_ptr<uint8_t>() + kHeaderBytes, w, 1, 0);
   return packed;
 }
 
@@ -173,8 +179,8 @@ at::Tensor pack_gate_up_weight(const at::Tensor& gate, const at::Tensor& up) {
               gate.scalar_type(), " and ", up.sizes(), " ", up.scalar_type());
   const at::Tensor g = gate.contiguous(), u = up.contiguous();
   at::Tensor packed = new_packed(weight_dtype(g, ""), PackKind::kGateUp, g.size(0), g.size(1));
-  copy_matrix<true>(packed.data_ptr<uint8_t>() + kHeaderBytes, g, 0, 2);
-  copy_matrix<true>(packed.data_ptr<uint8_t>() + kHeaderBytes, u, 1, 2);
+  copy_matrix<true>(packed.data_ptr<uint8_t>() + kHeaderBytes, g, 2, 0);
+  copy_matrix<true>(packed.data_ptr<uint8_t>() + kHeaderBytes, u, 2, 1);
   return packed;
 }
 
@@ -202,10 +208,10 @@ at::Tensor unpack_linear_weight(const at::Tensor& packed) {
                                 at::TensorOptions().dtype(scalar_type(header.dtype)));
   uint8_t* tiles = packed.data_ptr<uint8_t>() + kHeaderBytes;
   if (gate_up) {
-    copy_matrix<false>(tiles, weight.narrow(0, 0, header.n), 0, 2);
-    copy_matrix<false>(tiles, weight.narrow(0, header.n, header.n), 1, 2);
+    copy_matrix<false>(tiles, weight.narrow(0, 0, header.n), 2, 0);
+    copy_matrix<false>(tiles, weight.narrow(0, header.n, header.n), 2, 1);
   } else {
-    copy_matrix<false>(tiles, weight, 0, 1);
+    copy_matrix<false>(tiles, weight, 1, 0);
   }
   return weight;
 }
@@ -215,6 +221,27 @@ at::Tensor unpack_linear_weight(const at::Tensor& packed) {
 // A thread's share should stream at least this much, or waking the second thread costs more
 // than it saves (tiny matrices, tests).
 constexpr int64_t kMinBytesPerThread = 128 * 1024;
+
+#if MG_LINEAR_X86_KERNELS
+// From this many rows of x the AMX kernel beats the vdpbf16ps one (benchmarks/bench_linear.py
+// --batches): a 16-row A tile is mostly padding below that.
+constexpr int64_t kAmxMinRows = 6;
+
+bool use_amx(const PackedHeader& header, int64_t rows) {
+  return header.dtype == WeightDtype::kBFloat16 && rows >= kAmxMinRows && header.k % kAmxKBlock == 0 &&
+         active_isa().load(std::memory_order_relaxed) == Isa::kAmx;
+}
+
+// x as the AMX kernel reads it: whole 32-row blocks, the rows past T zero.
+at::Tensor amx_rows(const at::Tensor& x) {
+  const int64_t rows = x.size(0);
+  const int64_t padded = (rows + kAmxRowBlock - 1) / kAmxRowBlock * kAmxRowBlock;
+  if (padded == rows) return x;
+  at::Tensor copy = at::zeros({padded, x.size(1)}, x.options());
+  copy.narrow(0, 0, rows).copy_(x);
+  return copy;
+}
+#endif
 
 void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, PackKind kind) {
   const PackedHeader header = read_header(packed, op);
@@ -235,7 +262,7 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
   if (x.size(0) == 0) return;
 
   const int64_t steps = steps_per_tile(header.dtype, header.k);
-  const Problem problem{packed.data_ptr<uint8_t>() + kHeaderBytes,
+  Problem problem{packed.data_ptr<uint8_t>() + kHeaderBytes,
                         steps,
                         header.k,
                         x.data_ptr(),
@@ -244,10 +271,20 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
                         out.stride(0),
                         x.size(0),
                         header.n};
-  const KernelSet& kernels = kernels_for(header.dtype);
   const bool gate_up = kind == PackKind::kGateUp;
+#if MG_LINEAR_X86_KERNELS
+  if (use_amx(header, x.size(0))) {
+    const at::Tensor rows = amx_rows(x);
+    problem.x = rows.data_ptr();
+    problem.x_stride = rows.stride(0);
+    const TileRangeFn fn = gate_up ? kAmxBf16.silu_mul : kAmxBf16.linear;
+    at::parallel_for(0, tiles_for(header.n), 2, [&](int64_t begin, int64_t end) { fn(problem, begin, end); });
+    return;
+  }
+#endif
+  const KernelSet& kernels = kernels_for(header.dtype);
   const TileRangeFn fn = gate_up ? kernels.silu_mul : kernels.linear;
-  const int64_t bytes_per_task = steps * kStepBytes * (gate_up ? 2 : 1);
+  const int64_t bytes_per_task = steps * kStepBytes * units_per_tile(kind);
   const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / bytes_per_task);
   at::parallel_for(0, tiles_for(header.n), grain, [&](int64_t begin, int64_t end) { fn(problem, begin, end); });
 }

@@ -15,8 +15,10 @@ struct Halves {
 
 struct VectorPart {
   using Acc = Halves;
-  // 16 ymm registers: 4 rows x 2 halves of accumulators, plus weights and broadcasts.
-  static constexpr int kMaxRows = 4;
+  // 16 ymm registers: 6 accumulators of 2 halves (2 streams x 3 rows, or x 1 row x gate/up),
+  // plus the weight lines and broadcasts.
+  static constexpr int kStreams = 2;
+  static constexpr int kAccumulators = 6;
   static Acc zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
   static Acc add(Acc a, Acc b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
   static void store(Acc a, float* dst) {

@@ -13,8 +13,10 @@ namespace avx512 {
 
 struct VectorPart {
   using Acc = __m512;
-  // 32 zmm registers: 8 rows x 2 chains of accumulators, plus weights and broadcasts.
-  static constexpr int kMaxRows = 8;
+  // 32 zmm registers: 24 accumulators (4 streams x 6 rows, or x 3 rows x gate/up), plus the
+  // weight lines and broadcasts.
+  static constexpr int kStreams = 4;
+  static constexpr int kAccumulators = 24;
   static Acc zero() { return _mm512_setzero_ps(); }
   static Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
   static void store(Acc a, float* dst) { _mm512_storeu_ps(dst, a); }

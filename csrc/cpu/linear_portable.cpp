@@ -11,8 +11,9 @@ struct Lanes {
 
 struct VectorPart {
   using Acc = Lanes;
-  // Four rows of 16 floats fill the 16 SSE registers of baseline x86-64.
-  static constexpr int kMaxRows = 4;
+  // 4 accumulators of 16 floats fill the 16 SSE registers of baseline x86-64.
+  static constexpr int kStreams = 2;
+  static constexpr int kAccumulators = 4;
   static Acc zero() { return Acc{}; }
   static Acc add(Acc a, const Acc& b) {
     for (int j = 0; j < kTileRows; ++j) a.v[j] += b.v[j];

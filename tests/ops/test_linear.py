@@ -1,8 +1,8 @@
 """CPU linear ops (pack_linear_weight, linear, linear_silu_mul, ...) against torch.nn.functional.linear.
 
-Every kernel level the CPU has (portable, avx2, avx512, avx512_bf16) runs the same cases: shapes
-whose N and K are not multiples of the 16-wide tile or the bf16 pair, and batches 1..33, which
-cross the register blocks (4 rows portable/AVX2, 8 rows AVX-512) and their remainders.
+Every kernel level the CPU has (portable, avx2, avx512, avx512_bf16, amx) runs the same cases:
+shapes whose N and K are not multiples of the 16-wide tile or the bf16 pair, and batches 1..33,
+which cross the register blocks (2 to 6 rows; 32 for AMX) and their remainders.
 """
 
 from collections.abc import Iterator
@@ -12,12 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from mistral_grpc import ops
+from mistral_grpc.model.linear import PackedGateUpSilu, PackedLinear
 
-LEVELS = ["portable", "avx2", "avx512", "avx512_bf16"]
+LEVELS = ["portable", "avx2", "avx512", "avx512_bf16", "amx"]
 DTYPES = [torch.float32, torch.bfloat16]
-# (N, K): tails in both dimensions, a single row/column, and exact multiples.
-SHAPES = [(1, 1), (17, 5), (33, 31), (100, 257), (48, 64)]
-BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33]
+# (N, K): tails in both dimensions, a single row/column, exact multiples, (300, 520): big enough
+# to be split across threads, with tile groups cut at the split, and K % 32 == 0 for AMX (bf16
+# batches of 6 rows and more) with an odd number of 16-output tiles.
+SHAPES = [(1, 1), (17, 5), (33, 31), (100, 257), (48, 64), (300, 520), (45, 96), (150, 256)]
+BATCHES = [*range(1, 10), 12, 13, 16, 17, 31, 32, 33]
 
 
 def supported_levels() -> list[str]:
@@ -73,10 +76,12 @@ def test_linear_silu_mul_matches_torch(level: str, dtype: torch.dtype, shape: tu
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_reads_and_writes_strided_rows(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("t", "k"), [(9, 71), (32, 96)])
+def test_linear_reads_and_writes_strided_rows(dtype: torch.dtype, t: int, k: int) -> None:
     """x may be a column slice of a wider buffer, out a column slice of one (e.g. q of a qkv buffer).
-    With K odd, the bf16 kernels must not pair x[K - 1] with the NaN that follows it."""
-    n, k, t = 40, 71, 9
+    With K odd, the bf16 kernels must not pair x[K - 1] with the NaN that follows it; AMX reads
+    32 whole rows of x in place."""
+    n = 40
     weight = random_weight(n, k, dtype)
     wide_x = torch.full((t, k + 13), float("nan"), dtype=dtype)
     x = wide_x[:, 5 : 5 + k]
@@ -187,3 +192,38 @@ def test_read_bandwidth_rejects_no_repeats() -> None:
 def test_linear_cpu_isa_rejects_unknown_names() -> None:
     with pytest.raises(RuntimeError, match="unknown ISA 'sse9'"):
         ops.linear_cpu_isa("sse9")
+
+
+# ---- the decoder's wrappers (mistral_grpc.model.linear) ---------------------------------------
+
+WRAPPER_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", WRAPPER_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_linear_matches_torch(device: str, dtype: torch.dtype) -> None:
+    weight = random_weight(50, 96, dtype).to(device)
+    layer = PackedLinear.from_weight(weight)
+    x = torch.randn(2, 7, 96).to(device, dtype)
+    expected = F.linear(x.float(), weight.float())
+    assert_close(layer(x), expected)
+    out = torch.empty(2, 7, 50, dtype=dtype, device=device)
+    assert layer(x, out=out) is out
+    assert_close(out, expected)
+
+
+@pytest.mark.parametrize("device", WRAPPER_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_gate_up_silu_matches_torch(device: str, dtype: torch.dtype) -> None:
+    gate, up = random_weight(40, 64, dtype).to(device), random_weight(40, 64, dtype).to(device)
+    layer = PackedGateUpSilu.from_weights(gate, up)
+    x = torch.randn(3, 64).to(device, dtype)
+    g = F.linear(x.float(), gate.float()).to(dtype).float()
+    u = F.linear(x.float(), up.float()).to(dtype).float()
+    assert_close(layer(x), F.silu(g) * u)
+
+
+def test_packed_linear_rejects_wrong_width() -> None:
+    layer = PackedLinear.from_weight(random_weight(8, 16, torch.float32))
+    with pytest.raises(ValueError, match=r"expected x \[\.\.\., 16\]"):
+        layer(torch.randn(2, 15))

@@ -2,10 +2,10 @@
 
 A CPU decode step reads every weight once, so its speed is the rate the weights stream through
 the cores: ops.linear reads a weight packed once at load time at close to the machine's read
-bandwidth, where torch's matrix-vector product reaches a fraction of it (benchmarks/bench_linear.py).
-Large batches (prefill) are compute-bound instead; there torch (oneDNN, AMX for bf16) wins for bf16,
-and gets the weight back from the pack per call (one extra pass over it, small next to the GEMM),
-so only one copy of each weight lives in memory. On CUDA the weight is kept as is and torch calls cuBLAS.
+bandwidth (benchmarks/bench_linear.py). On CPU every batch size goes to our ops: they switch to
+AMX for bf16 batches of 6 rows and more themselves, and in fp32 they keep level with or ahead of
+torch's oneDNN/MKL up to the largest batch measured (512 rows; `bench_linear.py --batches`),
+so the pack is the only copy of a weight in memory. On CUDA the weight is kept as is for cuBLAS.
 """
 
 import torch
@@ -13,16 +13,9 @@ import torch.nn.functional as F
 
 from mistral_grpc import ops
 
-# The most rows of x the CPU kernels take; larger batches go to torch. Measured with
-# `benchmarks/bench_linear.py --batches` on the 2-core Xeon (AVX512_BF16, AMX) of our CI/dev machine:
-# fp32: ours is level with or ahead of torch's oneDNN/MKL up to T = 256, so ours up to 256;
-# bf16: torch's AMX GEMM beats our vdpbf16ps kernel, even counting the unpack, from T = 64.
-CPU_KERNEL_MAX_ROWS = {torch.float32: 256, torch.bfloat16: 32}
-
 
 class _PackedLayer:
-    """Small batches on CPU go to the extension's kernel on the packed weight; everything else
-    to torch on the dense weight (kept as is on CUDA, unpacked per call on CPU)."""
+    """Packed weight and our op on CPU; the dense weight and torch on CUDA."""
 
     def __init__(self, out_features: int, in_features: int, *, packed: torch.Tensor | None = None,
                  weight: torch.Tensor | None = None) -> None:
@@ -34,12 +27,8 @@ class _PackedLayer:
     def _kernel(self, out: torch.Tensor, x: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _torch(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    def dense_weight(self) -> torch.Tensor:
-        """The dense weight torch multiplies by (on CPU a fresh copy, unpacked)."""
-        return self.weight if self.packed is None else ops.unpack_linear_weight(self.packed)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype (which must be the weight's),
@@ -48,12 +37,12 @@ class _PackedLayer:
             raise ValueError(f"expected x [..., {self.in_features}], got {tuple(x.shape)}")
         rows = x.reshape(-1, self.in_features)
         shape = (*x.shape[:-1], self.out_features)
-        if self.packed is not None and rows.shape[0] <= CPU_KERNEL_MAX_ROWS.get(rows.dtype, 0):
-            out = rows.new_empty(shape) if out is None else out
-            self._kernel(out.view(-1, self.out_features), rows if rows.stride(-1) == 1 else rows.contiguous())
-            return out
-        y = self._torch(rows, self.dense_weight()).view(shape)
-        return y if out is None else out.copy_(y)
+        if self.packed is None:
+            y = self._torch(rows).view(shape)
+            return y if out is None else out.copy_(y)
+        out = rows.new_empty(shape) if out is None else out
+        self._kernel(out.view(-1, self.out_features), rows if rows.stride(-1) == 1 else rows.contiguous())
+        return out
 
 
 class PackedLinear(_PackedLayer):
@@ -70,8 +59,8 @@ class PackedLinear(_PackedLayer):
     def _kernel(self, out: torch.Tensor, x: torch.Tensor) -> None:
         ops.linear(out, x, self.packed)
 
-    def _torch(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight)
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
 
 class PackedGateUpSilu(_PackedLayer):
@@ -90,6 +79,6 @@ class PackedGateUpSilu(_PackedLayer):
     def _kernel(self, out: torch.Tensor, x: torch.Tensor) -> None:
         ops.linear_silu_mul(out, x, self.packed)
 
-    def _torch(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, weight).chunk(2, dim=-1)
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.weight).chunk(2, dim=-1)
         return F.silu(gate) * up
