@@ -150,6 +150,6 @@ float read_lines(const uint8_t* data, int64_t lines) {
 }
 
 template <class S>
-constexpr KernelSet kernel_set(const char* isa) {
-  return KernelSet{isa, &linear_tiles<S>, &silu_mul_tiles<S>, &read_lines<S>};
+constexpr KernelSet kernel_set() {
+  return KernelSet{&linear_tiles<S>, &silu_mul_tiles<S>, &read_lines<S>};
 }

@@ -1,8 +1,8 @@
-// CPU linear layers for small batches: the ops around the kernels of cpu/linear_<isa>.cpp.
-// Packing (once, at load) turns an [N, K] weight into the tile stream of common/linear_pack.h;
-// each call checks the operands against the packed header, picks the kernel set for the CPU and
-// the weight dtype, and splits the output tiles across torch's intra-op threads, so each thread
-// streams one contiguous share of the weights.
+// CPU linear layers: the ops around the kernels of cpu/linear_<isa>.cpp. Packing (once, at load)
+// turns an [N, K] weight into the tile stream of common/linear_pack.h; each call checks the
+// operands against the packed header, picks the kernels for the CPU, the weight dtype and the
+// batch (AMX for bf16 batches of kAmxMinRows and more), and splits the output tiles across
+// torch's intra-op threads, so each thread streams one contiguous share of the weights.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -89,21 +89,17 @@ std::string linear_cpu_isa(std::string_view isa) {
 
 // ---- packing ---------------------------------------------------------------------------------
 
-WeightDtype weight_dtype(const at::Tensor& t, const char* op) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op,
-              ": weights must be float32 or bfloat16, got ", t.scalar_type());
-  return t.scalar_type() == at::kFloat ? WeightDtype::kFloat32 : WeightDtype::kBFloat16;
-}
-
 at::ScalarType scalar_type(WeightDtype dtype) {
   return dtype == WeightDtype::kFloat32 ? at::kFloat : at::kBFloat16;
 }
 
-void check_weight(const at::Tensor& w, const char* op, const char* name) {
+WeightDtype check_weight(const at::Tensor& w, const char* op, const char* name) {
   TORCH_CHECK(w.device().is_cpu(), op, ": ", name, " must be on the CPU (CUDA uses the weight as is)");
   TORCH_CHECK(w.dim() == 2 && w.size(0) > 0 && w.size(1) > 0, op, ": ", name,
               " must be a non-empty [N, K] matrix, got shape ", w.sizes());
-  weight_dtype(w, op);
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, op, ": ", name,
+              " must be float32 or bfloat16, got ", w.scalar_type());
+  return w.scalar_type() == at::kFloat ? WeightDtype::kFloat32 : WeightDtype::kBFloat16;
 }
 
 // Moves a [rows, k] matrix between its row-major form and sub-tile `unit` of every packed tile
@@ -164,21 +160,21 @@ at::Tensor new_packed(WeightDtype dtype, PackKind kind, int64_t n, int64_t k) {
 }
 
 at::Tensor pack_linear_weight(const at::Tensor& weight) {
-  check_weight(weight, "pack_linear_weight", "weight");
+  const WeightDtype dtype = check_weight(weight, "pack_linear_weight", "weight");
   const at::Tensor w = weight.contiguous();
-  at::Tensor packed = new_packed(weight_dtype(w, ""), PackKind::kLinear, w.size(0), w.size(1));
+  at::Tensor packed = new_packed(dtype, PackKind::kLinear, w.size(0), w.size(1));
   copy_matrix<true>(packed.data_ptr<uint8_t>() + kHeaderBytes, w, 1, 0);
   return packed;
 }
 
 at::Tensor pack_gate_up_weight(const at::Tensor& gate, const at::Tensor& up) {
-  check_weight(gate, "pack_gate_up_weight", "gate");
+  const WeightDtype dtype = check_weight(gate, "pack_gate_up_weight", "gate");
   check_weight(up, "pack_gate_up_weight", "up");
   TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(),
               "pack_gate_up_weight: gate and up must have one shape and dtype, got ", gate.sizes(), " ",
               gate.scalar_type(), " and ", up.sizes(), " ", up.scalar_type());
   const at::Tensor g = gate.contiguous(), u = up.contiguous();
-  at::Tensor packed = new_packed(weight_dtype(g, ""), PackKind::kGateUp, g.size(0), g.size(1));
+  at::Tensor packed = new_packed(dtype, PackKind::kGateUp, g.size(0), g.size(1));
   copy_matrix<true>(packed.data_ptr<uint8_t>() + kHeaderBytes, g, 2, 0);
   copy_matrix<true>(packed.data_ptr<uint8_t>() + kHeaderBytes, u, 2, 1);
   return packed;
@@ -223,8 +219,10 @@ at::Tensor unpack_linear_weight(const at::Tensor& packed) {
 constexpr int64_t kMinBytesPerThread = 128 * 1024;
 
 #if MG_LINEAR_X86_KERNELS
-// From this many rows of x the AMX kernel beats the vdpbf16ps one (benchmarks/bench_linear.py
-// --batches): a 16-row A tile is mostly padding below that.
+// Up to 5 rows the vector kernel is memory-bound and streams the weights faster than AMX, whose
+// 32-row blocks are then mostly padding; from 6 rows it turns compute-bound and AMX wins (one
+// core, [7168, 1024] bf16, weight in cache: 6 rows 0.63 ms on AMX vs 0.78 ms on vdpbf16ps,
+// 4 rows 0.61 vs 0.54; benchmarks/bench_linear.py --batches).
 constexpr int64_t kAmxMinRows = 6;
 
 bool use_amx(const PackedHeader& header, int64_t rows) {
@@ -247,8 +245,7 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
   const PackedHeader header = read_header(packed, op);
   TORCH_CHECK(header.kind == kind, op, ": got a ",
               header.kind == PackKind::kGateUp ? "gate_up weight (from pack_gate_up_weight); use linear_silu_mul"
-                                               : "plain weight (from pack_linear_weight); use linear",
-              "");
+                                               : "plain weight (from pack_linear_weight); use linear");
   const at::ScalarType dtype = scalar_type(header.dtype);
   TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu(), op, ": x and out must be on the CPU");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == header.k && x.stride(1) == 1, op, ": x must be [T, ", header.k,
@@ -262,15 +259,15 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
   if (x.size(0) == 0) return;
 
   const int64_t steps = steps_per_tile(header.dtype, header.k);
-  Problem problem{packed.data_ptr<uint8_t>() + kHeaderBytes,
-                        steps,
-                        header.k,
-                        x.data_ptr(),
-                        x.stride(0),
-                        out.data_ptr(),
-                        out.stride(0),
-                        x.size(0),
-                        header.n};
+  Problem problem{.tiles = packed.data_ptr<uint8_t>() + kHeaderBytes,
+                  .steps = steps,
+                  .k = header.k,
+                  .x = x.data_ptr(),
+                  .x_stride = x.stride(0),
+                  .out = out.data_ptr(),
+                  .out_stride = out.stride(0),
+                  .rows = x.size(0),
+                  .n = header.n};
   const bool gate_up = kind == PackKind::kGateUp;
 #if MG_LINEAR_X86_KERNELS
   if (use_amx(header, x.size(0))) {

@@ -111,7 +111,7 @@ bool amx_usable() {
   return usable;
 }
 
-const KernelSet kAmxBf16{"amx", &amx_tiles<1>, &amx_tiles<2>, nullptr};
+const KernelSet kAmxBf16{&amx_tiles<1>, &amx_tiles<2>, nullptr};
 
 }  // namespace mistral_grpc::linear
 

@@ -54,8 +54,8 @@ struct Bf16 : Bf16Operands, VectorPart {
 
 }  // namespace avx2
 
-const KernelSet kAvx2Fp32 = avx2::kernel_set<avx2::Fp32>("avx2");
-const KernelSet kAvx2Bf16 = avx2::kernel_set<avx2::Bf16>("avx2");
+const KernelSet kAvx2Fp32 = avx2::kernel_set<avx2::Fp32>();
+const KernelSet kAvx2Bf16 = avx2::kernel_set<avx2::Bf16>();
 
 }  // namespace mistral_grpc::linear
 

@@ -59,9 +59,9 @@ struct Bf16Dot : Bf16Operands, avx512::VectorPart {
 }  // namespace avx512_bf16
 #pragma GCC pop_options
 
-const KernelSet kAvx512Fp32 = avx512::kernel_set<avx512::Fp32>("avx512");
-const KernelSet kAvx512Bf16 = avx512::kernel_set<avx512::Bf16>("avx512");
-const KernelSet kAvx512Bf16Dot = avx512_bf16::kernel_set<avx512_bf16::Bf16Dot>("avx512_bf16");
+const KernelSet kAvx512Fp32 = avx512::kernel_set<avx512::Fp32>();
+const KernelSet kAvx512Bf16 = avx512::kernel_set<avx512::Bf16>();
+const KernelSet kAvx512Bf16Dot = avx512_bf16::kernel_set<avx512_bf16::Bf16Dot>();
 
 }  // namespace mistral_grpc::linear
 

@@ -43,7 +43,7 @@ struct Bf16 : Bf16Operands, VectorPart {
 
 }  // namespace portable
 
-const KernelSet kPortableFp32 = portable::kernel_set<portable::Fp32>("portable");
-const KernelSet kPortableBf16 = portable::kernel_set<portable::Bf16>("portable");
+const KernelSet kPortableFp32 = portable::kernel_set<portable::Fp32>();
+const KernelSet kPortableBf16 = portable::kernel_set<portable::Bf16>();
 
 }  // namespace mistral_grpc::linear
