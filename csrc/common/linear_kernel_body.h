@@ -83,6 +83,9 @@ inline void group_block(const Problem& p, const uint8_t* first, int64_t stream_s
   ((rows == Ms + 1 ? (group_rows<S, kUnits, Ms + 1, G>(p, first, stream_stride, x, sums), true) : false) || ...);
 }
 
+// The most bytes of tiles a large batch re-reads block after block (half the L2 of a core here).
+constexpr int64_t kReusedBytes = 1 << 20;
+
 // Runs tiles [begin, end) as kStreams side-by-side sub-ranges (and the few left over one by one),
 // handing each set of tiles and row block to epilogue(tile_ids, tiles, row0, rows, sums).
 template <class S, int kUnits, class Epilogue>
@@ -92,7 +95,10 @@ inline void for_tile_streams(const Problem& p, int64_t begin, int64_t end, Epilo
   alignas(64) float sums[G * kUnits * R * kTileRows];
   const auto row_counts = std::make_integer_sequence<int, R>();
   const int64_t tile_bytes = p.steps * kUnits * kStepBytes;
-  const int64_t per_stream = (end - begin) / G;
+  // Row blocks after the first re-read the G tiles: if those would not fit in L2 (long K), one
+  // tile at a time.
+  const bool side_by_side = p.rows <= R || G * tile_bytes <= kReusedBytes;
+  const int64_t per_stream = side_by_side ? (end - begin) / G : 0;
   int64_t ids[G];
   for (int64_t i = 0; i < per_stream; ++i) {
     for (int g = 0; g < G; ++g) ids[g] = begin + g * per_stream + i;
