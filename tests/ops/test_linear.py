@@ -75,6 +75,17 @@ def test_linear_silu_mul_matches_torch(level: str, dtype: torch.dtype, shape: tu
         assert_close(out, F.silu(g) * u)
 
 
+def test_long_k_large_batch(level: str) -> None:
+    """Tiles too long to re-read side by side from L2 for each row block go one at a time."""
+    weight, gate, up = (random_weight(64, 4200, torch.float32) for _ in range(3))
+    x = torch.randn(13, 4200)
+    out = torch.empty(13, 64)
+    ops.linear(out, x, ops.pack_linear_weight(weight))
+    assert_close(out, F.linear(x, weight))
+    ops.linear_silu_mul(out, x, ops.pack_gate_up_weight(gate, up))
+    assert_close(out, F.silu(F.linear(x, gate)) * F.linear(x, up))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("t", "k"), [(9, 71), (32, 96)])
 def test_linear_reads_and_writes_strided_rows(dtype: torch.dtype, t: int, k: int) -> None:
