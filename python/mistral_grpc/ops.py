@@ -74,7 +74,8 @@ def unpack_linear_weight(packed: torch.Tensor) -> torch.Tensor:
 
 
 def linear(out: torch.Tensor, x: torch.Tensor, packed_weight: torch.Tensor) -> None:
-    """out [T, N] = x [T, K] @ W.T on the CPU, fp32 accumulation; x, out in the weight's dtype."""
+    """out [T, N] = x [T, K] @ W.T on the CPU, fp32 accumulation; x, out in the weight's dtype.
+    Streams the weight for small T; bf16 batches of 6 rows and more run on AMX where the CPU has it."""
     _ops.linear(out, x, packed_weight)
 
 
@@ -89,7 +90,8 @@ def read_bandwidth(buffer: torch.Tensor, repeats: int) -> float:
 
 
 def linear_cpu_isa(isa: str = "") -> str:
-    """The kernel set the CPU linear ops use; a name (portable, avx2, avx512, avx512_bf16, best) selects one."""
+    """The kernels the CPU linear ops use; a name (portable, avx2, avx512, avx512_bf16, amx, best) selects
+    a level up to the CPU's best (tests run each)."""
     return _ops.linear_cpu_isa(isa)
 
 
@@ -102,12 +104,12 @@ def _register_fakes() -> None:
 _register_fakes()
 
 
-def _packed_weight_bytes(weight: torch.Tensor, halves: int) -> int:
-    """packed_bytes() of csrc/common/linear_pack.h: a 64-byte header, then 16-row tiles of 64-byte lines
-    (a line holds one K column fp32 or two bf16)."""
+def _packed_weight_bytes(weight: torch.Tensor, units: int) -> int:
+    """packed_bytes() of csrc/common/linear_pack.h: a 64-byte header, then per 16 rows `units` sub-tiles
+    (2 for gate_up) of 64-byte lines, a line per K column (fp32) or pair of columns (bf16)."""
     n, k = weight.shape
     lines = math.ceil(k * weight.element_size() / 4)
-    return 64 + halves * math.ceil(n / 16) * lines * 64
+    return 64 + units * math.ceil(n / 16) * lines * 64
 
 
 def _register_linear_fakes() -> None:
