@@ -91,7 +91,7 @@ def batch_sweep(n: int, k: int, dtype: torch.dtype, rounds: int) -> None:
     print(f"{'T':>5} " + " ".join(f"{level:>11}" for level in levels) + f" {'torch':>8} {'ours/torch':>10}")
     weight = torch.randn(n, k, dtype=dtype) / math.sqrt(k)
     packed = ops.pack_linear_weight(weight)
-    calls = max(5, 4 * rounds)
+    calls = max(10, 8 * rounds)
     for t in BATCHES:
         x = torch.randn(t, k, dtype=dtype)
         out = torch.empty(t, n, dtype=dtype)

@@ -219,10 +219,10 @@ at::Tensor unpack_linear_weight(const at::Tensor& packed) {
 constexpr int64_t kMinBytesPerThread = 128 * 1024;
 
 #if MG_LINEAR_X86_KERNELS
-// Up to 5 rows the vector kernel is memory-bound and streams the weights faster than AMX, whose
-// 32-row blocks are then mostly padding; from 6 rows it turns compute-bound and AMX wins (one
-// core, [7168, 1024] bf16, weight in cache: 6 rows 0.63 ms on AMX vs 0.78 ms on vdpbf16ps,
-// 4 rows 0.61 vs 0.54; benchmarks/bench_linear.py --batches).
+// Up to 5 rows the vector kernel is memory-bound and streams the weights as fast as AMX, whose
+// 32-row blocks are then mostly padding; from 6 rows it turns compute-bound and AMX pulls away
+// (`bench_linear.py --batches --threads 1`, bf16 [7168, 1024]: GFLOP/s AMX vs vdpbf16ps at
+// 4 rows 99 vs 100, 5: 103 vs 102, 6: 130 vs 105, 32: 670 vs 100).
 constexpr int64_t kAmxMinRows = 6;
 
 bool use_amx(const PackedHeader& header, int64_t rows) {

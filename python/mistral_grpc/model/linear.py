@@ -2,10 +2,12 @@
 
 A CPU decode step reads every weight once, so its speed is the rate the weights stream through
 the cores: ops.linear reads a weight packed once at load time at close to the machine's read
-bandwidth (benchmarks/bench_linear.py). On CPU every batch size goes to our ops: they switch to
-AMX for bf16 batches of 6 rows and more themselves, and in fp32 they keep level with or ahead of
-torch's oneDNN/MKL up to the largest batch measured (512 rows; `bench_linear.py --batches`),
-so the pack is the only copy of a weight in memory. On CUDA the weight is kept as is for cuBLAS.
+bandwidth (benchmarks/bench_linear.py). On CPU every batch size goes to our ops, which switch
+to AMX for bf16 batches of 6 rows and more. Against torch on a cache-warm weight (one core,
+`bench_linear.py --batches --threads 1`): ours is 1.0-2.4x faster up to 128 rows and 0.75-1.1x
+at 256-512 rows, in fp32 and bf16; routing large batches to torch would need the dense weight
+(a second copy, or an unpack per call that costs more than the difference), so the pack stays
+the only copy of a weight in memory. On CUDA the weight is kept as is for cuBLAS.
 """
 
 import torch
