@@ -17,6 +17,14 @@ TORCH_LIBRARY(mistral_grpc, m) {
   m.def(
       "paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor seq_lens, Tensor query_start_loc, float scale, int sliding_window) -> ()");
+  // CPU linear layers on weights packed once at load (csrc/common/linear_pack.h); CUDA uses cuBLAS.
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
+  m.def("pack_gate_up_weight(Tensor gate, Tensor up) -> Tensor");
+  m.def("unpack_linear_weight(Tensor packed) -> Tensor");
+  m.def("linear(Tensor(a!) out, Tensor x, Tensor packed_weight) -> ()");
+  m.def("linear_silu_mul(Tensor(a!) out, Tensor x, Tensor packed_gate_up) -> ()");
+  m.def("read_bandwidth(Tensor buffer, int repeats) -> float");
+  m.def("linear_cpu_isa(str isa=\"\") -> str");
   // Sampling ops.
   m.def(
       "apply_penalties(Tensor(a!) logits, Tensor prompt_tokens, Tensor output_tokens, Tensor repetition, "

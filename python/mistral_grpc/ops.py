@@ -4,6 +4,8 @@ Every op writes into tensors the caller owns and returns nothing, so each fake (
 only has to exist: torch.compile and opcheck trace through them without running a kernel.
 """
 
+import math
+
 import torch
 
 import mistral_grpc._C  # noqa: F401  (registers the ops)
@@ -56,6 +58,43 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     _ops.sample(logits, temperature, top_p, top_k, seeds, offsets, tokens, logprobs)
 
 
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Packs a CPU [N, K] fp32/bf16 weight (nn.Linear layout) into the tiles `linear` streams (once, at load)."""
+    return _ops.pack_linear_weight(weight)
+
+
+def pack_gate_up_weight(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Packs the MLP's gate and up [F, K] weights side by side, for `linear_silu_mul`."""
+    return _ops.pack_gate_up_weight(gate, up)
+
+
+def unpack_linear_weight(packed: torch.Tensor) -> torch.Tensor:
+    """The [N, K] weight back from a packed one ([2F, K] = gate then up for a gate_up pack)."""
+    return _ops.unpack_linear_weight(packed)
+
+
+def linear(out: torch.Tensor, x: torch.Tensor, packed_weight: torch.Tensor) -> None:
+    """out [T, N] = x [T, K] @ W.T on the CPU, fp32 accumulation; x, out in the weight's dtype.
+    Streams the weight for small T; bf16 batches of 6 rows and more run on AMX where the CPU has it."""
+    _ops.linear(out, x, packed_weight)
+
+
+def linear_silu_mul(out: torch.Tensor, x: torch.Tensor, packed_gate_up: torch.Tensor) -> None:
+    """out [T, F] = silu(x @ gate.T) * (x @ up.T) in one pass over the packed gate_up weight."""
+    _ops.linear_silu_mul(out, x, packed_gate_up)
+
+
+def read_bandwidth(buffer: torch.Tensor, repeats: int) -> float:
+    """Best GB/s of `repeats` reads of a CPU buffer on all intra-op threads, with the linear kernels' load loop."""
+    return _ops.read_bandwidth(buffer, repeats)
+
+
+def linear_cpu_isa(isa: str = "") -> str:
+    """The kernels the CPU linear ops use; a name (portable, avx2, avx512, avx512_bf16, amx, best) selects
+    a level up to the CPU's best (tests run each)."""
+    return _ops.linear_cpu_isa(isa)
+
+
 def _register_fakes() -> None:
     for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
                  "paged_attention", "apply_penalties", "sample"):
@@ -63,3 +102,27 @@ def _register_fakes() -> None:
 
 
 _register_fakes()
+
+
+def _packed_weight_bytes(weight: torch.Tensor, units: int) -> int:
+    """packed_bytes() of csrc/common/linear_pack.h: a 64-byte header, then per 16 rows `units` sub-tiles
+    (2 for gate_up) of 64-byte lines, a line per K column (fp32) or pair of columns (bf16)."""
+    n, k = weight.shape
+    lines = math.ceil(k * weight.element_size() / 4)
+    return 64 + units * math.ceil(n / 16) * lines * 64
+
+
+def _register_linear_fakes() -> None:
+    for name in ("linear", "linear_silu_mul"):
+        torch.library.register_fake(f"mistral_grpc::{name}")(lambda *args, **kwargs: None)
+
+    @torch.library.register_fake("mistral_grpc::pack_linear_weight")
+    def _(weight: torch.Tensor) -> torch.Tensor:
+        return weight.new_empty(_packed_weight_bytes(weight, 1), dtype=torch.uint8)
+
+    @torch.library.register_fake("mistral_grpc::pack_gate_up_weight")
+    def _(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return gate.new_empty(_packed_weight_bytes(gate, 2), dtype=torch.uint8)
+
+
+_register_linear_fakes()

@@ -1,0 +1,146 @@
+// What the CPU linear ops (cpu/linear.cpp) call and what each ISA's translation unit
+// (cpu/linear_{portable,avx2,avx512,amx}.cpp) provides: one KernelSet per (ISA, weight dtype).
+//
+// The build is baseline x86-64 so the binary runs anywhere. Each ISA file compiles the same kernel
+// body (common/linear_kernel_body.h) inside a `#pragma GCC target` region and its own namespace,
+// and cpu/linear.cpp picks the best set the CPU supports once, at first use. Only GCC gets the
+// x86 sets (the pragma is GCC's); any other compiler or CPU runs the portable set.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include "common/linear_pack.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MG_LINEAR_X86_KERNELS 1
+#include <immintrin.h>
+#else
+#define MG_LINEAR_X86_KERNELS 0
+#endif
+
+namespace mistral_grpc::linear {
+
+// One call's operands, shared by every tile range the threads split it into.
+struct Problem {
+  const uint8_t* tiles;  // tile 0 (just past the header)
+  int64_t steps;         // 64-byte lines per 16-row sub-tile
+  int64_t k;             // logical input features
+  const void* x;         // [rows, k], rows x_stride elements apart; fp32 or bf16 as the weight
+  int64_t x_stride;
+  void* out;             // [rows, n] in x's dtype, rows out_stride elements apart
+  int64_t out_stride;
+  int64_t rows;          // T
+  int64_t n;             // valid outputs: N (linear) or F (silu_mul)
+};
+
+// Computes the outputs of tiles [begin, end) for all rows: 16 outputs per tile (for `silu_mul`,
+// silu(gate) * up of the tile's 16 gate and 16 up rows).
+using TileRangeFn = void (*)(const Problem&, int64_t begin, int64_t end);
+// Streams `lines` 64-byte lines with the kernels' own load loop; returns a value to keep it alive.
+using ReadLinesFn = float (*)(const uint8_t* data, int64_t lines);
+
+struct KernelSet {
+  TileRangeFn linear;
+  TileRangeFn silu_mul;
+  ReadLinesFn read_lines;
+};
+
+extern const KernelSet kPortableFp32;
+extern const KernelSet kPortableBf16;
+#if MG_LINEAR_X86_KERNELS
+extern const KernelSet kAvx2Fp32;
+extern const KernelSet kAvx2Bf16;
+extern const KernelSet kAvx512Fp32;
+extern const KernelSet kAvx512Bf16;         // bf16 widened with shifts, fp32 FMA (AVX-512F only)
+extern const KernelSet kAvx512Bf16Dot;      // vdpbf16ps on the packed pairs (AVX512_BF16)
+// AMX for bf16 batches (prefill): the packed bf16 tile is already the VNNI layout of an AMX B tile.
+// Needs K % 32 == 0 and x with its rows padded to a multiple of kAmxRowBlock, zeros past T.
+extern const KernelSet kAmxBf16;
+constexpr int64_t kAmxRowBlock = 32;
+constexpr int64_t kAmxKBlock = 32;
+// Whether the CPU has AMX-BF16 and the OS lets this process use the tile registers (asked once).
+bool amx_usable();
+#endif
+
+// How far ahead of the line being multiplied the kernels prefetch, in each stream. The hardware
+// prefetcher follows the streams too; the software prefetch keeps a few more lines in flight and
+// crosses the 4 KiB page boundaries where the hardware one stops (+3% on one core here).
+constexpr int64_t kPrefetchBytes = 16 * kStepBytes;
+
+inline float bits_to_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// The activation side of a step, by weight dtype; each ISA adds the vector half (Acc, step).
+// fp32: a step is one K column, multiplied by x[s].
+struct Fp32Operands {
+  using Elem = float;
+  using XVal = float;
+  static constexpr int64_t kKPerStep = 1;
+  static XVal x_at(const Elem* row, int64_t s) { return row[s]; }
+  static XVal x_partial(const Elem* row, int64_t s) { return row[s]; }
+};
+
+// bf16: a step is two K columns, multiplied by the pair (x[2s], x[2s+1]) read as one 32-bit word
+// (x[2s] in the low half, as vdpbf16ps pairs it). When K is odd the last pair is (x[K-1], 0):
+// the weight there is a zero pad, but x[K] is not ours to read and could be a NaN.
+struct Bf16Operands {
+  using Elem = c10::BFloat16;
+  using XVal = uint32_t;
+  static constexpr int64_t kKPerStep = 2;
+  static XVal x_at(const Elem* row, int64_t s) {
+    uint32_t pair;
+    std::memcpy(&pair, row + 2 * s, sizeof pair);
+    return pair;
+  }
+  static XVal x_partial(const Elem* row, int64_t s) { return row[2 * s].x; }
+  static float low(XVal pair) { return bits_to_float(pair << 16); }
+  static float high(XVal pair) { return bits_to_float(pair & 0xffff0000u); }
+};
+
+// The epilogues, shared by every kernel: sums[(g * units + u) * rows + m][16] holds row m's dot
+// products with sub-tile u of tile ids[g] (units = 1 for linear, 2 = gate, up for silu_mul).
+template <typename Elem>
+void store_linear(const Problem& p, const int64_t* ids, int tiles, int64_t row0, int64_t rows, const float* sums) {
+  auto* out = static_cast<Elem*>(p.out);
+  for (int g = 0; g < tiles; ++g) {
+    const int64_t n0 = ids[g] * kTileRows;
+    const int64_t width = std::min(kTileRows, p.n - n0);
+    for (int64_t m = 0; m < rows; ++m) {
+      const float* src = sums + (g * rows + m) * kTileRows;
+      Elem* dst = out + (row0 + m) * p.out_stride + n0;
+      for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<Elem>(src[j]);
+    }
+  }
+}
+
+// gate and up are rounded to the output dtype first, as F.linear would return them, so the fused
+// op equals linear followed by silu_and_mul.
+template <typename Elem>
+void store_silu_mul(const Problem& p, const int64_t* ids, int tiles, int64_t row0, int64_t rows, const float* sums) {
+  auto* out = static_cast<Elem*>(p.out);
+  for (int g = 0; g < tiles; ++g) {
+    const int64_t f0 = ids[g] * kTileRows;
+    const int64_t width = std::min(kTileRows, p.n - f0);
+    for (int64_t m = 0; m < rows; ++m) {
+      const float* gate = sums + ((2 * g) * rows + m) * kTileRows;
+      const float* up = sums + ((2 * g + 1) * rows + m) * kTileRows;
+      Elem* dst = out + (row0 + m) * p.out_stride + f0;
+      for (int64_t j = 0; j < width; ++j) {
+        const float gj = static_cast<float>(static_cast<Elem>(gate[j]));
+        const float uj = static_cast<float>(static_cast<Elem>(up[j]));
+        dst[j] = static_cast<Elem>(gj / (1.f + std::exp(-gj)) * uj);
+      }
+    }
+  }
+}
+
+}  // namespace mistral_grpc::linear

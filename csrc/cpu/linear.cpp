@@ -1,0 +1,336 @@
+// CPU linear layers: the ops around the kernels of cpu/linear_<isa>.cpp. Packing (once, at load)
+// turns an [N, K] weight into the tile stream of common/linear_pack.h; each call checks the
+// operands against the packed header, picks the kernels for the CPU, the weight dtype and the
+// batch (AMX for bf16 batches of kAmxMinRows and more), and splits the output tiles across
+// torch's intra-op threads, so each thread streams one contiguous share of the weights.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <chrono>
+#include <string>
+
+#include "common/linear_kernels.h"
+
+namespace mistral_grpc {
+namespace {
+
+using namespace linear;
+
+// ---- which kernels run ----------------------------------------------------------------------
+
+// Ordered: a CPU that has one level has every level below it. amx = avx512_bf16 for small
+// batches, AMX for large bf16 ones.
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
+constexpr const char* kIsaNames[] = {"portable", "avx2", "avx512", "avx512_bf16", "amx"};
+
+Isa detect_isa() {
+#if MG_LINEAR_X86_KERNELS
+  // __builtin_cpu_supports also checks that the OS saves the wider registers (XCR0).
+  __builtin_cpu_init();
+  const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bf16")) {
+    return amx_usable() ? Isa::kAmx : Isa::kAvx512Bf16;
+  }
+  if (avx512) return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kPortable;
+}
+
+Isa best_isa() {
+  static const Isa detected = detect_isa();
+  return detected;
+}
+
+// The level in use: the best one, unless lowered by linear_cpu_isa (tests run every level).
+std::atomic<Isa>& active_isa() {
+  static std::atomic<Isa> active{best_isa()};
+  return active;
+}
+
+const KernelSet& kernels_for(WeightDtype dtype) {
+  const bool fp32 = dtype == WeightDtype::kFloat32;
+  switch (active_isa().load(std::memory_order_relaxed)) {
+#if MG_LINEAR_X86_KERNELS
+    case Isa::kAmx:
+    case Isa::kAvx512Bf16:
+      return fp32 ? kAvx512Fp32 : kAvx512Bf16Dot;
+    case Isa::kAvx512:
+      return fp32 ? kAvx512Fp32 : kAvx512Bf16;
+    case Isa::kAvx2:
+      return fp32 ? kAvx2Fp32 : kAvx2Bf16;
+#endif
+    default:
+      return fp32 ? kPortableFp32 : kPortableBf16;
+  }
+}
+
+// Returns the level in use; a non-empty `isa` first selects that level ("best" = the detected one).
+std::string linear_cpu_isa(std::string_view isa) {
+  if (!isa.empty()) {
+    Isa wanted = best_isa();
+    if (isa != "best") {
+      const auto* found = std::find(std::begin(kIsaNames), std::end(kIsaNames), isa);
+      TORCH_CHECK(found != std::end(kIsaNames), "linear_cpu_isa: unknown ISA '", isa,
+                  "' (portable, avx2, avx512, avx512_bf16, amx or best)");
+      wanted = static_cast<Isa>(found - std::begin(kIsaNames));
+    }
+    TORCH_CHECK(wanted <= best_isa(), "linear_cpu_isa: this CPU (or build) does not support ", isa, "; best is ",
+                kIsaNames[static_cast<int>(best_isa())]);
+    active_isa().store(wanted);
+  }
+  return kIsaNames[static_cast<int>(active_isa().load())];
+}
+
+// ---- packing ---------------------------------------------------------------------------------
+
+at::ScalarType scalar_type(WeightDtype dtype) {
+  return dtype == WeightDtype::kFloat32 ? at::kFloat : at::kBFloat16;
+}
+
+WeightDtype check_weight(const at::Tensor& w, const char* op, const char* name) {
+  TORCH_CHECK(w.device().is_cpu(), op, ": ", name, " must be on the CPU (CUDA uses the weight as is)");
+  TORCH_CHECK(w.dim() == 2 && w.size(0) > 0 && w.size(1) > 0, op, ": ", name,
+              " must be a non-empty [N, K] matrix, got shape ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, op, ": ", name,
+              " must be float32 or bfloat16, got ", w.scalar_type());
+  return w.scalar_type() == at::kFloat ? WeightDtype::kFloat32 : WeightDtype::kBFloat16;
+}
+
+// Moves a [rows, k] matrix between its row-major form and sub-tile `unit` of every packed tile
+// (of `units` interleaved line by line: gate is unit 0 and up unit 1 of a gate_up pack), 16 lines
+// (a 16 x 16 block of fp32) at a time, so each matrix row sees a whole cache line at once: fp32
+// rows of K = 1024 lie 4 KiB apart, in one L1 set, and line-by-line writes thrash it. The pads
+// are left alone: the packed tensor starts zeroed.
+template <bool kPack, typename T>
+void copy_tiles(T* packed, T* matrix, int64_t rows, int64_t k, int64_t units, int64_t unit) {
+  constexpr int64_t kPerStep = kStepBytes / kTileRows / sizeof(T);  // 1 for fp32, 2 for bf16
+  constexpr int64_t kLineElems = kStepBytes / sizeof(T);
+  constexpr int64_t kBlockLines = 16;
+  const int64_t steps = (k + kPerStep - 1) / kPerStep;
+  at::parallel_for(0, tiles_for(rows), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t valid_rows = std::min(kTileRows, rows - t * kTileRows);
+      for (int64_t s0 = 0; s0 < steps; s0 += kBlockLines) {
+        const int64_t s1 = std::min(steps, s0 + kBlockLines);
+        for (int64_t j = 0; j < valid_rows; ++j) {
+          T* row = matrix + (t * kTileRows + j) * k;
+          for (int64_t s = s0; s < s1; ++s) {
+            T* lane = packed + ((t * steps + s) * units + unit) * kLineElems + j * kPerStep;
+            for (int64_t p = 0; p < std::min(kPerStep, k - s * kPerStep); ++p) {
+              if constexpr (kPack) {
+                lane[p] = row[s * kPerStep + p];
+              } else {
+                row[s * kPerStep + p] = lane[p];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <bool kPack>
+void copy_matrix(uint8_t* tiles, const at::Tensor& matrix, int64_t units, int64_t unit) {
+  const int64_t rows = matrix.size(0), k = matrix.size(1);
+  if (matrix.scalar_type() == at::kFloat) {
+    copy_tiles<kPack>(reinterpret_cast<float*>(tiles), matrix.data_ptr<float>(), rows, k, units, unit);
+  } else {
+    copy_tiles<kPack>(reinterpret_cast<c10::BFloat16*>(tiles), matrix.data_ptr<c10::BFloat16>(), rows, k, units,
+                      unit);
+  }
+}
+
+at::Tensor new_packed(WeightDtype dtype, PackKind kind, int64_t n, int64_t k) {
+  at::Tensor packed = at::zeros({packed_bytes(dtype, kind, n, k)}, at::TensorOptions().dtype(at::kByte));
+  PackedHeader header{};
+  header.magic = kPackedMagic;
+  header.dtype = dtype;
+  header.kind = kind;
+  header.n = n;
+  header.k = k;
+  std::memcpy(packed.data_ptr<uint8_t>(), &header, sizeof header);
+  return packed;
+}
+
+at::Tensor pack_linear_weight(const at::Tensor& weight) {
+  const WeightDtype dtype = check_weight(weight, "pack_linear_weight", "weight");
+  const at::Tensor w = weight.contiguous();
+  at::Tensor packed = new_packed(dtype, PackKind::kLinear, w.size(0), w.size(1));
+  copy_matrix<true>(packed.data_ptr<uint8_t>() + kHeaderBytes, w, 1, 0);
+  return packed;
+}
+
+at::Tensor pack_gate_up_weight(const at::Tensor& gate, const at::Tensor& up) {
+  const WeightDtype dtype = check_weight(gate, "pack_gate_up_weight", "gate");
+  check_weight(up, "pack_gate_up_weight", "up");
+  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(),
+              "pack_gate_up_weight: gate and up must have one shape and dtype, got ", gate.sizes(), " ",
+              gate.scalar_type(), " and ", up.sizes(), " ", up.scalar_type());
+  const at::Tensor g = gate.contiguous(), u = up.contiguous();
+  at::Tensor packed = new_packed(dtype, PackKind::kGateUp, g.size(0), g.size(1));
+  copy_matrix<true>(packed.data_ptr<uint8_t>() + kHeaderBytes, g, 2, 0);
+  copy_matrix<true>(packed.data_ptr<uint8_t>() + kHeaderBytes, u, 2, 1);
+  return packed;
+}
+
+PackedHeader read_header(const at::Tensor& packed, const char* op) {
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 1 &&
+                  packed.is_contiguous() && packed.numel() >= kHeaderBytes,
+              op, ": expected a packed weight (a 1-D uint8 CPU tensor from pack_linear_weight or "
+              "pack_gate_up_weight), got a ", packed.scalar_type(), " tensor of shape ", packed.sizes(), " on ",
+              packed.device());
+  PackedHeader header;
+  std::memcpy(&header, packed.data_ptr<uint8_t>(), sizeof header);
+  const bool known = header.magic == kPackedMagic &&
+                     (header.dtype == WeightDtype::kFloat32 || header.dtype == WeightDtype::kBFloat16) &&
+                     (header.kind == PackKind::kLinear || header.kind == PackKind::kGateUp) && header.n > 0 &&
+                     header.k > 0;
+  TORCH_CHECK(known && packed.numel() == packed_bytes(header.dtype, header.kind, header.n, header.k), op,
+              ": the packed weight is corrupt or was not made by pack_linear_weight / pack_gate_up_weight");
+  return header;
+}
+
+at::Tensor unpack_linear_weight(const at::Tensor& packed) {
+  const PackedHeader header = read_header(packed, "unpack_linear_weight");
+  const bool gate_up = header.kind == PackKind::kGateUp;
+  at::Tensor weight = at::empty({header.n * (gate_up ? 2 : 1), header.k},
+                                at::TensorOptions().dtype(scalar_type(header.dtype)));
+  uint8_t* tiles = packed.data_ptr<uint8_t>() + kHeaderBytes;
+  if (gate_up) {
+    copy_matrix<false>(tiles, weight.narrow(0, 0, header.n), 2, 0);
+    copy_matrix<false>(tiles, weight.narrow(0, header.n, header.n), 2, 1);
+  } else {
+    copy_matrix<false>(tiles, weight, 1, 0);
+  }
+  return weight;
+}
+
+// ---- the ops ---------------------------------------------------------------------------------
+
+// A thread's share should stream at least this much, or waking the second thread costs more
+// than it saves (tiny matrices, tests).
+constexpr int64_t kMinBytesPerThread = 128 * 1024;
+
+#if MG_LINEAR_X86_KERNELS
+// Up to 5 rows the vector kernel is memory-bound and streams the weights as fast as AMX, whose
+// 32-row blocks are then mostly padding; from 6 rows it turns compute-bound and AMX pulls away
+// (`bench_linear.py --batches --threads 1`, bf16 [7168, 1024]: GFLOP/s AMX vs vdpbf16ps at
+// 4 rows 99 vs 100, 5: 103 vs 102, 6: 130 vs 105, 32: 670 vs 100).
+constexpr int64_t kAmxMinRows = 6;
+
+bool use_amx(const PackedHeader& header, int64_t rows) {
+  return header.dtype == WeightDtype::kBFloat16 && rows >= kAmxMinRows && header.k % kAmxKBlock == 0 &&
+         active_isa().load(std::memory_order_relaxed) == Isa::kAmx;
+}
+
+// x as the AMX kernel reads it: whole 32-row blocks, the rows past T zero.
+at::Tensor amx_rows(const at::Tensor& x) {
+  const int64_t rows = x.size(0);
+  const int64_t padded = (rows + kAmxRowBlock - 1) / kAmxRowBlock * kAmxRowBlock;
+  if (padded == rows) return x;
+  at::Tensor copy = at::zeros({padded, x.size(1)}, x.options());
+  copy.narrow(0, 0, rows).copy_(x);
+  return copy;
+}
+#endif
+
+void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, PackKind kind) {
+  const PackedHeader header = read_header(packed, op);
+  TORCH_CHECK(header.kind == kind, op, ": got a ",
+              header.kind == PackKind::kGateUp ? "gate_up weight (from pack_gate_up_weight); use linear_silu_mul"
+                                               : "plain weight (from pack_linear_weight); use linear");
+  const at::ScalarType dtype = scalar_type(header.dtype);
+  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu(), op, ": x and out must be on the CPU");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == header.k && x.stride(1) == 1, op, ": x must be [T, ", header.k,
+              "] with unit stride along K, got shape ", x.sizes(), " strides ", x.strides());
+  TORCH_CHECK(x.scalar_type() == dtype, op, ": x must be ", dtype, " like the weight, got ", x.scalar_type());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == header.n && out.stride(1) == 1 &&
+                  out.scalar_type() == dtype,
+              op, ": out must be [", x.size(0), ", ", header.n, "] ", dtype,
+              " with unit stride along N, got shape ", out.sizes(), " ", out.scalar_type(), " strides ",
+              out.strides());
+  if (x.size(0) == 0) return;
+
+  const int64_t steps = steps_per_tile(header.dtype, header.k);
+  Problem problem{.tiles = packed.data_ptr<uint8_t>() + kHeaderBytes,
+                  .steps = steps,
+                  .k = header.k,
+                  .x = x.data_ptr(),
+                  .x_stride = x.stride(0),
+                  .out = out.data_ptr(),
+                  .out_stride = out.stride(0),
+                  .rows = x.size(0),
+                  .n = header.n};
+  const bool gate_up = kind == PackKind::kGateUp;
+#if MG_LINEAR_X86_KERNELS
+  if (use_amx(header, x.size(0))) {
+    const at::Tensor rows = amx_rows(x);
+    problem.x = rows.data_ptr();
+    problem.x_stride = rows.stride(0);
+    const TileRangeFn fn = gate_up ? kAmxBf16.silu_mul : kAmxBf16.linear;
+    at::parallel_for(0, tiles_for(header.n), 2, [&](int64_t begin, int64_t end) { fn(problem, begin, end); });
+    return;
+  }
+#endif
+  const KernelSet& kernels = kernels_for(header.dtype);
+  const TileRangeFn fn = gate_up ? kernels.silu_mul : kernels.linear;
+  const int64_t bytes_per_task = steps * kStepBytes * units_per_tile(kind);
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / bytes_per_task);
+  at::parallel_for(0, tiles_for(header.n), grain, [&](int64_t begin, int64_t end) { fn(problem, begin, end); });
+}
+
+void linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_weight) {
+  run_tiles("linear", out, x, packed_weight, PackKind::kLinear);
+}
+
+void linear_silu_mul_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_gate_up) {
+  run_tiles("linear_silu_mul", out, x, packed_gate_up, PackKind::kGateUp);
+}
+
+// Best GB/s over `repeats` timed reads of the whole buffer, split across the intra-op threads as
+// the linear ops split a weight, through the same load loop (fp32 kernel set).
+double read_bandwidth_cpu(const at::Tensor& buffer, int64_t repeats) {
+  TORCH_CHECK(buffer.device().is_cpu() && buffer.is_contiguous(), "read_bandwidth: buffer must be a contiguous CPU tensor");
+  TORCH_CHECK(repeats >= 1, "read_bandwidth: repeats must be >= 1, got ", repeats);
+  const int64_t lines = buffer.nbytes() / kStepBytes;
+  TORCH_CHECK(lines > 0, "read_bandwidth: buffer must hold at least ", kStepBytes, " bytes");
+  const auto* data = static_cast<const uint8_t*>(buffer.const_data_ptr());
+  const ReadLinesFn read = kernels_for(WeightDtype::kFloat32).read_lines;
+  const int64_t grain = kMinBytesPerThread / kStepBytes;
+  std::atomic<float> sink{0.f};
+  double best_seconds = 0.;
+  for (int64_t r = 0; r < repeats; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    at::parallel_for(0, lines, grain, [&](int64_t begin, int64_t end) {
+      sink.store(read(data + begin * kStepBytes, end - begin), std::memory_order_relaxed);
+    });
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    best_seconds = r == 0 ? seconds : std::min(best_seconds, seconds);
+  }
+  return static_cast<double>(lines * kStepBytes) / best_seconds / 1e9;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mistral_grpc, CPU, m) {
+  m.impl("pack_linear_weight", &pack_linear_weight);
+  m.impl("pack_gate_up_weight", &pack_gate_up_weight);
+  m.impl("unpack_linear_weight", &unpack_linear_weight);
+  m.impl("linear", &linear_cpu);
+  m.impl("linear_silu_mul", &linear_silu_mul_cpu);
+  m.impl("read_bandwidth", &read_bandwidth_cpu);
+}
+
+// No tensor arguments, so no backend to dispatch on.
+TORCH_LIBRARY_IMPL(mistral_grpc, CompositeExplicitAutograd, m) {
+  m.impl("linear_cpu_isa", [](c10::string_view isa) { return linear_cpu_isa(isa); });
+}
+
+}  // namespace mistral_grpc

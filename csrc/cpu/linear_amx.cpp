@@ -1,0 +1,118 @@
+// bf16 linear layers for large batches on AMX. The packed bf16 tile (common/linear_pack.h) holds,
+// per 64-byte line, 16 outputs x one (even, odd) K pair: 16 consecutive lines are exactly an AMX
+// B tile in its VNNI layout (16 pair-rows x 16 columns), so TDPBF16PS reads the weights as they
+// are packed for the small-batch kernels; A tiles are 16 rows x 32 K of x, read in place.
+//
+// Blocking: 2 x 2 C tiles (32 rows of x against 2 sets of 16 outputs: two neighbouring tiles for
+// linear, the gate and up halves of one tile for silu_mul), the classic register tiling that
+// loads 2 A and 2 B tiles per 4 TDPBF16PS. The 32 rows' sums go through the same epilogues as
+// the vector kernels.
+#include "common/linear_kernels.h"
+
+#if MG_LINEAR_X86_KERNELS
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace mistral_grpc::linear {
+namespace {
+
+// Linux: a process must ask before it uses the tile data registers (their state is 8 KiB).
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t bytes_per_row[16];
+  uint8_t rows[16];
+};
+
+// tmm0..3: C (rows 0-15 | 16-31) x (outputs set 0 | 1); tmm4, 5: A (rows 0-15, 16-31);
+// tmm6, 7: B (outputs set 0, 1). All 16 rows of 64 bytes.
+constexpr TileConfig full_tiles() {
+  TileConfig config{};
+  config.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = 16;
+  }
+  return config;
+}
+
+bool request_amx() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
+  return amx_bf16 && amx_tile && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16")
+
+// Items are pairs of tiles (linear) or single gate_up tiles; either way 32 outputs' worth of B.
+template <int kUnits>
+void amx_tiles(const Problem& p, int64_t begin, int64_t end) {
+  static constexpr TileConfig kConfig = full_tiles();
+  _tile_loadconfig(&kConfig);
+  alignas(64) float sums[2 * kAmxRowBlock * kTileRows];
+  constexpr int64_t kTilesPerItem = kUnits == 1 ? 2 : 1;
+  constexpr int64_t kBStride = kUnits * kStepBytes;  // a sub-tile's consecutive lines
+  constexpr int64_t kBBlock = kTileRows * kBStride;   // 16 lines = 32 K
+  const int64_t tile_bytes = p.steps * kUnits * kStepBytes;
+  const int64_t a_stride = p.x_stride * static_cast<int64_t>(sizeof(c10::BFloat16));
+  const int64_t k_blocks = p.k / kAmxKBlock;
+  const auto* x = static_cast<const uint8_t*>(p.x);
+  for (int64_t t = begin; t < end; t += kTilesPerItem) {
+    const int tiles = static_cast<int>(std::min(kTilesPerItem, end - t));
+    const uint8_t* b0 = p.tiles + t * tile_bytes;
+    // The second output set: up rows (silu_mul), the next tile, or a repeat whose sums are dropped.
+    const uint8_t* b1 = kUnits == 2 ? b0 + kStepBytes : (tiles == 2 ? b0 + tile_bytes : b0);
+    const int64_t ids[2] = {t, t + 1};
+    for (int64_t row0 = 0; row0 < p.rows; row0 += kAmxRowBlock) {
+      const uint8_t* a = x + row0 * a_stride;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kb = 0; kb < k_blocks; ++kb) {
+        _tile_loadd(4, a + kb * 64, a_stride);
+        _tile_loadd(5, a + 16 * a_stride + kb * 64, a_stride);
+        _tile_loadd(6, b0 + kb * kBBlock, kBStride);
+        _tile_loadd(7, b1 + kb * kBBlock, kBStride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      // The epilogues' layout: [output set][row][16], `rows` rows per set.
+      const int64_t rows = std::min(kAmxRowBlock, p.rows - row0);
+      _tile_stored(0, sums, 64);
+      _tile_stored(2, sums + 16 * kTileRows, 64);
+      _tile_stored(1, sums + rows * kTileRows, 64);
+      if (rows > 16) _tile_stored(3, sums + (rows + 16) * kTileRows, 64);
+      if (kUnits == 2) {
+        store_silu_mul<c10::BFloat16>(p, ids, 1, row0, rows, sums);
+      } else {
+        store_linear<c10::BFloat16>(p, ids, tiles, row0, rows, sums);
+      }
+    }
+  }
+  _tile_release();
+}
+
+#pragma GCC pop_options
+
+}  // namespace
+
+bool amx_usable() {
+  static const bool usable = request_amx();
+  return usable;
+}
+
+const KernelSet kAmxBf16{&amx_tiles<1>, &amx_tiles<2>, nullptr};
+
+}  // namespace mistral_grpc::linear
+
+#endif  // MG_LINEAR_X86_KERNELS

@@ -1,0 +1,86 @@
+"""The decoder's linear layers: the extension's weight-streaming kernels on CPU, cuBLAS on CUDA.
+
+A CPU decode step reads every weight once, so its speed is the rate the weights stream through
+the cores: ops.linear reads a weight packed once at load time at close to the machine's read
+bandwidth (benchmarks/bench_linear.py). On CPU every batch size goes to our ops, which switch
+to AMX for bf16 batches of 6 rows and more. Against torch on a cache-warm weight (one core,
+`bench_linear.py --batches --threads 1`): ours is 1.0-2.4x faster up to 128 rows and 0.75-1.1x
+at 256-512 rows, in fp32 and bf16; routing large batches to torch would need the dense weight
+(a second copy, or an unpack per call that costs more than the difference), so the pack stays
+the only copy of a weight in memory. On CUDA the weight is kept as is for cuBLAS.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from mistral_grpc import ops
+
+
+class _PackedLayer:
+    """Packed weight and our op on CPU; the dense weight and torch on CUDA."""
+
+    def __init__(self, out_features: int, in_features: int, *, packed: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None) -> None:
+        self.out_features = out_features
+        self.in_features = in_features
+        self.packed = packed  # CPU: the only copy of the weight
+        self.weight = weight  # CUDA: the dense weight, for cuBLAS
+
+    def _kernel(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype (which must be the weight's),
+        written into `out` if given."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected x [..., {self.in_features}], got {tuple(x.shape)}")
+        rows = x.reshape(-1, self.in_features)
+        shape = (*x.shape[:-1], self.out_features)
+        if self.packed is None:
+            y = self._torch(rows).view(shape)
+            return y if out is None else out.copy_(y)
+        out = rows.new_empty(shape) if out is None else out
+        self._kernel(out.view(-1, self.out_features), rows if rows.stride(-1) == 1 else rows.contiguous())
+        return out
+
+
+class PackedLinear(_PackedLayer):
+    """y = x @ weight.T for an nn.Linear-layout weight [N, K] (no bias, as in Mistral). The decoder's
+    qkv is one of these over the concatenated q, k, v weights."""
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> "PackedLinear":
+        n, k = weight.shape
+        if weight.device.type == "cpu":
+            return cls(n, k, packed=ops.pack_linear_weight(weight))
+        return cls(n, k, weight=weight)
+
+    def _kernel(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        ops.linear(out, x, self.packed)
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class PackedGateUpSilu(_PackedLayer):
+    """The Mistral MLP's first half: silu(x @ gate.T) * (x @ up.T) for gate, up [F, K]. On CPU one
+    op reads the packed gate+up weight and writes [T, F] without materialising [T, 2F]."""
+
+    @classmethod
+    def from_weights(cls, gate: torch.Tensor, up: torch.Tensor) -> "PackedGateUpSilu":
+        if gate.shape != up.shape:
+            raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
+        f, k = gate.shape
+        if gate.device.type == "cpu":
+            return cls(f, k, packed=ops.pack_gate_up_weight(gate, up))
+        return cls(f, k, weight=torch.cat([gate, up]))
+
+    def _kernel(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        ops.linear_silu_mul(out, x, self.packed)
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.weight).chunk(2, dim=-1)
+        return F.silu(gate) * up
