@@ -7,19 +7,15 @@ agree to float32 round-off.
 """
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from mistral_grpc import ops
 from mistral_grpc.model.config import DTYPES, MistralConfig
+from mistral_grpc.model.linear import PackedGateUpSilu, PackedLinear
 from mistral_grpc.model.weights import LayerWeights, MistralWeights, load_weights
-
-Projection = Callable[[torch.Tensor], torch.Tensor]
-
 
 @dataclass
 class BatchInput:
@@ -33,7 +29,6 @@ class BatchInput:
     seq_lens: torch.Tensor  # int32 [B]: tokens in the cache after this step, this step's included
     query_start_loc: torch.Tensor  # int32 [B + 1]: sequence b owns tokens query_start_loc[b]:[b + 1]; >= 1 each
 
-
 @dataclass
 class KVCache:
     """Per-layer key and value caches, each [num_blocks, block_size, Hkv, D] in the model's dtype."""
@@ -41,34 +36,17 @@ class KVCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
-
-# The seam for faster projections: every matmul of the model is built by one of these two.
-def make_linear(weight: torch.Tensor) -> Projection:
-    """x [T, in] -> x @ weight.T [T, out]."""
-    return partial(F.linear, weight=weight)
-
-
-def make_gate_up_silu(gate_up: torch.Tensor) -> Projection:
-    """x [T, H] -> silu(x @ gate.T) * (x @ up.T) [T, F], gate_up being gate's rows then up's."""
-
-    def project(x: torch.Tensor) -> torch.Tensor:
-        fused = F.linear(x, gate_up)
-        out = fused.new_empty(fused.shape[0], fused.shape[1] // 2)
-        ops.silu_and_mul(out, fused)
-        return out
-
-    return project
-
-
 class _Layer:
+    """One decoder layer's norms and projections; on CPU each projection holds only its packed copy."""
+
     def __init__(self, weights: LayerWeights) -> None:
         self.input_norm = weights.input_norm
         self.post_attention_norm = weights.post_attention_norm
-        self.qkv_proj = make_linear(weights.qkv)
-        self.o_proj = make_linear(weights.o_proj)
-        self.gate_up_silu = make_gate_up_silu(weights.gate_up)
-        self.down_proj = make_linear(weights.down_proj)
-
+        self.qkv_proj = PackedLinear.from_weight(weights.qkv)
+        self.o_proj = PackedLinear.from_weight(weights.o_proj)
+        gate, up = weights.gate_up.chunk(2)
+        self.gate_up_silu = PackedGateUpSilu.from_weights(gate, up)
+        self.down_proj = PackedLinear.from_weight(weights.down_proj)
 
 class MistralDecoder:
     def __init__(self, config: MistralConfig, weights: MistralWeights) -> None:
@@ -76,9 +54,14 @@ class MistralDecoder:
         self.device = weights.embed_tokens.device
         self.dtype = weights.embed_tokens.dtype
         self.embed_tokens = weights.embed_tokens
-        self.layers = [_Layer(layer) for layer in weights.layers]
+        # Packing copies each weight: take the loaded layers one at a time and let each dense copy
+        # go as soon as its packed one exists, so loading never holds two copies of the model.
+        self.layers = []
+        while weights.layers:
+            self.layers.append(_Layer(weights.layers.pop(0)))
         self.norm = weights.norm
-        self.lm_head = make_linear(weights.lm_head)
+        self.lm_head = PackedLinear.from_weight(weights.lm_head)
+        weights.lm_head = None
         self.cos_sin_cache = _cos_sin_cache(config, self.dtype, self.device)
         self.scale = config.head_dim ** -0.5  # as transformers writes it, so rounding matches
         self.sliding_window = config.sliding_window or 0
@@ -134,7 +117,6 @@ class MistralDecoder:
                             batch.query_start_loc, self.scale, self.sliding_window)
         return layer.o_proj(out.view(tokens, config.q_size))
 
-
 def _cos_sin_cache(config: MistralConfig, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[max_pos, D]: cos then sin, computed in float32 as transformers does, then cast to the model's dtype
     (transformers casts them to the activations' dtype before rotating)."""
@@ -142,7 +124,6 @@ def _cos_sin_cache(config: MistralConfig, dtype: torch.dtype, device: torch.devi
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
     freqs = torch.outer(torch.arange(config.max_position_embeddings, dtype=torch.float32), inv_freq)
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device=device, dtype=dtype)
-
 
 def _resolve_dtype(dtype: torch.dtype | str | None, config: MistralConfig) -> torch.dtype:
     if dtype is None or dtype == "auto":

@@ -16,8 +16,16 @@ import torch.nn.functional as F
 from mistral_grpc import ops
 
 
+# The dtypes our CPU kernels stream; others (float16 on CPU) and every CUDA weight go to torch.
+_PACKABLE = (torch.float32, torch.bfloat16)
+
+
+def _packs(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype in _PACKABLE
+
+
 class _PackedLayer:
-    """Packed weight and our op on CPU; the dense weight and torch on CUDA."""
+    """Packed weight and our op on CPU (float32, bfloat16); the dense weight and torch otherwise."""
 
     def __init__(self, out_features: int, in_features: int, *, packed: torch.Tensor | None = None,
                  weight: torch.Tensor | None = None) -> None:
@@ -54,7 +62,7 @@ class PackedLinear(_PackedLayer):
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> "PackedLinear":
         n, k = weight.shape
-        if weight.device.type == "cpu":
+        if _packs(weight):
             return cls(n, k, packed=ops.pack_linear_weight(weight))
         return cls(n, k, weight=weight)
 
@@ -74,7 +82,7 @@ class PackedGateUpSilu(_PackedLayer):
         if gate.shape != up.shape:
             raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
         f, k = gate.shape
-        if gate.device.type == "cpu":
+        if _packs(gate):
             return cls(f, k, packed=ops.pack_gate_up_weight(gate, up))
         return cls(f, k, weight=torch.cat([gate, up]))
 
