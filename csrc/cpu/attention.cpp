@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/attention.h"
@@ -92,29 +93,39 @@ struct Plan {
   int64_t max_rows = 0, partial_floats = 0;
 };
 
-// Per-thread working memory, sized for the largest task. Row-major buffers have padded_dim columns
-// (head_dim rounded up to whole vectors, zero filled); padded_rows rounds rows up likewise.
+// Per-thread working memory, sized for the largest task. It is carved from a thread-local arena
+// that outlives the call, so each decode step reuses it instead of allocating and zeroing it anew;
+// a task writes every part before reading it. Row-major buffers have padded_dim columns (head_dim
+// rounded up to whole vectors, zero filled); padded_rows rounds rows up likewise.
 struct Scratch {
   Scratch(int64_t max_rows, int64_t padded_dim, int64_t num_kv_heads)
-      : padded_rows(cpu::round_up_to_lanes(max_rows)),
-        queries(max_rows * padded_dim),
-        queries_t(padded_dim * padded_rows),
-        acc(max_rows * padded_dim),
-        scores(kKeyTile * padded_rows),
-        keys(kKeyTile * num_kv_heads * padded_dim),
-        values(kKeyTile * num_kv_heads * padded_dim),
-        row_max(padded_rows),
-        row_sum(padded_rows),
-        rescale(padded_rows) {}
+      : padded_rows(cpu::round_up_to_lanes(max_rows)) {
+    const int64_t staged = kKeyTile * num_kv_heads * padded_dim;
+    const std::pair<float**, int64_t> parts[] = {
+        {&queries, max_rows * padded_dim}, {&queries_t, padded_dim * padded_rows}, {&acc, max_rows * padded_dim},
+        {&scores, kKeyTile * padded_rows}, {&keys, staged}, {&values, staged}, {&row_max, padded_rows},
+        {&row_sum, padded_rows}, {&rescale, padded_rows}};
+    int64_t total = 0;
+    for (const auto& part : parts) total += part.second;
+    thread_local std::vector<float> arena;
+    if (static_cast<int64_t>(arena.size()) < total) arena.resize(total);
+    float* next = arena.data();
+    for (const auto& [view, size] : parts) {
+      *view = next;
+      next += size;
+    }
+  }
 
   int64_t padded_rows;
-  std::vector<float> queries;    // [rows, padded_dim], pre-scaled by scale * log2(e)
-  std::vector<float> queries_t;  // [padded_dim, padded_rows], for the outer-product scores
-  std::vector<float> acc;        // [rows, padded_dim], unnormalised output
-  std::vector<float> scores;     // [kKeyTile, padded_rows]: scores, then probabilities
-  std::vector<float> keys;       // [kKeyTile, heads, padded_dim]: K/V widened to fp32 where staged
-  std::vector<float> values;
-  std::vector<float> row_max, row_sum, rescale;  // [padded_rows], online softmax state
+  float* queries;    // [rows, padded_dim], pre-scaled by scale * log2(e)
+  float* queries_t;  // [padded_dim, padded_rows], for the outer-product scores
+  float* acc;        // [rows, padded_dim], unnormalised output
+  float* scores;     // [kKeyTile, padded_rows]: scores, then probabilities
+  float* keys;       // [kKeyTile, heads, padded_dim]: K/V widened to fp32 where staged
+  float* values;
+  float* row_max;  // [padded_rows], online softmax state
+  float* row_sum;
+  float* rescale;
 };
 
 // Calls f(std::integral_constant<int64_t, n>) for 1 <= n <= Max: runtime block sizes to templates.
@@ -330,15 +341,15 @@ MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s
     });
   }
   if (outer_product) {
-    std::fill(s.queries_t.begin(), s.queries_t.begin() + padded_dim * padded_rows, 0.f);
+    std::fill(s.queries_t, s.queries_t + padded_dim * padded_rows, 0.f);
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t d = 0; d < head_dim; ++d) s.queries_t[d * padded_rows + r] = s.queries[r * padded_dim + d];
     }
   }
-  std::fill(s.acc.begin(), s.acc.begin() + rows * padded_dim, 0.f);
-  std::fill(s.scores.begin(), s.scores.begin() + kKeyTile * padded_rows, 0.f);  // rows past `rows` stay 0
-  std::fill(s.row_max.begin(), s.row_max.begin() + padded_rows, -INFINITY);
-  std::fill(s.row_sum.begin(), s.row_sum.begin() + padded_rows, 0.f);
+  std::fill(s.acc, s.acc + rows * padded_dim, 0.f);
+  std::fill(s.scores, s.scores + kKeyTile * padded_rows, 0.f);  // rows past `rows` stay 0
+  std::fill(s.row_max, s.row_max + padded_rows, -INFINITY);
+  std::fill(s.row_sum, s.row_sum + padded_rows, 0.f);
 
   // Tiles wholly inside every row's visible range skip the mask.
   const int64_t unmasked_begin = first_visible_key(last_pos, p.sliding_window), unmasked_end = first_pos + 1;
@@ -358,8 +369,8 @@ MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s
     const bool masked = k0 < unmasked_begin || k0 + kt > unmasked_end;
     if (stage) {
       TileRows<float> staged_keys, staged_values;
-      stage_rows(key_rows.rows, kt, heads, head_dim, padded_dim, s.keys.data(), staged_keys);
-      stage_rows(value_rows.rows, kt, heads, head_dim, padded_dim, s.values.data(), staged_values);
+      stage_rows(key_rows.rows, kt, heads, head_dim, padded_dim, s.keys, staged_keys);
+      stage_rows(value_rows.rows, kt, heads, head_dim, padded_dim, s.values, staged_values);
       fold_tile(p, task, s, staged_keys, staged_values, k0, kt, first_pos, masked);
     } else {
       fold_tile(p, task, s, key_rows, value_rows, k0, kt, first_pos, masked);
@@ -368,9 +379,9 @@ MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s
 
   if (task.partial >= 0) {
     float* slot = partials + task.partial;
-    std::copy(s.acc.begin(), s.acc.begin() + rows * padded_dim, slot);
-    std::copy(s.row_max.begin(), s.row_max.begin() + rows, slot + rows * padded_dim);
-    std::copy(s.row_sum.begin(), s.row_sum.begin() + rows, slot + rows * padded_dim + rows);
+    std::copy(s.acc, s.acc + rows * padded_dim, slot);
+    std::copy(s.row_max, s.row_max + rows, slot + rows * padded_dim);
+    std::copy(s.row_sum, s.row_sum + rows, slot + rows * padded_dim + rows);
     return;
   }
   for (int64_t r = 0; r < rows; ++r) {

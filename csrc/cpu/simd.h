@@ -54,8 +54,12 @@ MG_ALWAYS_INLINE To bit_cast(const From& from) {
   return to;
 }
 
-// x - 0 is x for every x (0 + x is not, for x = -0), so this folds to a plain broadcast.
-MG_ALWAYS_INLINE vfloat splat(float x) { return x - vfloat{}; }
+// Written as a shuffle of lane 0: GCC builds `vfloat{} + x` with a scalar add and, in some loops,
+// `x - vfloat{}` one lane at a time; this form is always a single broadcast.
+MG_ALWAYS_INLINE vfloat splat(float x) {
+  const vfloat v{x};
+  return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+}
 
 MG_ALWAYS_INLINE vfloat load(const float* p) {
   vfloat v;
