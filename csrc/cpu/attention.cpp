@@ -98,8 +98,8 @@ struct Plan {
 // a task writes every part before reading it. Row-major buffers have padded_dim columns (head_dim
 // rounded up to whole vectors, zero filled); padded_rows rounds rows up likewise.
 struct Scratch {
-  Scratch(int64_t max_rows, int64_t padded_dim, int64_t num_kv_heads)
-      : padded_rows(cpu::round_up_to_lanes(max_rows)) {
+  Scratch(int64_t max_rows, int64_t padded_dim, int64_t num_kv_heads) {
+    const int64_t padded_rows = cpu::round_up_to_lanes(max_rows);
     const int64_t staged = kKeyTile * num_kv_heads * padded_dim;
     const std::pair<float**, int64_t> parts[] = {
         {&queries, max_rows * padded_dim}, {&queries_t, padded_dim * padded_rows}, {&acc, max_rows * padded_dim},
@@ -116,7 +116,6 @@ struct Scratch {
     }
   }
 
-  int64_t padded_rows;
   float* queries;    // [rows, padded_dim], pre-scaled by scale * log2(e)
   float* queries_t;  // [padded_dim, padded_rows], for the outer-product scores
   float* acc;        // [rows, padded_dim], unnormalised output
@@ -236,10 +235,11 @@ MG_ALWAYS_INLINE void fold_tile(const Problem<T>& p, const Task& task, Scratch& 
   const int64_t rows_per_head = task.num_queries * group, rows = task.rows(group);
   const int64_t padded_rows = cpu::round_up_to_lanes(rows);
   if (rows_per_head >= kLanes) {  // a prefill-like task: a single kv head
+    const int64_t row_vectors = padded_rows / kLanes;
     for (int64_t j0 = 0; j0 < kt; j0 += kKeyBlock) {
-      for (int64_t v0 = 0; v0 < padded_rows / kLanes; v0 += kVectorBlock) {
+      for (int64_t v0 = 0; v0 < row_vectors; v0 += kVectorBlock) {
         with_count<kKeyBlock>(std::min(kKeyBlock, kt - j0), [&](auto nk) MG_ALWAYS_INLINE_LAMBDA {
-          with_count<kVectorBlock>(std::min(kVectorBlock, padded_rows / kLanes - v0), [&](auto nv) MG_ALWAYS_INLINE_LAMBDA {
+          with_count<kVectorBlock>(std::min(kVectorBlock, row_vectors - v0), [&](auto nv) MG_ALWAYS_INLINE_LAMBDA {
             score_keys<decltype(nk)::value, decltype(nv)::value>(&s.queries_t[v0 * kLanes], padded_rows,
                                                                  keys.rows + j0, head_dim,
                                                                  &s.scores[j0 * padded_rows + v0 * kLanes]);
@@ -268,11 +268,13 @@ MG_ALWAYS_INLINE void fold_tile(const Problem<T>& p, const Task& task, Scratch& 
 
   softmax_tile(s, kt, padded_rows);
 
+  const int64_t dim_vectors = padded_dim / kLanes;
   for (int64_t h = 0; h < task.num_kv_heads; ++h) {
-    for (int64_t r0 = h * rows_per_head; r0 < (h + 1) * rows_per_head; r0 += kRowBlock) {
-      for (int64_t v0 = 0; v0 < padded_dim / kLanes; v0 += kVectorBlock) {
-        with_count<kRowBlock>(std::min(kRowBlock, (h + 1) * rows_per_head - r0), [&](auto nr) MG_ALWAYS_INLINE_LAMBDA {
-          with_count<kVectorBlock>(std::min(kVectorBlock, padded_dim / kLanes - v0), [&](auto nv) MG_ALWAYS_INLINE_LAMBDA {
+    const int64_t head_end = (h + 1) * rows_per_head;
+    for (int64_t r0 = h * rows_per_head; r0 < head_end; r0 += kRowBlock) {
+      for (int64_t v0 = 0; v0 < dim_vectors; v0 += kVectorBlock) {
+        with_count<kRowBlock>(std::min(kRowBlock, head_end - r0), [&](auto nr) MG_ALWAYS_INLINE_LAMBDA {
+          with_count<kVectorBlock>(std::min(kVectorBlock, dim_vectors - v0), [&](auto nv) MG_ALWAYS_INLINE_LAMBDA {
             accumulate_values<decltype(nr)::value, decltype(nv)::value>(
                 &s.acc[r0 * padded_dim], padded_dim, &s.rescale[r0], &s.scores[r0], padded_rows, values.rows,
                 h * values.head_stride, kt, v0 * kLanes);
@@ -305,7 +307,8 @@ template <typename T>
 MG_ALWAYS_INLINE void prefetch_rows(const T* const* rows, int64_t kt, int64_t bytes) {
   constexpr int64_t kCacheLine = 64;
   for (int64_t j = 0; j < kt; ++j) {
-    for (int64_t byte = 0; byte < bytes; byte += kCacheLine) __builtin_prefetch(reinterpret_cast<const char*>(rows[j]) + byte);
+    const char* row = reinterpret_cast<const char*>(rows[j]);
+    for (int64_t byte = 0; byte < bytes; byte += kCacheLine) __builtin_prefetch(row + byte);
   }
 }
 
@@ -415,7 +418,8 @@ MG_ALWAYS_INLINE void merge_splits(const Problem<T>& p, const SplitGroup& split,
                                           ScalarExp2{});
       sum = sum * weight_merged + slot[rows * padded_dim + rows + r] * weight_split;
       for (int64_t d = 0; d < padded_dim; d += kLanes) {
-        cpu::store(merged + d, cpu::load(merged + d) * weight_merged + cpu::load(slot + r * padded_dim + d) * weight_split);
+        const vfloat part = cpu::load(slot + r * padded_dim + d);
+        cpu::store(merged + d, cpu::load(merged + d) * weight_merged + part * weight_split);
       }
     }
     T* dst = p.out + (q_start + task.row_query(r, group)) * p.out_token_stride + task.row_head(r, group) * p.head_dim;
@@ -430,7 +434,9 @@ template <typename T>
 MG_CPU_CLONES void run_tasks(const Problem<T>& p, const Plan& plan, std::atomic<int64_t>& next, float* partials) {
   Scratch scratch(plan.max_rows, p.padded_dim, p.num_kv_heads);
   const int64_t num_tasks = static_cast<int64_t>(plan.tasks.size());
-  for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) run_task(p, plan.tasks[i], scratch, partials);
+  for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) {
+    run_task(p, plan.tasks[i], scratch, partials);
+  }
 }
 
 template <typename T>
