@@ -7,6 +7,9 @@ ratio = baseline time / kernel time (above 1: the kernel is faster). Decode rows
 KV-cache bytes the kernel streams per second.
 
     PYTHONPATH=python python benchmarks/bench_attention.py [--dtype float32 bfloat16] [--threads N]
+
+On a machine shared with other work, --threads 1 gives the steadiest numbers: with more threads
+every call waits for whichever thread the scheduler has set aside.
 """
 
 import argparse
@@ -76,12 +79,12 @@ def run_gather_sdpa(b: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
     return out
 
 
-def best_ms(fn: Callable[[], object], min_seconds: float = 0.5, max_runs: int = 200) -> float:
+def best_ms(fn: Callable[[], object], min_runs: int = 5, min_seconds: float = 1.0, max_runs: int = 1000) -> float:
     """The fastest of repeated runs: on a shared machine the slower ones measure the neighbours."""
     fn()  # warm up
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_seconds and len(times) < max_runs):
+    while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < max_runs):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
