@@ -147,6 +147,7 @@ void check_paged_attention_args(const at::Tensor& out, const at::Tensor& q, cons
   TORCH_CHECK(out.sizes() == q.sizes(), op, ": out ", out.sizes(), " must have q's shape ", q.sizes());
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache ", v_cache.sizes(), " must have k_cache's shape ",
               k_cache.sizes());
+  TORCH_CHECK(k_cache.size(1) > 0, op, ": the cache's block_size must be positive");
   TORCH_CHECK(is_float_dtype(q) && out.scalar_type() == q.scalar_type() && k_cache.scalar_type() == q.scalar_type() &&
                   v_cache.scalar_type() == q.scalar_type(),
               op, ": out, q and the caches must share a float dtype, got ", out.scalar_type(), ", ", q.scalar_type(),

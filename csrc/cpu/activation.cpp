@@ -27,8 +27,9 @@ MG_CPU_CLONES void silu_and_mul_items(T* out, const T* gate_up, int64_t begin, i
     const T* up = gate + width;
     T* dst = out + row * width + col;
     cpu::for_each_lane_step(std::min(kColumnsPerItem, width - col), [&](int64_t i, int64_t n) {
-      cpu::store_n(dst + i, silu_and_mul(cpu::load_n(gate + i, n), cpu::load_n(up + i, n), cpu::Exp{}, cpu::RoundTo<T>{}),
-                   n);
+      const cpu::vfloat y =
+          silu_and_mul(cpu::load_n(gate + i, n), cpu::load_n(up + i, n), cpu::Exp{}, cpu::RoundTo<T>{});
+      cpu::store_n(dst + i, y, n);
     });
   }
 }

@@ -1,17 +1,21 @@
 // paged_attention on CPU: prefill, chunked prefill and decode in one flash-style kernel.
 //
-// Work is split into tasks of (sequence, kv head, a run of consecutive queries). A task scores the
-// queries of every query head in that kv head's GQA group together, so each cached K/V row is read
-// and widened to fp32 once per task, not once per query head. Keys go by in tiles of kKeyTile:
-//   scores = Q K^T (in the log2 domain), masked only on tiles that cross a causal or window edge,
-//   an online softmax update per query row (vectorised across rows),
-//   acc = acc * rescale + P V,
-// and each row is divided by its softmax sum at the end. Scores are computed two ways: few rows
-// (decode) take a dot product per (row, key); many rows (prefill) take an outer-product kernel over
-// Q transposed, 16 rows per vector lane set, which needs no horizontal sums.
+// The work is cut into tasks; each folds a range of cached keys into the online softmax of a set of
+// query rows, a row being one (query, query head) pair. Two shapes of task:
+//   decode-like  (a sequence with few queries, q_len * group < 16): every kv head of the sequence
+//                in one task, so each cached token's K and V rows (all heads, contiguous) stream
+//                through once and are widened to fp32 as they load. Scores are dot products reduced
+//                four rows at a time. A long sequence in a small batch is split by key range over
+//                several tasks, whose partial softmax states are merged at the end, so one decode
+//                still keeps every core busy.
+//   prefill-like (many queries): one kv head and a run of about kTargetRows rows per task. Each tile
+//                of K/V is widened once into scratch and reused by every row; scores come from an
+//                outer-product kernel over Q transposed, which needs no horizontal sums.
+// Either way the heads of a GQA group share their K/V reads. Per tile of kKeyTile keys: scores (in
+// the log2 domain), the mask on tiles that cross a causal or window edge, an online-softmax update
+// vectorised across rows, then acc = acc * rescale + P V.
 //
-// Threads pull tasks from a shared counter, longest first, so a batch mixing a long prefill with
-// short decodes keeps every core busy to the end.
+// Threads pull tasks from a shared counter, costliest first.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -20,6 +24,7 @@
 #include <atomic>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/attention.h"
@@ -34,11 +39,13 @@ namespace {
 using cpu::kLanes;
 using cpu::vfloat;
 
-constexpr int64_t kKeyTile = 32;      // keys scored and accumulated per step
-constexpr int64_t kTargetRows = 64;   // query rows (queries x group heads) a task aims for
-constexpr int64_t kRowBlock = 4;      // query rows held in registers at once
-constexpr int64_t kKeyBlock = 4;      // keys held in registers at once (outer-product scores)
-constexpr int64_t kVectorBlock = 4;   // 16-lane vectors held in registers per row or key
+constexpr int64_t kKeyTile = 32;        // keys scored and accumulated per step
+constexpr int64_t kTargetRows = 64;     // rows of a prefill-like task
+constexpr int64_t kRowBlock = 4;        // query rows held in registers at once
+constexpr int64_t kKeyBlock = 4;        // keys held in registers at once (outer-product scores)
+constexpr int64_t kVectorBlock = 4;     // 16-lane vectors held in registers per row or key
+constexpr int64_t kMinSplitKeys = 256;  // fewest keys worth a task of their own
+constexpr int64_t kTasksPerThread = 2;  // enough tasks to even out the threads' shares
 
 template <typename T>
 struct Problem {
@@ -55,35 +62,69 @@ struct Problem {
   int64_t sliding_window;
 };
 
-// Queries [first_query, first_query + num_queries) of sequence `seq` (counted within that
-// sequence's q rows), for every query head of kv head `kv_head`'s group.
+// Queries [first_query, first_query + num_queries) of sequence `seq` (counted within its q rows), for
+// the query heads of kv heads [kv_head_begin, + num_kv_heads), against cache positions
+// [key_begin, key_end). Row r is query first_query + (r / group) % num_queries, query head
+// kv_head_begin * group + r / group / num_queries * group + r % group.
 struct Task {
-  int64_t seq, kv_head, first_query, num_queries, cost;
+  int64_t seq, kv_head_begin, num_kv_heads, first_query, num_queries, key_begin, key_end;
+  int64_t partial;  // offset of its slot in the partials buffer when split by keys, else -1
+  int64_t cost;
+
+  int64_t rows(int64_t group) const { return num_kv_heads * num_queries * group; }
+  int64_t row_query(int64_t r, int64_t group) const { return first_query + r / group % num_queries; }
+  int64_t row_head(int64_t r, int64_t group) const {
+    return (kv_head_begin + r / group / num_queries) * group + r % group;
+  }
 };
 
-// Per-thread working memory, sized for the largest task. Row-major buffers have padded_dim columns
-// (head_dim rounded up to whole vectors, zero filled); `padded_rows` rounds rows up likewise.
-struct Scratch {
-  Scratch(int64_t max_rows, int64_t padded_dim)
-      : padded_rows(cpu::round_up_to_lanes(max_rows)),
-        queries(max_rows * padded_dim),
-        queries_t(padded_dim * padded_rows),
-        acc(max_rows * padded_dim),
-        scores(kKeyTile * padded_rows),
-        keys(kKeyTile * padded_dim),
-        values(kKeyTile * padded_dim),
-        row_max(padded_rows),
-        row_sum(padded_rows),
-        rescale(padded_rows) {}
+// The tasks of one sequence split by key range; `whole` spans them all, its partial is the first slot.
+struct SplitGroup {
+  Task whole;
+  int64_t num_splits, slot_floats;
+};
 
-  int64_t padded_rows;
-  std::vector<float> queries;    // [rows, padded_dim], pre-scaled by scale * log2(e)
-  std::vector<float> queries_t;  // [padded_dim, padded_rows], for the outer-product scores
-  std::vector<float> acc;        // [rows, padded_dim], unnormalised output
-  std::vector<float> scores;     // [kKeyTile, padded_rows]: scores, then probabilities
-  std::vector<float> keys;       // [kKeyTile, padded_dim], widened cache rows
-  std::vector<float> values;
-  std::vector<float> row_max, row_sum, rescale;  // [padded_rows], online softmax state
+// A split task's slot holds acc [rows, padded_dim], then the row maxima, then the row sums.
+int64_t slot_floats(int64_t rows, int64_t padded_dim) { return rows * (padded_dim + 2); }
+
+struct Plan {
+  std::vector<Task> tasks;
+  std::vector<SplitGroup> split_groups;
+  int64_t max_rows = 0, partial_floats = 0;
+};
+
+// Per-thread working memory, sized for the largest task. It is carved from a thread-local arena
+// that outlives the call, so each decode step reuses it instead of allocating and zeroing it anew;
+// a task writes every part before reading it. Row-major buffers have padded_dim columns (head_dim
+// rounded up to whole vectors, zero filled); padded_rows rounds rows up likewise.
+struct Scratch {
+  Scratch(int64_t max_rows, int64_t padded_dim, int64_t num_kv_heads) {
+    const int64_t padded_rows = cpu::round_up_to_lanes(max_rows);
+    const int64_t staged = kKeyTile * num_kv_heads * padded_dim;
+    const std::pair<float**, int64_t> parts[] = {
+        {&queries, max_rows * padded_dim}, {&queries_t, padded_dim * padded_rows}, {&acc, max_rows * padded_dim},
+        {&scores, kKeyTile * padded_rows}, {&keys, staged}, {&values, staged}, {&row_max, padded_rows},
+        {&row_sum, padded_rows}, {&rescale, padded_rows}};
+    int64_t total = 0;
+    for (const auto& part : parts) total += part.second;
+    thread_local std::vector<float> arena;
+    if (static_cast<int64_t>(arena.size()) < total) arena.resize(total);
+    float* next = arena.data();
+    for (const auto& [view, size] : parts) {
+      *view = next;
+      next += size;
+    }
+  }
+
+  float* queries;    // [rows, padded_dim], pre-scaled by scale * log2(e)
+  float* queries_t;  // [padded_dim, padded_rows], for the outer-product scores
+  float* acc;        // [rows, padded_dim], unnormalised output
+  float* scores;     // [kKeyTile, padded_rows]: scores, then probabilities
+  float* keys;       // [kKeyTile, heads, padded_dim]: K/V widened to fp32 where staged
+  float* values;
+  float* row_max;  // [padded_rows], online softmax state
+  float* row_sum;
+  float* rescale;
 };
 
 // Calls f(std::integral_constant<int64_t, n>) for 1 <= n <= Max: runtime block sizes to templates.
@@ -95,50 +136,45 @@ MG_ALWAYS_INLINE void with_count(int64_t n, F&& f) {
   f(std::integral_constant<int64_t, Max>{});
 }
 
-// Points rows[j] at key/value kt rows for positions k0.. of the task's kv head: straight into the
-// cache when it already is fp32 without padding, else widened into `staging`.
-template <typename T>
-MG_ALWAYS_INLINE void gather_rows(const Problem<T>& p, const T* cache, const int32_t* block_table, int64_t kv_head,
-                                  int64_t k0, int64_t kt, float* staging, const float** rows) {
-  for (int64_t j = 0; j < kt; ++j) {
-    const T* src = cache + cache_offset(slot_of_position(block_table, k0 + j, p.block_size), kv_head, p.num_kv_heads,
-                                        p.head_dim);
-    if constexpr (std::is_same_v<T, float>) {
-      if (p.head_dim == p.padded_dim) {
-        rows[j] = src;
-        continue;
-      }
-    }
-    float* dst = staging + j * p.padded_dim;
-    cpu::for_each_lane_step(p.head_dim, [&](int64_t d, int64_t n) { cpu::store(dst + d, cpu::load_n(src + d, n)); });
-    rows[j] = dst;
-  }
-}
+// K or V rows of one tile: rows[j] + h * head_stride is kv head h (counted within the task) of key j.
+template <typename E>
+struct TileRows {
+  const E* rows[kKeyTile];
+  int64_t head_stride;
+};
 
-// scores[j, r] = q_r . k_j for R rows, one key at a time: decode's few rows.
-template <int64_t R>
-MG_ALWAYS_INLINE void score_rows(const float* queries, int64_t padded_dim, const float* const* keys, int64_t kt,
-                                 float* scores, int64_t padded_rows) {
+// scores[j, r] = q_r . k_j for R <= 4 rows, one key at a time: few rows, so no reuse to win by
+// staging K; its rows are widened as they load.
+template <int64_t R, typename E>
+MG_ALWAYS_INLINE void score_rows(const float* queries, int64_t padded_dim, const E* const* keys, int64_t offset,
+                                 int64_t kt, int64_t head_dim, float* scores, int64_t padded_rows) {
   for (int64_t j = 0; j < kt; ++j) {
-    vfloat acc[R] = {};
-    for (int64_t d = 0; d < padded_dim; d += kLanes) {
-      const vfloat k = cpu::load(keys[j] + d);
+    const E* key = keys[j] + offset;
+    vfloat acc[kRowBlock] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= head_dim; d += kLanes) {
+      const vfloat k = cpu::load(key + d);
       for (int64_t r = 0; r < R; ++r) acc[r] += cpu::load(queries + r * padded_dim + d) * k;
     }
-    for (int64_t r = 0; r < R; ++r) scores[j * padded_rows + r] = cpu::reduce_sum(acc[r]);
+    if (d < head_dim) {
+      const vfloat k = cpu::load_partial(key + d, head_dim - d);
+      for (int64_t r = 0; r < R; ++r) acc[r] += cpu::load(queries + r * padded_dim + d) * k;
+    }
+    const vfloat sums = cpu::reduce_sum4(acc[0], acc[1], acc[2], acc[3]);
+    for (int64_t r = 0; r < R; ++r) scores[j * padded_rows + r] = sums[4 * r];
   }
 }
 
-// scores[j, 16 rows x NV] for J keys as outer products of key elements with Q^T rows: prefill.
-template <int64_t J, int64_t NV>
-MG_ALWAYS_INLINE void score_keys(const float* queries_t, int64_t padded_rows, const float* const* keys,
-                                 int64_t head_dim, float* scores) {
+// scores[j, 16 NV rows] for J keys as outer products of key elements with rows of Q^T: many rows.
+template <int64_t J, int64_t NV, typename E>
+MG_ALWAYS_INLINE void score_keys(const float* queries_t, int64_t padded_rows, const E* const* keys, int64_t head_dim,
+                                 float* scores) {
   vfloat acc[J][NV] = {};
   for (int64_t d = 0; d < head_dim; ++d) {
     vfloat q[NV];
     for (int64_t v = 0; v < NV; ++v) q[v] = cpu::load(queries_t + d * padded_rows + v * kLanes);
     for (int64_t j = 0; j < J; ++j) {
-      const vfloat k = cpu::splat(keys[j][d]);
+      const vfloat k = cpu::splat(static_cast<float>(keys[j][d]));
       for (int64_t v = 0; v < NV; ++v) acc[j][v] += k * q[v];
     }
   }
@@ -147,18 +183,19 @@ MG_ALWAYS_INLINE void score_keys(const float* queries_t, int64_t padded_rows, co
   }
 }
 
-// acc[r, d0 : d0 + 16 NV] = acc * rescale[r] + sum_j probs[j, r] v_j for R rows.
-template <int64_t R, int64_t NV>
-MG_ALWAYS_INLINE void accumulate_values(float* acc_rows, int64_t padded_dim, const float* rescale,
-                                        const float* probs, int64_t padded_rows, const float* const* values,
-                                        int64_t kt, int64_t d0) {
+// acc[r, d0 : d0 + 16 NV] = acc * rescale[r] + sum_j probs[j, r] v_j for R rows. Value rows are whole
+// vectors wide (head_dim a multiple of 16, or staged with zero padding).
+template <int64_t R, int64_t NV, typename E>
+MG_ALWAYS_INLINE void accumulate_values(float* acc_rows, int64_t padded_dim, const float* rescale, const float* probs,
+                                        int64_t padded_rows, const E* const* values, int64_t offset, int64_t kt,
+                                        int64_t d0) {
   vfloat acc[R][NV];
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t v = 0; v < NV; ++v) acc[r][v] = cpu::load(acc_rows + r * padded_dim + d0 + v * kLanes) * rescale[r];
   }
   for (int64_t j = 0; j < kt; ++j) {
     vfloat val[NV];
-    for (int64_t v = 0; v < NV; ++v) val[v] = cpu::load(values[j] + d0 + v * kLanes);
+    for (int64_t v = 0; v < NV; ++v) val[v] = cpu::load(values[j] + offset + d0 + v * kLanes);
     for (int64_t r = 0; r < R; ++r) {
       const vfloat prob = cpu::splat(probs[j * padded_rows + r]);
       for (int64_t v = 0; v < NV; ++v) acc[r][v] += prob * val[v];
@@ -169,17 +206,17 @@ MG_ALWAYS_INLINE void accumulate_values(float* acc_rows, int64_t padded_dim, con
   }
 }
 
-// Turns a tile's scores into probabilities, vectorised across rows, and updates each row's
-// running max and sum; leaves in s.rescale the factor each row's acc must be scaled by.
-MG_ALWAYS_INLINE void softmax_tile(Scratch& s, int64_t kt) {
-  for (int64_t r0 = 0; r0 < s.padded_rows; r0 += kLanes) {
+// Turns a tile's scores into probabilities, vectorised across rows, and updates each row's running
+// max and sum; leaves in s.rescale the factor each row's acc must be scaled by.
+MG_ALWAYS_INLINE void softmax_tile(Scratch& s, int64_t kt, int64_t padded_rows) {
+  for (int64_t r0 = 0; r0 < padded_rows; r0 += kLanes) {
     vfloat tile_max = cpu::splat(-INFINITY);
-    for (int64_t j = 0; j < kt; ++j) tile_max = cpu::max(tile_max, cpu::load(&s.scores[j * s.padded_rows + r0]));
+    for (int64_t j = 0; j < kt; ++j) tile_max = cpu::max(tile_max, cpu::load(&s.scores[j * padded_rows + r0]));
     vfloat running_max = cpu::load(&s.row_max[r0]), base;
     const vfloat rescale = online_softmax_update(running_max, tile_max, base, cpu::Exp2{});
     vfloat sum{};
     for (int64_t j = 0; j < kt; ++j) {
-      float* score = &s.scores[j * s.padded_rows + r0];
+      float* score = &s.scores[j * padded_rows + r0];
       const vfloat prob = cpu::exp2(cpu::load(score) - base);
       cpu::store(score, prob);
       sum += prob;
@@ -190,122 +227,291 @@ MG_ALWAYS_INLINE void softmax_tile(Scratch& s, int64_t kt) {
   }
 }
 
+// One tile's scores, mask, softmax update and P V, for K/V rows of element type E.
+template <typename T, typename E>
+MG_ALWAYS_INLINE void fold_tile(const Problem<T>& p, const Task& task, Scratch& s, const TileRows<E>& keys,
+                                const TileRows<E>& values, int64_t k0, int64_t kt, int64_t first_pos, bool masked) {
+  const int64_t group = p.group, padded_dim = p.padded_dim, head_dim = p.head_dim;
+  const int64_t rows_per_head = task.num_queries * group, rows = task.rows(group);
+  const int64_t padded_rows = cpu::round_up_to_lanes(rows);
+  if (rows_per_head >= kLanes) {  // a prefill-like task: a single kv head
+    const int64_t row_vectors = padded_rows / kLanes;
+    for (int64_t j0 = 0; j0 < kt; j0 += kKeyBlock) {
+      for (int64_t v0 = 0; v0 < row_vectors; v0 += kVectorBlock) {
+        with_count<kKeyBlock>(std::min(kKeyBlock, kt - j0), [&](auto nk) MG_ALWAYS_INLINE_LAMBDA {
+          with_count<kVectorBlock>(std::min(kVectorBlock, row_vectors - v0), [&](auto nv) MG_ALWAYS_INLINE_LAMBDA {
+            score_keys<decltype(nk)::value, decltype(nv)::value>(&s.queries_t[v0 * kLanes], padded_rows,
+                                                                 keys.rows + j0, head_dim,
+                                                                 &s.scores[j0 * padded_rows + v0 * kLanes]);
+          });
+        });
+      }
+    }
+  } else {
+    for (int64_t h = 0; h < task.num_kv_heads; ++h) {
+      for (int64_t r0 = h * rows_per_head; r0 < (h + 1) * rows_per_head; r0 += kRowBlock) {
+        with_count<kRowBlock>(std::min(kRowBlock, (h + 1) * rows_per_head - r0), [&](auto nr) MG_ALWAYS_INLINE_LAMBDA {
+          score_rows<decltype(nr)::value>(&s.queries[r0 * padded_dim], padded_dim, keys.rows, h * keys.head_stride,
+                                          kt, head_dim, &s.scores[r0], padded_rows);
+        });
+      }
+    }
+  }
+  if (masked) {
+    for (int64_t j = 0; j < kt; ++j) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t pos = first_pos + r / group % task.num_queries;
+        if (!key_visible(k0 + j, pos, p.sliding_window)) s.scores[j * padded_rows + r] = -INFINITY;
+      }
+    }
+  }
+
+  softmax_tile(s, kt, padded_rows);
+
+  const int64_t dim_vectors = padded_dim / kLanes;
+  for (int64_t h = 0; h < task.num_kv_heads; ++h) {
+    const int64_t head_end = (h + 1) * rows_per_head;
+    for (int64_t r0 = h * rows_per_head; r0 < head_end; r0 += kRowBlock) {
+      for (int64_t v0 = 0; v0 < dim_vectors; v0 += kVectorBlock) {
+        with_count<kRowBlock>(std::min(kRowBlock, head_end - r0), [&](auto nr) MG_ALWAYS_INLINE_LAMBDA {
+          with_count<kVectorBlock>(std::min(kVectorBlock, dim_vectors - v0), [&](auto nv) MG_ALWAYS_INLINE_LAMBDA {
+            accumulate_values<decltype(nr)::value, decltype(nv)::value>(
+                &s.acc[r0 * padded_dim], padded_dim, &s.rescale[r0], &s.scores[r0], padded_rows, values.rows,
+                h * values.head_stride, kt, v0 * kLanes);
+          });
+        });
+      }
+    }
+  }
+}
+
+// Widens `heads` consecutive head rows of each of kt cache rows into zero-padded fp32 scratch.
 template <typename T>
-MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s) {
-  const int64_t group = p.group, head_dim = p.head_dim, padded_dim = p.padded_dim;
-  const int64_t rows = task.num_queries * group, padded_rows = s.padded_rows;
+MG_ALWAYS_INLINE void stage_rows(const T* const* src, int64_t kt, int64_t heads, int64_t head_dim, int64_t padded_dim,
+                                 float* staging, TileRows<float>& staged) {
+  for (int64_t j = 0; j < kt; ++j) {
+    float* dst = staging + j * heads * padded_dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      cpu::for_each_lane_step(head_dim, [&](int64_t d, int64_t n) MG_ALWAYS_INLINE_LAMBDA {
+        cpu::store(dst + h * padded_dim + d, cpu::load_n(src[j] + h * head_dim + d, n));
+      });
+    }
+    staged.rows[j] = dst;
+  }
+  staged.head_stride = padded_dim;
+}
+
+// Asks for the cache lines of a tile's rows ahead of use: a sequence's blocks are scattered by the
+// block table, which the hardware prefetchers cannot follow.
+template <typename T>
+MG_ALWAYS_INLINE void prefetch_rows(const T* const* rows, int64_t kt, int64_t bytes) {
+  constexpr int64_t kCacheLine = 64;
+  for (int64_t j = 0; j < kt; ++j) {
+    const char* row = reinterpret_cast<const char*>(rows[j]);
+    for (int64_t byte = 0; byte < bytes; byte += kCacheLine) __builtin_prefetch(row + byte);
+  }
+}
+
+template <typename T>
+MG_ALWAYS_INLINE void locate_rows(const Problem<T>& p, const Task& task, int64_t k0, int64_t kt, const T** key_rows,
+                                  const T** value_rows) {
+  const int32_t* block_table = p.block_tables + task.seq * p.max_blocks;
+  for (int64_t j = 0; j < kt; ++j) {
+    const int64_t offset = cache_offset(slot_of_position(block_table, k0 + j, p.block_size), task.kv_head_begin,
+                                        p.num_kv_heads, p.head_dim);
+    key_rows[j] = p.k_cache + offset;
+    value_rows[j] = p.v_cache + offset;
+  }
+}
+
+template <typename T>
+MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s, float* partials) {
+  const int64_t group = p.group, head_dim = p.head_dim, padded_dim = p.padded_dim, heads = task.num_kv_heads;
+  const int64_t rows = task.rows(group), padded_rows = cpu::round_up_to_lanes(rows);
+  const bool outer_product = task.num_queries * group >= kLanes;
+  // Staging pays off when many rows reuse each K/V row, or when rows need zero padding.
+  const bool stage = outer_product ? !std::is_same_v<T, float> || head_dim != padded_dim : head_dim % kLanes != 0;
   const int64_t seq_len = p.seq_lens[task.seq];
   const int64_t q_start = p.query_start_loc[task.seq], q_len = p.query_start_loc[task.seq + 1] - q_start;
   const int64_t first_pos = query_position(seq_len, q_len, task.first_query);
   const int64_t last_pos = first_pos + task.num_queries - 1;
-  const int32_t* block_table = p.block_tables + task.seq * p.max_blocks;
-  const bool outer_product = rows >= kLanes;
 
-  // Row r is query first_query + r / group, head kv_head * group + r % group.
-  auto token_row = [&](int64_t r) { return q_start + task.first_query + r / group; };
-  auto head = [&](int64_t r) { return task.kv_head * group + r % group; };
   for (int64_t r = 0; r < rows; ++r) {
-    const T* src = p.q + token_row(r) * p.q_token_stride + head(r) * head_dim;
+    const T* src = p.q + (q_start + task.row_query(r, group)) * p.q_token_stride + task.row_head(r, group) * head_dim;
     float* dst = &s.queries[r * padded_dim];
-    cpu::for_each_lane_step(head_dim, [&](int64_t d, int64_t n) {
+    cpu::for_each_lane_step(head_dim, [&](int64_t d, int64_t n) MG_ALWAYS_INLINE_LAMBDA {
       cpu::store(dst + d, cpu::load_n(src + d, n) * p.scale_log2);
     });
   }
   if (outer_product) {
-    std::fill(s.queries_t.begin(), s.queries_t.end(), 0.f);
+    std::fill(s.queries_t, s.queries_t + padded_dim * padded_rows, 0.f);
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t d = 0; d < head_dim; ++d) s.queries_t[d * padded_rows + r] = s.queries[r * padded_dim + d];
     }
   }
-  std::fill(s.acc.begin(), s.acc.begin() + rows * padded_dim, 0.f);
-  std::fill(s.scores.begin(), s.scores.end(), 0.f);  // lanes past `rows` stay 0: finite, never read
-  std::fill(s.row_max.begin(), s.row_max.end(), -INFINITY);
-  std::fill(s.row_sum.begin(), s.row_sum.end(), 0.f);
+  std::fill(s.acc, s.acc + rows * padded_dim, 0.f);
+  std::fill(s.scores, s.scores + kKeyTile * padded_rows, 0.f);  // rows past `rows` stay 0
+  std::fill(s.row_max, s.row_max + padded_rows, -INFINITY);
+  std::fill(s.row_sum, s.row_sum + padded_rows, 0.f);
 
-  const float* keys[kKeyTile];
-  const float* values[kKeyTile];
-  const int64_t key_begin = first_visible_key(first_pos, p.sliding_window), key_end = last_pos + 1;
   // Tiles wholly inside every row's visible range skip the mask.
   const int64_t unmasked_begin = first_visible_key(last_pos, p.sliding_window), unmasked_end = first_pos + 1;
-  for (int64_t k0 = key_begin; k0 < key_end; k0 += kKeyTile) {
-    const int64_t kt = std::min(kKeyTile, key_end - k0);
-    gather_rows(p, p.k_cache, block_table, task.kv_head, k0, kt, s.keys.data(), keys);
-    gather_rows(p, p.v_cache, block_table, task.kv_head, k0, kt, s.values.data(), values);
-
-    if (outer_product) {
-      for (int64_t j0 = 0; j0 < kt; j0 += kKeyBlock) {
-        for (int64_t v0 = 0; v0 < padded_rows / kLanes; v0 += kVectorBlock) {
-          with_count<kKeyBlock>(std::min(kKeyBlock, kt - j0), [&](auto nk) {
-            with_count<kVectorBlock>(std::min(kVectorBlock, padded_rows / kLanes - v0), [&](auto nv) {
-              score_keys<decltype(nk)::value, decltype(nv)::value>(&s.queries_t[v0 * kLanes], padded_rows, keys + j0, head_dim,
-                                     &s.scores[j0 * padded_rows + v0 * kLanes]);
-            });
-          });
-        }
-      }
+  const int64_t row_bytes = heads * head_dim * static_cast<int64_t>(sizeof(T));
+  TileRows<T> key_rows, value_rows;
+  TileRows<T> next_keys, next_values;
+  key_rows.head_stride = value_rows.head_stride = head_dim;
+  for (int64_t k0 = task.key_begin; k0 < task.key_end; k0 += kKeyTile) {
+    const int64_t kt = std::min(kKeyTile, task.key_end - k0);
+    locate_rows(p, task, k0, kt, key_rows.rows, value_rows.rows);
+    if (k0 + kKeyTile < task.key_end) {
+      const int64_t next_kt = std::min(kKeyTile, task.key_end - k0 - kKeyTile);
+      locate_rows(p, task, k0 + kKeyTile, next_kt, next_keys.rows, next_values.rows);
+      prefetch_rows(next_keys.rows, next_kt, row_bytes);
+      prefetch_rows(next_values.rows, next_kt, row_bytes);
+    }
+    const bool masked = k0 < unmasked_begin || k0 + kt > unmasked_end;
+    if (stage) {
+      TileRows<float> staged_keys, staged_values;
+      stage_rows(key_rows.rows, kt, heads, head_dim, padded_dim, s.keys, staged_keys);
+      stage_rows(value_rows.rows, kt, heads, head_dim, padded_dim, s.values, staged_values);
+      fold_tile(p, task, s, staged_keys, staged_values, k0, kt, first_pos, masked);
     } else {
-      for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-        with_count<kRowBlock>(std::min(kRowBlock, rows - r0), [&](auto nr) {
-          score_rows<decltype(nr)::value>(&s.queries[r0 * padded_dim], padded_dim, keys, kt, &s.scores[r0], padded_rows);
-        });
-      }
-    }
-    if (k0 < unmasked_begin || k0 + kt > unmasked_end) {
-      for (int64_t j = 0; j < kt; ++j) {
-        for (int64_t r = 0; r < rows; ++r) {
-          if (!key_visible(k0 + j, first_pos + r / group, p.sliding_window)) s.scores[j * padded_rows + r] = -INFINITY;
-        }
-      }
-    }
-
-    softmax_tile(s, kt);
-
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-      for (int64_t v0 = 0; v0 < padded_dim / kLanes; v0 += kVectorBlock) {
-        with_count<kRowBlock>(std::min(kRowBlock, rows - r0), [&](auto nr) {
-          with_count<kVectorBlock>(std::min(kVectorBlock, padded_dim / kLanes - v0), [&](auto nv) {
-            accumulate_values<decltype(nr)::value, decltype(nv)::value>(&s.acc[r0 * padded_dim], padded_dim, &s.rescale[r0], &s.scores[r0],
-                                          padded_rows, values, kt, v0 * kLanes);
-          });
-        });
-      }
+      fold_tile(p, task, s, key_rows, value_rows, k0, kt, first_pos, masked);
     }
   }
 
+  if (task.partial >= 0) {
+    float* slot = partials + task.partial;
+    std::copy(s.acc, s.acc + rows * padded_dim, slot);
+    std::copy(s.row_max, s.row_max + rows, slot + rows * padded_dim);
+    std::copy(s.row_sum, s.row_sum + rows, slot + rows * padded_dim + rows);
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
-    T* dst = p.out + token_row(r) * p.out_token_stride + head(r) * head_dim;
+    T* dst = p.out + (q_start + task.row_query(r, group)) * p.out_token_stride + task.row_head(r, group) * head_dim;
     const float inv_sum = s.row_sum[r] > 0.f ? 1.f / s.row_sum[r] : 0.f;
     const float* src = &s.acc[r * padded_dim];
-    cpu::for_each_lane_step(head_dim, [&](int64_t d, int64_t n) { cpu::store_n(dst + d, cpu::load(src + d) * inv_sum, n); });
+    cpu::for_each_lane_step(head_dim, [&](int64_t d, int64_t n) MG_ALWAYS_INLINE_LAMBDA {
+      cpu::store_n(dst + d, cpu::load(src + d) * inv_sum, n);
+    });
+  }
+}
+
+struct ScalarExp2 {
+  float operator()(float x) const { return std::exp2(x); }
+};
+
+// Combines the partial softmax states of a sequence's key-range splits into its output rows.
+template <typename T>
+MG_ALWAYS_INLINE void merge_splits(const Problem<T>& p, const SplitGroup& split, const float* partials,
+                                   float* merged) {
+  const Task& task = split.whole;
+  const int64_t group = p.group, padded_dim = p.padded_dim, rows = task.rows(group);
+  const int64_t q_start = p.query_start_loc[task.seq];
+  for (int64_t r = 0; r < rows; ++r) {
+    float running_max = -INFINITY, sum = 0.f;
+    std::fill(merged, merged + padded_dim, 0.f);
+    for (int64_t i = 0; i < split.num_splits; ++i) {
+      const float* slot = partials + task.partial + i * split.slot_floats;
+      float weight_merged, weight_split;
+      running_max = merge_softmax_weights(running_max, slot[rows * padded_dim + r], weight_merged, weight_split,
+                                          ScalarExp2{});
+      sum = sum * weight_merged + slot[rows * padded_dim + rows + r] * weight_split;
+      for (int64_t d = 0; d < padded_dim; d += kLanes) {
+        const vfloat part = cpu::load(slot + r * padded_dim + d);
+        cpu::store(merged + d, cpu::load(merged + d) * weight_merged + part * weight_split);
+      }
+    }
+    T* dst = p.out + (q_start + task.row_query(r, group)) * p.out_token_stride + task.row_head(r, group) * p.head_dim;
+    const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+    cpu::for_each_lane_step(p.head_dim, [&](int64_t d, int64_t n) MG_ALWAYS_INLINE_LAMBDA {
+      cpu::store_n(dst + d, cpu::load(merged + d) * inv_sum, n);
+    });
   }
 }
 
 template <typename T>
-MG_CPU_CLONES void run_tasks(const Problem<T>& p, const std::vector<Task>& tasks, std::atomic<int64_t>& next,
-                             int64_t max_rows) {
-  Scratch scratch(max_rows, p.padded_dim);
-  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
-  for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) run_task(p, tasks[i], scratch);
+MG_CPU_CLONES void run_tasks(const Problem<T>& p, const Plan& plan, std::atomic<int64_t>& next, float* partials) {
+  Scratch scratch(plan.max_rows, p.padded_dim, p.num_kv_heads);
+  const int64_t num_tasks = static_cast<int64_t>(plan.tasks.size());
+  for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) {
+    run_task(p, plan.tasks[i], scratch, partials);
+  }
 }
 
-// Queries per task: enough rows (queries x group) for the outer-product kernel to fill its vectors.
+template <typename T>
+MG_CPU_CLONES void merge_split_groups(const Problem<T>& p, const Plan& plan, int64_t begin, int64_t end,
+                                      const float* partials) {
+  std::vector<float> merged(p.padded_dim);
+  for (int64_t g = begin; g < end; ++g) merge_splits(p, plan.split_groups[g], partials, merged.data());
+}
+
+// Queries per prefill-like task: enough rows (queries x group) for the outer-product kernel.
 int64_t queries_per_task(int64_t group) { return std::max<int64_t>(1, kTargetRows / group); }
 
-std::vector<Task> plan_tasks(const int32_t* seq_lens, const int32_t* query_start_loc, int64_t num_seqs,
-                             int64_t num_kv_heads, int64_t group, int64_t sliding_window) {
-  std::vector<Task> tasks;
+bool decode_like(int64_t q_len, int64_t group) { return q_len * group < kLanes; }
+
+Plan plan_tasks(const int32_t* seq_lens, const int32_t* query_start_loc, int64_t num_seqs, int64_t num_kv_heads,
+                int64_t group, int64_t padded_dim, int64_t sliding_window, int64_t threads) {
+  Plan plan;
+  int64_t decode_seqs = 0, other_tasks = 0;
   const int64_t chunk = queries_per_task(group);
   for (int64_t b = 0; b < num_seqs; ++b) {
     const int64_t q_len = query_start_loc[b + 1] - query_start_loc[b];
-    for (int64_t i0 = 0; i0 < q_len; i0 += chunk) {
-      const int64_t n = std::min(chunk, q_len - i0);
-      const int64_t first_pos = query_position(seq_lens[b], q_len, i0);
-      const int64_t keys = first_pos + n - first_visible_key(first_pos, sliding_window);
-      for (int64_t h = 0; h < num_kv_heads; ++h) tasks.push_back({b, h, i0, n, n * keys});
+    if (q_len == 0) continue;
+    if (decode_like(q_len, group)) {
+      ++decode_seqs;
+    } else {
+      other_tasks += (q_len + chunk - 1) / chunk * num_kv_heads;
     }
   }
-  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
-  return tasks;
+  // Split decodes by key range only while there are too few tasks to go round the threads.
+  const int64_t wanted_tasks = threads * kTasksPerThread;
+  const int64_t splits_wanted =
+      decode_seqs > 0 && decode_seqs + other_tasks < wanted_tasks
+          ? (wanted_tasks - other_tasks + decode_seqs - 1) / decode_seqs
+          : 1;
+
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const int64_t q_len = query_start_loc[b + 1] - query_start_loc[b];
+    if (q_len == 0) continue;
+    if (!decode_like(q_len, group)) {
+      for (int64_t i0 = 0; i0 < q_len; i0 += chunk) {
+        const int64_t n = std::min(chunk, q_len - i0);
+        const int64_t first_pos = query_position(seq_lens[b], q_len, i0);
+        const int64_t key_begin = first_visible_key(first_pos, sliding_window), key_end = first_pos + n;
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+          plan.tasks.push_back({b, h, 1, i0, n, key_begin, key_end, -1, n * group * (key_end - key_begin)});
+        }
+        plan.max_rows = std::max(plan.max_rows, n * group);
+      }
+      continue;
+    }
+    const int64_t first_pos = query_position(seq_lens[b], q_len, 0);
+    const Task whole{b, 0, num_kv_heads, 0, q_len, first_visible_key(first_pos, sliding_window), seq_lens[b], -1, 0};
+    const int64_t rows = whole.rows(group), keys = whole.key_end - whole.key_begin;
+    plan.max_rows = std::max(plan.max_rows, rows);
+    const int64_t splits = std::max<int64_t>(1, std::min(splits_wanted, keys / kMinSplitKeys));
+    if (splits == 1) {
+      plan.tasks.push_back(whole);
+      plan.tasks.back().cost = rows * keys;
+      continue;
+    }
+    SplitGroup group_of_splits{whole, splits, slot_floats(rows, padded_dim)};
+    group_of_splits.whole.partial = plan.partial_floats;
+    for (int64_t i = 0; i < splits; ++i) {
+      Task part = whole;
+      part.key_begin = whole.key_begin + keys * i / splits;
+      part.key_end = whole.key_begin + keys * (i + 1) / splits;
+      part.partial = plan.partial_floats + i * group_of_splits.slot_floats;
+      part.cost = rows * (part.key_end - part.key_begin);
+      plan.tasks.push_back(part);
+    }
+    plan.partial_floats += splits * group_of_splits.slot_floats;
+    plan.split_groups.push_back(group_of_splits);
+  }
+  std::stable_sort(plan.tasks.begin(), plan.tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  return plan;
 }
 
 void paged_attention_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -316,13 +522,13 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor&
   const int64_t num_kv_heads = k_cache.size(2), head_dim = k_cache.size(3);
   check_attention_metadata(block_tables, seq_lens, query_start_loc, q.size(0), num_blocks, block_size,
                            sliding_window);
-  const int64_t group = q.size(1) / num_kv_heads;
-  const std::vector<Task> tasks =
-      plan_tasks(seq_lens.const_data_ptr<int32_t>(), query_start_loc.const_data_ptr<int32_t>(), seq_lens.numel(),
-                 num_kv_heads, group, sliding_window);
-  if (tasks.empty() || head_dim == 0) return;
-  const int64_t max_rows = queries_per_task(group) * group;
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
+  if (head_dim == 0) return;
+  const int64_t group = q.size(1) / num_kv_heads, padded_dim = cpu::round_up_to_lanes(head_dim);
+  const int64_t threads = at::get_num_threads();
+  const Plan plan = plan_tasks(seq_lens.const_data_ptr<int32_t>(), query_start_loc.const_data_ptr<int32_t>(),
+                               seq_lens.numel(), num_kv_heads, group, padded_dim, sliding_window, threads);
+  if (plan.tasks.empty()) return;
+  std::vector<float> partials(plan.partial_floats);
   MG_DISPATCH_FLOAT_TYPES(q.scalar_type(), "paged_attention_cpu", [&] {
     const Problem<scalar_t> problem{out.mutable_data_ptr<scalar_t>(),
                                     q.const_data_ptr<scalar_t>(),
@@ -336,13 +542,17 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor&
                                     num_kv_heads,
                                     group,
                                     head_dim,
-                                    cpu::round_up_to_lanes(head_dim),
+                                    padded_dim,
                                     block_size,
                                     block_tables.size(1),
                                     static_cast<float>(scale) * kLog2e,
                                     sliding_window};
     std::atomic<int64_t> next{0};
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { run_tasks(problem, tasks, next, max_rows); });
+    const int64_t workers = std::min<int64_t>(threads, static_cast<int64_t>(plan.tasks.size()));
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { run_tasks(problem, plan, next, partials.data()); });
+    at::parallel_for(0, static_cast<int64_t>(plan.split_groups.size()), 1, [&](int64_t begin, int64_t end) {
+      merge_split_groups(problem, plan, begin, end, partials.data());
+    });
   });
 }
 

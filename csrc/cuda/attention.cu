@@ -81,8 +81,9 @@ __global__ void __launch_bounds__(kThreads)
   const int head = blockIdx.y, warp = threadIdx.x / cuda::kWarpSize, lane = threadIdx.x % cuda::kWarpSize;
 
   const int b = find_sequence(query_start_loc, s.num_seqs, token);
-  if (b >= s.num_seqs) return;  // a padding row past every sequence: left as it is
-  const int64_t q_start = query_start_loc[b], q_len = query_start_loc[b + 1] - q_start, seq_len = seq_lens[b];
+  const int64_t q_start = query_start_loc[b < s.num_seqs ? b : 0];
+  if (b >= s.num_seqs || token < q_start) return;  // a padding row no sequence owns: left as it is
+  const int64_t q_len = query_start_loc[b + 1] - q_start, seq_len = seq_lens[b];
   const int64_t i = token - q_start;
   T* dst = out + token * s.out_token_stride + static_cast<int64_t>(head) * s.head_dim;
   if (i >= q_len || q_len > seq_len || seq_len > static_cast<int64_t>(s.max_blocks) * s.block_size) {

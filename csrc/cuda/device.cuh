@@ -2,9 +2,6 @@
 // (rounding to the storage dtype, exponentials) and warp/block reductions.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 

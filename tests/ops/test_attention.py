@@ -89,6 +89,21 @@ def test_long_sequences_match_reference(device: str, dtype: torch.dtype, seqs: l
                                atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("threads", [1, 3, 8])
+@pytest.mark.parametrize("sliding_window", [0, 1000])
+def test_result_does_not_depend_on_the_thread_count(threads: int, sliding_window: int) -> None:
+    """With few sequences per thread, long decodes are split by key range and merged afterwards."""
+    batch = make_batch([(1500, 1), (700, 2), (40, 3)], 8, 2, 128, 16, torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = batch.run(0.1, sliding_window)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, batch.expected(0.1, sliding_window), atol=TOL[torch.bfloat16],
+                               rtol=TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_q_and_out_may_be_token_strided(device: str) -> None:
     """q sliced from a fused qkv projection and out written into a wider buffer, without copies."""

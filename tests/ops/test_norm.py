@@ -45,7 +45,8 @@ def test_rms_norm_opcheck() -> None:
 
 def test_fused_add_rms_norm_opcheck() -> None:
     x = torch.randn(4, 96, dtype=torch.bfloat16)
-    torch.library.opcheck(torch.ops.mistral_grpc.fused_add_rms_norm, (x, torch.randn_like(x), torch.randn(96).bfloat16(), 1e-6))
+    args = (x, torch.randn_like(x), torch.randn(96).bfloat16(), 1e-6)
+    torch.library.opcheck(torch.ops.mistral_grpc.fused_add_rms_norm, args)
 
 
 def test_rms_norm_rejects_mismatched_weight() -> None:

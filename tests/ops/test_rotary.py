@@ -18,7 +18,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 @pytest.mark.parametrize("tokens, q_heads, kv_heads, head_dim", [(1, 32, 8, 128), (13, 8, 2, 128), (7, 3, 1, 40)])
 def test_rotary_matches_reference(device: str, dtype: torch.dtype, cache_dtype: str, tokens: int, q_heads: int,
                                   kv_heads: int, head_dim: int) -> None:
-    cache = reference.cos_sin_cache(4096, head_dim, 1e4, torch.float32 if cache_dtype == "float32" else dtype).to(device)
+    cache_type = torch.float32 if cache_dtype == "float32" else dtype
+    cache = reference.cos_sin_cache(4096, head_dim, 1e4, cache_type).to(device)
     positions = torch.randint(0, 4096, (tokens,), device=device)
     q = torch.randn(tokens, q_heads, head_dim, dtype=dtype, device=device)
     k = torch.randn(tokens, kv_heads, head_dim, dtype=dtype, device=device)
