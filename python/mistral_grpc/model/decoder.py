@@ -106,9 +106,10 @@ class MistralDecoder:
         config = self.config
         tokens = hidden.shape[0]
         q, k, v = layer.qkv_proj(hidden).split([config.q_size, config.kv_size, config.kv_size], dim=-1)
-        q = q.reshape(tokens, config.num_attention_heads, config.head_dim).contiguous()
-        k = k.reshape(tokens, config.num_key_value_heads, config.head_dim).contiguous()
-        v = v.reshape(tokens, config.num_key_value_heads, config.head_dim).contiguous()
+        # Views into the fused qkv output: the ops need each token's [heads, head_dim] block contiguous, no more.
+        q = q.view(tokens, config.num_attention_heads, config.head_dim)
+        k = k.view(tokens, config.num_key_value_heads, config.head_dim)
+        v = v.view(tokens, config.num_key_value_heads, config.head_dim)
         ops.rotary_embedding(batch.positions, q, k, self.cos_sin_cache)
         key_cache, value_cache = kv_cache.keys[index], kv_cache.values[index]
         ops.reshape_and_cache(k, v, key_cache, value_cache, batch.slot_mapping)
