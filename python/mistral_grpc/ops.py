@@ -56,9 +56,15 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     _ops.sample(logits, temperature, top_p, top_k, seeds, offsets, tokens, logprobs)
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Sets logits [B, V] to -inf wherever bitmask int32 [B, ceil(V/32)] has a clear bit (xgrammar's
+    layout: bit j of word w is token 32 * w + j); in place."""
+    _ops.apply_token_bitmask(logits, bitmask)
+
+
 def _register_fakes() -> None:
     for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
-                 "paged_attention", "apply_penalties", "sample"):
+                 "paged_attention", "apply_penalties", "sample", "apply_token_bitmask"):
         torch.library.register_fake(f"mistral_grpc::{name}")(lambda *args, **kwargs: None)
 
 
