@@ -45,8 +45,15 @@ class Sampler:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size  # logits columns past it (padding of the LM head) are never sampled
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """logits [len(rows), >= vocab_size], any float dtype; left unmodified."""
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+               allowed: torch.Tensor | None = None) -> SamplerOutput:
+        """logits [len(rows), >= vocab_size], any float dtype; left unmodified.
+
+        allowed: structured output's token bitmask, int32 [len(rows), ceil(vocab_size / 32)], bit set
+        = token allowed (engine/structured.py), or None. Masked tokens are never drawn (greedy takes
+        the best allowed one), but logprobs stay those of the penalised logits: the mask, like
+        temperature, top-k and top-p, shapes the draw and not the model's distribution.
+        """
         if logits.dim() != 2 or logits.shape[0] != len(rows) or logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit {len(rows)} rows "
                              f"of a {self.vocab_size}-token vocabulary")
@@ -57,15 +64,21 @@ class Sampler:
             _apply_penalties(logits, rows)
 
         device = logits.device
+        scores = logits
+        if allowed is not None:
+            scores = logits.clone()
+            ops.apply_token_bitmask(scores, allowed.to(device))
         tokens = torch.empty(len(rows), dtype=torch.int64, device=device)
         logprobs = torch.empty(len(rows), dtype=torch.float32, device=device)
-        ops.sample(logits,
+        ops.sample(scores,
                    _column([p.temperature for p in params], torch.float32, device),
                    _column([p.top_p for p in params], torch.float32, device),
                    _column([p.top_k for p in params], torch.int64, device),
                    _column([row.seed for row in rows], torch.int64, device),
                    _column([len(row.token_ids) - row.prompt_len for row in rows], torch.int64, device),
                    tokens, logprobs)
+        if allowed is not None:
+            _unmasked_logprobs(logprobs, logits, tokens, params)
         return SamplerOutput(tokens.tolist(), logprobs.tolist(), _top_logprobs(logits, params))
 
 
@@ -96,6 +109,18 @@ def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
                         _column([p.repetition_penalty for p in params], torch.float32, device),
                         _column([p.presence_penalty for p in params], torch.float32, device),
                         _column([p.frequency_penalty for p in params], torch.float32, device))
+
+
+def _unmasked_logprobs(logprobs: torch.Tensor, logits: torch.Tensor, tokens: torch.Tensor,
+                       params: list[SamplingParams]) -> None:
+    """Rewrites the logprobs of the constrained rows that report them (sample gave them under the
+    masked logits) as log_softmax of the unmasked logits."""
+    asking = [i for i, p in enumerate(params) if p.structured is not None and p.logprobs]
+    if not asking:
+        return
+    index = torch.tensor(asking, device=logits.device)
+    chosen = tokens.index_select(0, index).unsqueeze(1)
+    logprobs[index] = torch.log_softmax(logits.index_select(0, index).float(), dim=-1).gather(1, chosen).squeeze(1)
 
 
 def _top_logprobs(logits: torch.Tensor, params: list[SamplingParams]) -> list[list[tuple[int, float]]]:
