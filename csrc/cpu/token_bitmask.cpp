@@ -34,6 +34,8 @@ void check_apply_token_bitmask_args(const at::Tensor& logits, const at::Tensor& 
 namespace {
 
 constexpr int32_t kAllAllowed = -1;  // every bit set
+// A row is a microsecond of work (ceil(V / 32) word tests): threads only pay off for big batches.
+constexpr int64_t kRowGrain = 64;
 
 template <typename scalar_t>
 void mask_row(scalar_t* logits, const int32_t* words, int64_t vocab) {
@@ -53,7 +55,7 @@ void apply_token_bitmask_cpu(at::Tensor& logits, const at::Tensor& bitmask) {
   const int32_t* bits = bitmask.const_data_ptr<int32_t>();
   MG_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "apply_token_bitmask_cpu", [&] {
     scalar_t* data = logits.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) mask_row(data + r * vocab, bits + r * words, vocab);
     });
   });

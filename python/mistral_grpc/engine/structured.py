@@ -5,8 +5,9 @@ xgrammar does the grammar work. Its vocabulary is built from our own tokenizer: 
 bytes exactly as the detokenizer emits them (SentencePiece's ▁ as a space, <0xNN> as one byte) and
 b"" for control tokens, which xgrammar then never allows; the stop token is EOS. The grammar is
 ` `? then the JSON: SentencePiece drops the leading space of an answer's first token, so " {" may open
-the answer just as "{" may. Whitespace between JSON elements is free but capped, so a model cannot
-loop on blank space. A choice that reaches max_tokens mid-object ends with "length" and partial JSON.
+the answer just as "{" may. The JSON is laid out as json.dumps does (", " and ": ", no other
+whitespace), which is how Mistral's tool calls are written, and leaves a model no blank space to loop
+on. A choice that reaches max_tokens mid-object ends with "length" and partial JSON.
 """
 
 import importlib
@@ -24,7 +25,6 @@ from mistral_grpc.tokenizer import MistralTokenizer
 
 log = logging.getLogger(__name__)
 
-MAX_WHITESPACE = 16  # consecutive whitespace characters between JSON elements (an indent 7 levels deep)
 CACHE_BYTES = 256 * 2**20  # compiled grammars kept for reuse; the least recently used go first
 _XGRAMMAR_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")  # "[12:00:00] /project/cpp/x.cc:42: " before a message
 _BOUNDED_STRING_CHARACTER = r'[^\"\\\r\n]'
@@ -84,7 +84,6 @@ class GrammarCompiler:
         info = xgr.TokenizerInfo(surfaces, xgr.VocabType.RAW, vocab_size=tokenizer.vocab_size,
                                  stop_token_ids=[tokenizer.eos_id])
         self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_BYTES)
-        self._batch = xgr.BatchGrammarMatcher()
 
     def compile(self, spec: StructuredSpec) -> "xgr.CompiledGrammar":
         """Raises InvalidSchemaError naming what xgrammar cannot turn into a grammar. The schema is
@@ -105,17 +104,18 @@ class GrammarCompiler:
         if all(state is None for state in states):
             return None
         mask = xgr.allocate_token_bitmask(len(states), self.vocab_size)
-        rows = [i for i, state in enumerate(states) if state is not None and state.forced_token is None]
-        if rows:
-            self._batch.batch_fill_next_token_bitmask([states[i].matcher for i in rows], mask, rows)
         for i, state in enumerate(states):
             if state is not None and state.forced_token is not None:
                 _allow_only(mask[i], state.forced_token)
-            elif state is not None and not mask[i].any():
-                # A schema with no way to go on from here (contradictory constraints): end the
-                # choice rather than sample from nothing.
-                log.warning("structured output reached a dead end; ending the choice")
-                _allow_only(mask[i], self.eos_id)
+            elif state is not None:
+                # One row at a time: xgrammar's threaded batch fill costs more than it saves on the
+                # few cores a CPU server shares with the model.
+                state.matcher.fill_next_token_bitmask(mask, i)
+        for i in (mask == 0).all(dim=1).nonzero().flatten().tolist():
+            # A schema with no way to go on from here (contradictory constraints): end the choice
+            # rather than sample from nothing.
+            log.warning("structured output reached a dead end; ending the choice")
+            _allow_only(mask[i], self.eos_id)
         return mask
 
 
@@ -124,7 +124,7 @@ def grammar_text(schema: str) -> str:
     """The EBNF of the answer for a schema (canonical JSON text): an optional space, then the JSON.
     It is the key of xgrammar's cache of compiled grammars."""
     try:
-        json_grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=True, max_whitespace_cnt=MAX_WHITESPACE)
+        json_grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, separators=(", ", ": "))
     except RuntimeError as error:
         raise InvalidSchemaError(f"cannot constrain output to this schema: "
                                  f"{_XGRAMMAR_LOCATION.sub('', str(error).strip())}") from error
