@@ -35,9 +35,9 @@ class StructuredSpec:
     @classmethod
     def tool_calls(cls, tools: Sequence[tuple[str, dict[str, Any]]]) -> "StructuredSpec":
         """tools: (name, parameters schema) pairs. Each call is written {"name": ..., "arguments": ...},
-        in that order, as Mistral's tool-call format has it."""
+        in that order, as Mistral's tool-call format has it; arguments are always an object."""
         calls = [{"type": "object",
-                  "properties": {"name": {"const": name}, "arguments": _sorted_keys(parameters or {"type": "object"})},
+                  "properties": {"name": {"const": name}, "arguments": _sorted_keys({"type": "object"} | parameters)},
                   "required": ["name", "arguments"], "additionalProperties": False}
                  for name, parameters in tools]
         return cls("tool_calls", json.dumps({"type": "array", "minItems": 1, "items": {"anyOf": calls}},
