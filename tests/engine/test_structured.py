@@ -317,12 +317,12 @@ def test_preempted_choices_keep_their_grammar() -> None:
     small = Harness(kv_cache_memory=16 * block_bytes, max_batch_size=8, max_prefill_tokens=64)
     try:
         spec = StructuredSpec.json_schema(PERSON)
-        prompts = [small.prompt(f"preempt me {i} " + "pad " * 20) for i in range(5)]
-        alone = [tokens_of(small.run(small.collect(p, temperature=0.0, structured=spec, max_tokens=70)))
+        prompts = [small.prompt(f"preempt me {i} " + "pad " * 20) for i in range(4)]
+        alone = [tokens_of(small.run(small.collect(p, temperature=0.0, structured=spec, max_tokens=60)))
                  for p in prompts]
 
         async def together():
-            return await asyncio.gather(*(small.collect(p, temperature=0.0, structured=spec, max_tokens=70)
+            return await asyncio.gather(*(small.collect(p, temperature=0.0, structured=spec, max_tokens=60)
                                           for p in prompts))
 
         results = small.run(together())
