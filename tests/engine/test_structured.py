@@ -203,7 +203,7 @@ def test_the_sampler_draws_only_allowed_tokens_and_reports_unmasked_logprobs() -
             Row(SamplingParams(temperature=1.5, logprobs=True, structured=json_mode)),
             Row(SamplingParams(temperature=1.0, top_k=2, top_p=0.5, structured=json_mode)),
             Row(SamplingParams(temperature=0.0))]
-    out = Sampler(vocab).sample(logits, rows, mask)
+    out = Sampler(vocab).sample(logits.clone(), rows, mask)  # the mask is applied in place
     assert out.tokens[0] == max(allowed_ids, key=lambda t: logits[0, t])  # greedy: the best allowed token
     assert out.tokens[1] in allowed_ids and out.tokens[2] in allowed_ids
     assert out.tokens[3] == int(logits[3].argmax())
@@ -212,7 +212,7 @@ def test_the_sampler_draws_only_allowed_tokens_and_reports_unmasked_logprobs() -
         assert out.logprobs[row] == pytest.approx(float(reference[row, out.tokens[row]]), abs=1e-5)
     assert [t for t, _ in out.top[0]] == reference[0].topk(2).indices.tolist()  # the model's, masked or not
     many = [Row(SamplingParams(temperature=2.0, structured=json_mode), seed=seed) for seed in range(500)]
-    drawn = Sampler(vocab).sample(logits[1:2].expand(500, vocab), many, mask[1:2].repeat(500, 1)).tokens
+    drawn = Sampler(vocab).sample(logits[1:2].repeat(500, 1), many, mask[1:2].repeat(500, 1)).tokens
     assert set(drawn) == set(allowed_ids)  # every allowed token drawn at some seed, never a masked one
 
 

@@ -252,7 +252,8 @@ BAD_FIELDS = [
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}},
      "response_format.json_schema.name"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "answer"}}}, "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "answer"}}},
+     "response_format.json_schema.schema"),
 ]
 
 
