@@ -50,16 +50,16 @@ def apply_penalties(logits: torch.Tensor, prompt_tokens: torch.Tensor, output_to
     _ops.apply_penalties(logits, prompt_tokens, output_tokens, repetition, presence, frequency)
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           seeds: torch.Tensor, offsets: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
-    """One token per row (greedy where temperature is 0) and its log-probability under the raw logits."""
-    _ops.sample(logits, temperature, top_p, top_k, seeds, offsets, tokens, logprobs)
-
-
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Sets logits [B, V] to -inf wherever bitmask int32 [B, ceil(V/32)] has a clear bit (xgrammar's
     layout: bit j of word w is token 32 * w + j); in place."""
     _ops.apply_token_bitmask(logits, bitmask)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+           seeds: torch.Tensor, offsets: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+    """One token per row (greedy where temperature is 0) and its log-probability under the raw logits."""
+    _ops.sample(logits, temperature, top_p, top_k, seeds, offsets, tokens, logprobs)
 
 
 def _register_fakes() -> None:
