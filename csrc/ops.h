@@ -36,4 +36,7 @@ void check_sample_args(const at::Tensor& logits, const at::Tensor& temperature, 
                        const at::Tensor& top_k, const at::Tensor& seeds, const at::Tensor& offsets,
                        const at::Tensor& tokens, const at::Tensor& logprobs);
 
+// Structured output (defined in cpu/token_bitmask.cpp).
+void check_apply_token_bitmask_args(const at::Tensor& logits, const at::Tensor& bitmask);
+
 }  // namespace mistral_grpc

@@ -32,6 +32,8 @@ TORCH_LIBRARY(mistral_grpc, m) {
   m.def(
       "sample(Tensor logits, Tensor temperature, Tensor top_p, Tensor top_k, Tensor seeds, Tensor offsets, "
       "Tensor(a!) tokens, Tensor(b!) logprobs) -> ()");
+  // Structured output: bitmask int32 [B, ceil(V / 32)], bit set = token allowed, else logit = -inf.
+  m.def("apply_token_bitmask(Tensor(a!) logits, Tensor bitmask) -> ()");
 }
 
 // A Python module, so `from mistral_grpc import _C` loads the library (and with it the op

@@ -52,6 +52,12 @@ def apply_penalties(logits: torch.Tensor, prompt_tokens: torch.Tensor, output_to
     _ops.apply_penalties(logits, prompt_tokens, output_tokens, repetition, presence, frequency)
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Sets logits [B, V] to -inf wherever bitmask int32 [B, ceil(V/32)] has a clear bit (xgrammar's
+    layout: bit j of word w is token 32 * w + j); in place."""
+    _ops.apply_token_bitmask(logits, bitmask)
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
            seeds: torch.Tensor, offsets: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
     """One token per row (greedy where temperature is 0) and its log-probability under the raw logits."""
@@ -97,7 +103,7 @@ def linear_cpu_isa(isa: str = "") -> str:
 
 def _register_fakes() -> None:
     for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
-                 "paged_attention", "apply_penalties", "sample"):
+                 "paged_attention", "apply_penalties", "sample", "apply_token_bitmask"):
         torch.library.register_fake(f"mistral_grpc::{name}")(lambda *args, **kwargs: None)
 
 

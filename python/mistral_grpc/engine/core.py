@@ -15,6 +15,7 @@ from mistral_grpc.engine.request import ChoiceDelta, GenerationOutput, Generatio
 from mistral_grpc.engine.sampler import Sampler
 from mistral_grpc.engine.scheduler import ScheduledChunk, Scheduler
 from mistral_grpc.engine.sequence import Sequence, SequenceStatus
+from mistral_grpc.engine.structured import GrammarState, InvalidSchemaError, grammar_compiler
 from mistral_grpc.metrics import GENERATION_TOKENS, INTER_TOKEN_LATENCY, PROMPT_TOKENS, TIME_TO_FIRST_TOKEN
 from mistral_grpc.model.decoder import MistralDecoder
 from mistral_grpc.tokenizer import MistralTokenizer
@@ -31,6 +32,7 @@ class _Choice:
     last_token_time: float | None = None
     # v0.3: after the [TOOL_CALLS] token the text is a JSON payload, held back and parsed at the end.
     tool_text: str | None = None
+    grammar: GrammarState | None = None  # structured output: which tokens may come next
 
 
 @dataclass(eq=False)
@@ -54,6 +56,7 @@ class EngineCore:
         self.runner = ModelRunner(model, model.allocate_kv_cache(num_blocks, block_size), block_size)
         self.sampler = Sampler(tokenizer.vocab_size)
         self.token_text = TokenTexts(tokenizer)
+        self.grammars = grammar_compiler(tokenizer)
         self._requests: dict[str, _Request] = {}
         self._next_seq_id = 0
 
@@ -70,6 +73,12 @@ class EngineCore:
 
     def add_request(self, request: GenerationRequest, max_tokens: int, emit: Emit) -> None:
         params = request.params
+        try:
+            grammars = (self.grammars.new_states(params.structured, params.n) if params.structured is not None
+                        else [None] * params.n)
+        except InvalidSchemaError as error:  # the server compiles first; a direct caller learns here
+            emit(error)
+            return
         base_seed = params.seed if params.seed is not None else secrets.randbits(63)
         state = _Request(request, emit)
         now = time.monotonic()
@@ -81,7 +90,7 @@ class EngineCore:
             if index > 0:
                 seq.waits_for = state.choices[0].seq
             stop = _C.StopMatcher(list(params.stop)) if params.stop else None
-            state.choices.append(_Choice(seq, self.tokenizer.detokenizer(), stop))
+            state.choices.append(_Choice(seq, self.tokenizer.detokenizer(), stop, grammar=grammars[index]))
             self.scheduler.add(seq)
         self._requests[request.request_id] = state
         PROMPT_TOKENS.inc(len(request.prompt_token_ids))
@@ -113,7 +122,8 @@ class EngineCore:
             return
         rows = torch.tensor([i for i, _ in sampling], device=logits.device)
         seqs = [c.seq for _, c in sampling]
-        result = self.sampler.sample(logits.index_select(0, rows), seqs)
+        allowed = self.grammars.bitmask([self._requests[s.request_id].choices[s.index].grammar for s in seqs])
+        result = self.sampler.sample(logits.index_select(0, rows), seqs, allowed)
         now = time.monotonic()
         touched: dict[str, list[ChoiceDelta]] = {}
         for row, seq in enumerate(seqs):
@@ -137,6 +147,9 @@ class EngineCore:
     def _append_token(self, choice: _Choice, token: int, now: float) -> ChoiceDelta:
         seq = choice.seq
         seq.token_ids.append(token)
+        # EOS ends the choice, so the grammar never needs it; any other token was allowed by the mask.
+        if choice.grammar is not None and token != self.tokenizer.eos_id and not choice.grammar.accept(token):
+            raise RuntimeError(f"sampled token {token}, which request {seq.request_id}'s grammar forbids")
         if choice.last_token_time is not None:
             INTER_TOKEN_LATENCY.observe(now - choice.last_token_time)
         choice.last_token_time = now

@@ -45,8 +45,16 @@ class Sampler:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size  # logits columns past it (padding of the LM head) are never sampled
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """logits [len(rows), >= vocab_size], any float dtype; left unmodified."""
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+               allowed: torch.Tensor | None = None) -> SamplerOutput:
+        """logits [len(rows), >= vocab_size], any float dtype; left unmodified unless `allowed` is given.
+
+        allowed: structured output's token bitmask, int32 [len(rows), ceil(vocab_size / 32)], bit set
+        = token allowed (engine/structured.py), or None. It masks logits in place (sparing a copy of
+        the batch's logits each step). Masked tokens are never drawn (greedy takes the best allowed
+        one), but logprobs stay those of the penalised logits: the mask, like temperature, top-k and
+        top-p, shapes the draw and not the model's distribution.
+        """
         if logits.dim() != 2 or logits.shape[0] != len(rows) or logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits of shape {tuple(logits.shape)} do not fit {len(rows)} rows "
                              f"of a {self.vocab_size}-token vocabulary")
@@ -57,6 +65,11 @@ class Sampler:
             _apply_penalties(logits, rows)
 
         device = logits.device
+        top = _top_logprobs(logits, params)  # before the mask, like the normalizers below
+        renormalize = None
+        if allowed is not None:
+            renormalize = _unmasked_log_normalizers(logits, params)
+            ops.apply_token_bitmask(logits, allowed.to(device))
         tokens = torch.empty(len(rows), dtype=torch.int64, device=device)
         logprobs = torch.empty(len(rows), dtype=torch.float32, device=device)
         ops.sample(logits,
@@ -66,7 +79,12 @@ class Sampler:
                    _column([row.seed for row in rows], torch.int64, device),
                    _column([len(row.token_ids) - row.prompt_len for row in rows], torch.int64, device),
                    tokens, logprobs)
-        return SamplerOutput(tokens.tolist(), logprobs.tolist(), _top_logprobs(logits, params))
+        if renormalize is not None:
+            index, normalizers = renormalize
+            # The chosen token was allowed, so its logit is the same masked or not.
+            chosen = logits.index_select(0, index).gather(1, tokens.index_select(0, index).unsqueeze(1))
+            logprobs[index] = chosen.squeeze(1).float() - normalizers
+        return SamplerOutput(tokens.tolist(), logprobs.tolist(), top)
 
 
 def _neutral(p: SamplingParams) -> bool:
@@ -96,6 +114,17 @@ def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
                         _column([p.repetition_penalty for p in params], torch.float32, device),
                         _column([p.presence_penalty for p in params], torch.float32, device),
                         _column([p.frequency_penalty for p in params], torch.float32, device))
+
+
+def _unmasked_log_normalizers(logits: torch.Tensor,
+                              params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, logsumexp of their unmasked logits) for the constrained rows that report logprobs: the
+    sample op gives logprobs under the logits it draws from, which will be masked."""
+    asking = [i for i, p in enumerate(params) if p.structured is not None and p.logprobs]
+    if not asking:
+        return None
+    index = torch.tensor(asking, device=logits.device)
+    return index, torch.logsumexp(logits.index_select(0, index).float(), dim=-1)
 
 
 def _top_logprobs(logits: torch.Tensor, params: list[SamplingParams]) -> list[list[tuple[int, float]]]:

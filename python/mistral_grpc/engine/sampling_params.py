@@ -1,10 +1,59 @@
 """Per-request generation settings, with the ranges of shared/DESIGN.md (the hosted endpoints')."""
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 MAX_STOP_STRINGS = 16
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class StructuredSpec:
+    """A constraint on what a choice may generate (engine/structured.py turns it into a grammar).
+
+    json_object: one JSON object; json_schema: one JSON value valid under `schema`; tool_calls (v0.3):
+    the [TOOL_CALLS] token, then a JSON array of calls to the given tools, each with arguments valid
+    under its parameters. `schema` is canonical JSON text (keys sorted: google.protobuf.Struct keeps no
+    key order), so equal constraints share one compiled grammar and a seed means the same output
+    from one process to the next.
+    """
+
+    kind: Literal["json_object", "json_schema", "tool_calls"]
+    schema: str
+
+    @classmethod
+    def json_object(cls) -> "StructuredSpec":
+        return cls("json_object", _canonical({"type": "object"}))
+
+    @classmethod
+    def json_schema(cls, schema: dict[str, Any]) -> "StructuredSpec":
+        return cls("json_schema", _canonical(schema))
+
+    @classmethod
+    def tool_calls(cls, tools: Sequence[tuple[str, dict[str, Any]]]) -> "StructuredSpec":
+        """tools: (name, parameters schema) pairs. Each call is written {"name": ..., "arguments": ...},
+        in that order, as Mistral's tool-call format has it; arguments are always an object."""
+        calls = [{"type": "object",
+                  "properties": {"name": {"const": name}, "arguments": _sorted_keys({"type": "object"} | parameters)},
+                  "required": ["name", "arguments"], "additionalProperties": False}
+                 for name, parameters in tools]
+        return cls("tool_calls", json.dumps({"type": "array", "minItems": 1, "items": {"anyOf": calls}},
+                                            ensure_ascii=False, separators=(",", ":")))
+
+
+def _sorted_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _sorted_keys(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(item) for item in value]
+    return value
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -21,6 +70,7 @@ class SamplingParams:
     seed: int | None = None  # None = fresh randomness each call
     logprobs: bool = False
     top_logprobs: int = 0
+    structured: StructuredSpec | None = None  # None = free text
 
     def violations(self) -> list[tuple[str, str]]:
         """(field, description) for every out-of-range value; empty when the request is valid."""

@@ -21,7 +21,7 @@ from mistral_grpc.engine.request import GenerationOutput, GenerationRequest
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2, chat_pb2_grpc
 from mistral_grpc.server import errors
 from mistral_grpc.server.responses import ChoiceState, CompletionHeader, usage
-from mistral_grpc.server.validation import parse_request
+from mistral_grpc.server.validation import compile_grammar, parse_request
 from mistral_grpc.tokenizer import MistralTokenizer
 
 logger = logging.getLogger(__name__)
@@ -128,10 +128,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             raise errors.UNAVAILABLE_DRAINING
         if not self._engine.ready:
             raise errors.UNAVAILABLE_LOADING
-        parsed = parse_request(request, self._engine.model_name)
         tokenizer = self._engine.tokenizer
-        # A 32K-token prompt takes a while to template and encode: keep the event loop free for other calls.
+        parsed = parse_request(request, self._engine.model_name, tokenizer.tool_calls_token_id is not None)
+        # A 32K-token prompt takes a while to template and encode, a big schema to compile: keep the
+        # event loop free for other calls.
         prompt = await asyncio.to_thread(tokenizer.encode_chat, parsed.messages, parsed.tools)
+        if parsed.params.structured is not None:
+            await asyncio.to_thread(compile_grammar, tokenizer, parsed.params.structured)
         choices = [ChoiceState(i, parsed.params.logprobs) for i in range(parsed.params.n)]
         return GenerationRequest(request_id=request_id, prompt_token_ids=prompt, params=parsed.params), choices
 

@@ -2,7 +2,8 @@
 
 All violations of one request are collected and reported together (INVALID_ARGUMENT with one
 google.rpc.BadRequest field violation each). Sampling ranges live in SamplingParams.violations();
-this module checks the rest: the model name, messages, tools, tool_choice and response_format.
+this module checks the rest: the model name, messages, tools, tool_choice and response_format, and
+turns the last two into the answer's StructuredSpec (engine/structured.py compiles it).
 Whether a conversation fits the model's template (role order, tool-call ids, function names, tool
 schemas) is the template's call: its TemplateError names the field too.
 """
@@ -11,12 +12,14 @@ import json
 from dataclasses import dataclass
 
 import grpc
+import jsonschema
 from google.protobuf import json_format
 
-from mistral_grpc.engine.sampling_params import SamplingParams
+from mistral_grpc.engine.sampling_params import SamplingParams, StructuredSpec
+from mistral_grpc.engine.structured import InvalidSchemaError, grammar_compiler
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2
 from mistral_grpc.server.errors import RequestError, invalid_argument
-from mistral_grpc.tokenizer import ChatMessage, ToolCall, ToolDefinition
+from mistral_grpc.tokenizer import ChatMessage, MistralTokenizer, ToolCall, ToolDefinition
 from mistral_grpc.tokenizer.messages import ROLES
 
 TOOL_CHOICES = ("none", "auto", "any")
@@ -29,15 +32,16 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "n", "presence
 @dataclass(frozen=True)
 class ParsedRequest:
     messages: list[ChatMessage]
-    # None when none are given or tool_choice is "none". "any" offers them as "auto" does: nothing
-    # forces the model to call one yet (that needs constrained decoding).
+    # None when none are given or tool_choice is "none"; with "any", params.structured forces a call.
     tools: list[ToolDefinition] | None
     params: SamplingParams
 
 
-def parse_request(request: chat_pb2.ChatRequest, served_model: str) -> ParsedRequest:
-    """Raises RequestError: NOT_FOUND for another model, INVALID_ARGUMENT naming every bad field,
-    UNIMPLEMENTED for a valid request this server cannot honour yet."""
+def parse_request(request: chat_pb2.ChatRequest, served_model: str, has_tool_calls: bool = True) -> ParsedRequest:
+    """Raises RequestError: NOT_FOUND for another model, INVALID_ARGUMENT naming every bad field.
+
+    has_tool_calls: the served model's chat format has tool calls (v0.3), as tool_choice "any" needs.
+    """
     if request.model and request.model != served_model:
         raise RequestError(grpc.StatusCode.NOT_FOUND,
                            f"model {request.model!r} is not served here; this server serves {served_model!r} "
@@ -45,17 +49,23 @@ def parse_request(request: chat_pb2.ChatRequest, served_model: str) -> ParsedReq
     violations: list[tuple[str, str]] = []
     messages = _messages(request, violations)
     tools = _tools(request, violations)
-    tool_choice = _tool_choice(request, violations)
-    _check_response_format(request, violations)
-    params = _sampling_params(request)
+    tool_choice = _tool_choice(request, violations, has_tool_calls)
+    structured = _structured_output(request, tools, tool_choice, violations)
+    params = _sampling_params(request, structured)
     violations += params.violations()
     if violations:
         raise invalid_argument(violations)
-    if request.HasField("response_format") and request.response_format.type != "text":
-        raise RequestError(grpc.StatusCode.UNIMPLEMENTED,
-                           f"response_format type {request.response_format.type!r} is not supported yet by this "
-                           "server; use type 'text' and ask for JSON in the prompt")
     return ParsedRequest(messages=messages, tools=tools if tool_choice != "none" else None, params=params)
+
+
+def compile_grammar(tokenizer: MistralTokenizer, spec: StructuredSpec) -> None:
+    """Compiles a request's grammar, slow for a big schema (call it off the event loop); the engine then
+    finds it in the cache. A schema xgrammar cannot compile is INVALID_ARGUMENT naming the field."""
+    try:
+        grammar_compiler(tokenizer).compile(spec)
+    except InvalidSchemaError as error:
+        field = "tools" if spec.kind == "tool_calls" else "response_format.json_schema.schema"
+        raise invalid_argument([(field, str(error))]) from error
 
 
 def _messages(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) -> list[ChatMessage]:
@@ -102,7 +112,7 @@ def _tools(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) -> 
     return tools or None
 
 
-def _tool_choice(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) -> str:
+def _tool_choice(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]], has_tool_calls: bool) -> str:
     if not request.HasField("tool_choice"):
         return "auto" if request.tools else "none"
     choice = request.tool_choice
@@ -110,23 +120,60 @@ def _tool_choice(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]
         violations.append(("tool_choice", f"must be one of {', '.join(TOOL_CHOICES)} (got {choice!r})"))
     elif choice == "any" and not request.tools:
         violations.append(("tool_choice", "'any' needs at least one tool in tools"))
+    elif choice == "any" and not has_tool_calls:
+        violations.append(("tool_choice", "'any' needs a model with tool calls (Mistral-7B-Instruct v0.3); this "
+                                          "model's chat format (v0.1/v0.2) has none"))
     return choice
 
 
-def _check_response_format(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) -> None:
-    if not request.HasField("response_format"):
-        return
+def _structured_output(request: chat_pb2.ChatRequest, tools: list[ToolDefinition] | None, tool_choice: str,
+                       violations: list[tuple[str, str]]) -> StructuredSpec | None:
+    """The constraint on the answer: a tool call for tool_choice "any", else the response_format's JSON."""
     response_format = request.response_format
-    if response_format.type not in RESPONSE_FORMATS:
-        violations.append(("response_format.type",
-                           f"must be one of {', '.join(RESPONSE_FORMATS)} (got {response_format.type!r})"))
-    elif response_format.type == "json_schema" and not response_format.json_schema.name:
+    kind = response_format.type if request.HasField("response_format") else "text"
+    if kind not in RESPONSE_FORMATS:
+        violations.append(("response_format.type", f"must be one of {', '.join(RESPONSE_FORMATS)} (got {kind!r})"))
+        return None
+    if tool_choice == "any":
+        if kind != "text":
+            violations.append(("response_format.type", "must be 'text' with tool_choice 'any' (the answer is then "
+                                                       "a tool call)"))
+        return _tool_calls(tools, violations)
+    if kind == "json_object":
+        return StructuredSpec.json_object()
+    if kind == "json_schema":
+        return _json_schema(response_format.json_schema, violations)
+    return None
+
+
+def _tool_calls(tools: list[ToolDefinition] | None, violations: list[tuple[str, str]]) -> StructuredSpec | None:
+    if not tools:
+        return None  # _tool_choice reported it
+    for i, tool in enumerate(tools):
+        if tool.parameters.get("type", "object") != "object":
+            violations.append((f"tools[{i}].function.parameters",
+                               "must describe an object (type 'object') for tool_choice 'any' to call it"))
+    return StructuredSpec.tool_calls([(tool.name, tool.parameters) for tool in tools])
+
+
+def _json_schema(json_schema: chat_pb2.JsonSchema, violations: list[tuple[str, str]]) -> StructuredSpec | None:
+    if not json_schema.name:
         violations.append(("response_format.json_schema.name", "type 'json_schema' needs json_schema with a name"))
+    if not json_schema.HasField("schema"):
+        violations.append(("response_format.json_schema.schema", "type 'json_schema' needs a schema"))
+        return None
+    schema = struct_to_dict(json_schema.schema)
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.SchemaError as error:
+        violations.append(("response_format.json_schema.schema", f"is not a valid JSON Schema: {error.message}"))
+        return None
+    return StructuredSpec.json_schema(schema)
 
 
-def _sampling_params(request: chat_pb2.ChatRequest) -> SamplingParams:
+def _sampling_params(request: chat_pb2.ChatRequest, structured: StructuredSpec | None) -> SamplingParams:
     given = {name: getattr(request, name) for name in SAMPLING_FIELDS if request.HasField(name)}
-    return SamplingParams(stop=tuple(request.stop), **given)
+    return SamplingParams(stop=tuple(request.stop), structured=structured, **given)
 
 
 def struct_to_dict(struct) -> dict:
