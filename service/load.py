@@ -15,7 +15,6 @@ TPOT: per request, (last text - first text) / (completion tokens - 1); the table
 import argparse
 import asyncio
 import ipaddress
-import json
 import statistics
 import time
 from collections import Counter

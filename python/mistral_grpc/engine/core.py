@@ -12,13 +12,13 @@ from mistral_grpc import _C
 from mistral_grpc.engine.block_manager import BlockManager
 from mistral_grpc.engine.model_runner import ModelRunner
 from mistral_grpc.engine.request import ChoiceDelta, GenerationOutput, GenerationRequest, TokenLogprob, TopLogprob
-from mistral_grpc.engine.sampler import Sampler
-from mistral_grpc.engine.scheduler import ScheduledChunk, Scheduler
+from mistral_grpc.engine.sampler import Sampler, SamplerOutput
+from mistral_grpc.engine.scheduler import Scheduler
 from mistral_grpc.engine.sequence import Sequence, SequenceStatus
 from mistral_grpc.engine.structured import GrammarState, InvalidSchemaError, grammar_compiler
 from mistral_grpc.metrics import GENERATION_TOKENS, INTER_TOKEN_LATENCY, PROMPT_TOKENS, TIME_TO_FIRST_TOKEN
 from mistral_grpc.model.decoder import MistralDecoder
-from mistral_grpc.tokenizer import MistralTokenizer
+from mistral_grpc.tokenizer import IncrementalDetokenizer, MistralTokenizer
 
 Emit = Callable[[GenerationOutput | Exception], None]
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads the choices of one request over unrelated Philox keys
@@ -27,8 +27,8 @@ _GOLDEN = 0x9E3779B97F4A7C15  # spreads the choices of one request over unrelate
 @dataclass(eq=False)
 class _Choice:
     seq: Sequence
-    detokenizer: object
-    stop: object | None
+    detokenizer: IncrementalDetokenizer
+    stop: "_C.StopMatcher | None"
     last_token_time: float | None = None
     # v0.3: after the [TOOL_CALLS] token the text is a JSON payload, held back and parsed at the end.
     tool_text: str | None = None
@@ -189,7 +189,7 @@ class EngineCore:
             released += choice.stop.flush()
         return released
 
-    def _logprob(self, result, row: int) -> TokenLogprob:
+    def _logprob(self, result: SamplerOutput, row: int) -> TokenLogprob:
         top = [TopLogprob(self.token_text.text(t), lp, self.token_text.bytes(t)) for t, lp in result.top[row]]
         token = result.tokens[row]
         return TokenLogprob(self.token_text.text(token), result.logprobs[row], self.token_text.bytes(token), top)
