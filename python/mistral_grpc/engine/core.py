@@ -55,7 +55,6 @@ class EngineCore:
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens)
         self.runner = ModelRunner(model, model.allocate_kv_cache(num_blocks, block_size), block_size)
         self.sampler = Sampler(tokenizer.vocab_size)
-        self.token_text = TokenTexts(tokenizer)
         self.grammars = grammar_compiler(tokenizer)
         self._requests: dict[str, _Request] = {}
         self._next_seq_id = 0
@@ -190,27 +189,10 @@ class EngineCore:
         return released
 
     def _logprob(self, result: SamplerOutput, row: int) -> TokenLogprob:
-        top = [TopLogprob(self.token_text.text(t), lp, self.token_text.bytes(t)) for t, lp in result.top[row]]
-        token = result.tokens[row]
-        return TokenLogprob(self.token_text.text(token), result.logprobs[row], self.token_text.bytes(token), top)
+        top = [TopLogprob(**self._token_surface(t), logprob=lp) for t, lp in result.top[row]]
+        return TokenLogprob(**self._token_surface(result.tokens[row]), logprob=result.logprobs[row], top_logprobs=top)
 
-
-class TokenTexts:
-    """A token's own text and UTF-8 bytes for logprobs (SentencePiece's ▁ is a space, <0xNN> one byte)."""
-
-    def __init__(self, tokenizer: MistralTokenizer) -> None:
-        self._tokenizer = tokenizer
-        self._cache: dict[int, bytes] = {}
-
-    def bytes(self, token: int) -> list[int]:
-        return list(self._raw(token))
-
-    def text(self, token: int) -> str:
-        return self._raw(token).decode("utf-8", errors="replace")
-
-    def _raw(self, token: int) -> bytes:
-        raw = self._cache.get(token)
-        if raw is None:
-            raw = self._tokenizer.token_bytes(token)
-            self._cache[token] = raw
-        return raw
+    def _token_surface(self, token: int) -> dict:
+        """A token's own text and UTF-8 bytes for logprobs (a byte-fallback token may be part of a character)."""
+        raw = self.tokenizer.token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}

@@ -118,7 +118,7 @@ class LLMEngine:
         """One short greedy generation, so the first real request pays no first-call costs."""
         prompt = self.tokenizer.encode_chat([ChatMessage(role="user", content="warm up")])
         request = GenerationRequest("warmup", prompt, SamplingParams(temperature=0.0, max_tokens=2))
-        async for _ in self._submit(request, 2):
+        async for _ in self._submit(request, self.resolve_max_tokens(request.params, len(prompt))):
             pass
 
     async def drain(self) -> None:
