@@ -183,3 +183,22 @@ def test_the_queue_bound_refuses_the_excess_at_once() -> None:
         tiny.run(flood())
     finally:
         tiny.close()
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_fails_the_start(tmp_path) -> None:
+    import dataclasses
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from mistral_grpc.model.demo import TOKENIZER_SOURCE, demo_config, demo_weights
+
+    config = dataclasses.replace(demo_config(), vocab_size=1000)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    save_file(demo_weights(config), str(tmp_path / "model.safetensors"))
+    shutil.copyfile(TOKENIZER_SOURCE, tmp_path / "tokenizer.json")
+    engine = LLMEngine.from_args(EngineArgs(model=str(tmp_path), device="cpu", kv_cache_memory=2**20))
+    with pytest.raises(ValueError, match="32000 tokens but the model's vocab_size is 1000"):
+        asyncio.run(engine.start())
+    assert not engine.ready
