@@ -49,7 +49,7 @@ bool request_amx() {
 }
 
 #pragma GCC push_options
-#pragma GCC target("amx-tile,amx-bf16")
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
 
 // Items are pairs of tiles (linear) or single gate_up tiles; either way 32 outputs' worth of B.
 template <int kUnits>
