@@ -8,8 +8,11 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 
+from mistral_grpc.engine.args import EngineArgs
+from mistral_grpc.engine.engine import LLMEngine
 from mistral_grpc.server.app import ChatServer, ServeOptions
 
 
@@ -63,6 +66,16 @@ class LiveServer:
 
     def stop(self) -> None:
         self.begin_stop().result(timeout=60)
+
+
+@contextmanager
+def demo_server(loop: LoopThread, **engine_args) -> Iterator[LiveServer]:
+    """A LiveServer on the real engine with the demo model on the CPU, stopped on exit."""
+    server = LiveServer(LLMEngine.from_args(EngineArgs(device="cpu", **engine_args)), loop).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class ServerProcess:

@@ -13,10 +13,8 @@ import grpc
 import pytest
 
 import seed_bodies
-from harness import LiveServer, ServerProcess
+from harness import LiveServer, ServerProcess, demo_server
 from mistral_grpc.client import ChatClient, field_violations
-from mistral_grpc.engine.args import EngineArgs
-from mistral_grpc.engine.engine import LLMEngine
 from mistral_grpc.tokenizer import ChatMessage
 from external_clients import GRPCURL, NODE, NPM, grpcurl, json_stream, node_stream
 
@@ -27,11 +25,9 @@ CHAT = "mistral.chat.v1.ChatService/Chat"
 
 @pytest.fixture(scope="module")
 def demo(loop):
-    engine = LLMEngine.from_args(EngineArgs(device="cpu", kv_cache_memory=KV_CACHE, max_batch_size=8,
-                                            served_model_name=seed_bodies.SERVED_MODEL))
-    server = LiveServer(engine, loop).start()
-    yield server
-    server.stop()
+    with demo_server(loop, kv_cache_memory=KV_CACHE, max_batch_size=8,
+                     served_model_name=seed_bodies.SERVED_MODEL) as server:
+        yield server
 
 
 @pytest.fixture

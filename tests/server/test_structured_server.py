@@ -9,10 +9,8 @@ import grpc
 import jsonschema
 import pytest
 
-from harness import LiveServer
+from harness import demo_server
 from mistral_grpc.client import ChatClient, field_violations
-from mistral_grpc.engine.args import EngineArgs
-from mistral_grpc.engine.engine import LLMEngine
 
 SCHEMA = {
     "type": "object",
@@ -32,10 +30,8 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "paramet
 
 @pytest.fixture(scope="module")
 def demo(loop):
-    engine = LLMEngine.from_args(EngineArgs(device="cpu", kv_cache_memory=8 * 2**20, max_batch_size=8))
-    server = LiveServer(engine, loop).start()
-    yield server
-    server.stop()
+    with demo_server(loop, kv_cache_memory=8 * 2**20, max_batch_size=8) as server:
+        yield server
 
 
 @pytest.fixture
