@@ -64,7 +64,9 @@ extern const KernelSet kAvx512Bf16Dot;      // vdpbf16ps on the packed pairs (AV
 // AMX for bf16 batches (prefill): the packed bf16 tile is already the VNNI layout of an AMX B tile.
 // Needs K % 32 == 0 and x with its rows padded to a multiple of kAmxRowBlock, zeros past T.
 extern const KernelSet kAmxBf16;
+extern const KernelSet kAmxBf16Rows16;  // batches of at most 16 rows, x padded to 16
 constexpr int64_t kAmxRowBlock = 32;
+constexpr int64_t kAmxSmallRows = 16;
 constexpr int64_t kAmxKBlock = 32;
 // Whether the CPU has AMX-BF16 and the OS lets this process use the tile registers (asked once).
 bool amx_usable();

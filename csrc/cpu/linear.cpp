@@ -219,21 +219,21 @@ at::Tensor unpack_linear_weight(const at::Tensor& packed) {
 constexpr int64_t kMinBytesPerThread = 128 * 1024;
 
 #if MG_LINEAR_X86_KERNELS
-// Up to 5 rows the vector kernel is memory-bound and streams the weights as fast as AMX, whose
-// 32-row blocks are then mostly padding; from 6 rows it turns compute-bound and AMX pulls away
-// (`bench_linear.py --batches --threads 1`, bf16 [7168, 1024]: GFLOP/s AMX vs vdpbf16ps at
-// 4 rows 99 vs 100, 5: 103 vs 102, 6: 130 vs 105, 32: 670 vs 100).
-constexpr int64_t kAmxMinRows = 6;
+// Up to 6 rows the vector kernel streams the weights in one block of rows, as fast as AMX; from
+// 7 it needs a second block and AMX pulls ahead. Both threads, weights cold, bf16 gate_up
+// [2 x 3584, 1024] + down [1024, 3584], ms vector vs AMX: 6 rows 0.89 vs 1.04, 8: 1.04 vs 0.96,
+// 10: 1.22 vs 0.98, and at 32 rows 3.3 vs 1.2.
+constexpr int64_t kAmxMinRows = 7;
 
 bool use_amx(const PackedHeader& header, int64_t rows) {
   return header.dtype == WeightDtype::kBFloat16 && rows >= kAmxMinRows && header.k % kAmxKBlock == 0 &&
          active_isa().load(std::memory_order_relaxed) == Isa::kAmx;
 }
 
-// x as the AMX kernel reads it: whole 32-row blocks, the rows past T zero.
-at::Tensor amx_rows(const at::Tensor& x) {
+// x as the AMX kernels read it: whole blocks of `block` rows, the rows past T zero.
+at::Tensor amx_rows(const at::Tensor& x, int64_t block) {
   const int64_t rows = x.size(0);
-  const int64_t padded = (rows + kAmxRowBlock - 1) / kAmxRowBlock * kAmxRowBlock;
+  const int64_t padded = (rows + block - 1) / block * block;
   if (padded == rows) return x;
   at::Tensor copy = at::zeros({padded, x.size(1)}, x.options());
   copy.narrow(0, 0, rows).copy_(x);
@@ -271,11 +271,15 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
   const bool gate_up = kind == PackKind::kGateUp;
 #if MG_LINEAR_X86_KERNELS
   if (use_amx(header, x.size(0))) {
-    const at::Tensor rows = amx_rows(x);
+    const bool small = x.size(0) <= kAmxSmallRows;
+    const at::Tensor rows = amx_rows(x, small ? kAmxSmallRows : kAmxRowBlock);
     problem.x = rows.data_ptr();
     problem.x_stride = rows.stride(0);
-    const TileRangeFn fn = gate_up ? kAmxBf16.silu_mul : kAmxBf16.linear;
-    at::parallel_for(0, tiles_for(header.n), 2, [&](int64_t begin, int64_t end) { fn(problem, begin, end); });
+    const KernelSet& amx = small ? kAmxBf16Rows16 : kAmxBf16;
+    const TileRangeFn fn = gate_up ? amx.silu_mul : amx.linear;
+    // Whole items per thread: 4 tiles (small linear), else 2.
+    const int64_t grain = small && !gate_up ? 4 : 2;
+    at::parallel_for(0, tiles_for(header.n), grain, [&](int64_t begin, int64_t end) { fn(problem, begin, end); });
     return;
   }
 #endif

@@ -102,6 +102,67 @@ void amx_tiles(const Problem& p, int64_t begin, int64_t end) {
   _tile_release();
 }
 
+// Batches of at most 16 rows (decode steps): one A tile against four output sets (four tiles for
+// linear; gate and up of two tiles for silu_mul). The 2 x 2 blocking above would spend half its
+// TDPBF16PS on the zero rows of a 32-row block and stream one item at a time; here every product
+// is useful and four B streams are in flight (bf16 [2 x 3584, 1024], 16 rows, cold weights:
+// 0.93 -> 0.63 ms). No software prefetch: its instructions compete with the tile rows for the
+// load ports (0.72 ms with it), and the hardware prefetchers follow the four sequential streams.
+// tmm0..3: C, tmm4: A, tmm5..7: B, tmm5 reused for the fourth set once its product is issued.
+template <int kUnits>
+void amx_tiles_16(const Problem& p, int64_t begin, int64_t end) {
+  static constexpr TileConfig kConfig = full_tiles();
+  _tile_loadconfig(&kConfig);
+  alignas(64) float sums[4 * kTileRows * kTileRows];
+  constexpr int64_t kTilesPerItem = kUnits == 1 ? 4 : 2;
+  constexpr int64_t kBStride = kUnits * kStepBytes;
+  constexpr int64_t kBBlock = kTileRows * kBStride;
+  const int64_t tile_bytes = p.steps * kUnits * kStepBytes;
+  const int64_t a_stride = p.x_stride * static_cast<int64_t>(sizeof(c10::BFloat16));
+  const int64_t k_blocks = p.k / kAmxKBlock;
+  const auto* a = static_cast<const uint8_t*>(p.x);
+  for (int64_t t = begin; t < end; t += kTilesPerItem) {
+    const int tiles = static_cast<int>(std::min(kTilesPerItem, end - t));
+    // Output set i: tile t + i (linear) or sub-tile i % 2 of tile t + i / 2 (silu_mul); sets past
+    // the range repeat tile t and their sums are dropped.
+    const uint8_t* b[4];
+    for (int i = 0; i < 4; ++i) {
+      const int tile = kUnits == 1 ? i : i / 2;
+      b[i] = p.tiles + (t + (tile < tiles ? tile : 0)) * tile_bytes + (kUnits == 2 ? (i % 2) * kStepBytes : 0);
+    }
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kb = 0; kb < k_blocks; ++kb) {
+      const int64_t offset = kb * kBBlock;
+      _tile_loadd(4, a + kb * 64, a_stride);
+      _tile_loadd(5, b[0] + offset, kBStride);
+      _tile_loadd(6, b[1] + offset, kBStride);
+      _tile_loadd(7, b[2] + offset, kBStride);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, b[3] + offset, kBStride);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+    // The epilogues' layout: [output set][row][16], `rows` rows per set; each store's rows past
+    // `rows` land where the next store (or the buffer's spare end) overwrites them.
+    const int64_t rows = p.rows;
+    _tile_stored(0, sums, 64);
+    _tile_stored(1, sums + rows * kTileRows, 64);
+    _tile_stored(2, sums + 2 * rows * kTileRows, 64);
+    _tile_stored(3, sums + 3 * rows * kTileRows, 64);
+    const int64_t ids[4] = {t, t + 1, t + 2, t + 3};
+    if constexpr (kUnits == 2) {
+      store_silu_mul<c10::BFloat16>(p, ids, tiles, 0, rows, sums);
+    } else {
+      store_linear<c10::BFloat16>(p, ids, tiles, 0, rows, sums);
+    }
+  }
+  _tile_release();
+}
+
 #pragma GCC pop_options
 
 }  // namespace
@@ -112,6 +173,7 @@ bool amx_usable() {
 }
 
 const KernelSet kAmxBf16{&amx_tiles<1>, &amx_tiles<2>, nullptr};
+const KernelSet kAmxBf16Rows16{&amx_tiles_16<1>, &amx_tiles_16<2>, nullptr};
 
 }  // namespace mistral_grpc::linear
 
