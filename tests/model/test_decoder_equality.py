@@ -109,6 +109,17 @@ def test_dtype_choice(tmp_path):
         MistralDecoder.from_dir(tmp_path, dtype=torch.int8)
 
 
+def test_cpu_kv_cache_is_zeroed_writable_and_per_layer(tmp_path):
+    save_random_model(tmp_path, num_hidden_layers=2)
+    cache = MistralDecoder.from_dir(tmp_path, dtype="bfloat16").allocate_kv_cache(num_blocks=300, block_size=16)
+    tensors = cache.keys + cache.values
+    assert len({t.data_ptr() for t in tensors}) == 4
+    for t in tensors:
+        assert t.dtype == torch.bfloat16 and t.is_contiguous() and not t.any()
+        t[-1, -1].fill_(1.0)
+    assert [int(t.sum()) for t in tensors] == [t.shape[-1] * t.shape[-2] for t in tensors]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_on_cuda_matches_cpu(tmp_path, dtype):

@@ -2,9 +2,10 @@
 
 Every kernel level the CPU has (portable, avx2, avx512, avx512_bf16, amx) runs the same cases:
 shapes whose N and K are not multiples of the 16-wide tile or the bf16 pair, and batches 1..33,
-which cross the register blocks (2 to 6 rows; 32 for AMX) and their remainders.
+which cross the register blocks (2 to 6 rows; 16 and 32 for AMX) and their remainders.
 """
 
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -238,3 +239,11 @@ def test_packed_linear_rejects_wrong_width() -> None:
     layer = PackedLinear.from_weight(random_weight(8, 16, torch.float32))
     with pytest.raises(ValueError, match=r"expected x \[\.\.\., 16\]"):
         layer(torch.randn(2, 15))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are Linux's")
+def test_large_packed_weights_start_on_a_huge_page_and_round_trip() -> None:
+    weight = random_weight(1024, 1024, torch.float32)  # 4 MiB packed
+    packed = ops.pack_linear_weight(weight)
+    assert packed.data_ptr() % (2 << 20) == 0
+    torch.testing.assert_close(ops.unpack_linear_weight(packed), weight, rtol=0, atol=0)
