@@ -157,12 +157,16 @@ inline void for_tile_streams(const Problem& p, int64_t begin, int64_t end, Epilo
   }
 }
 
+// Batches trade streams for taller row blocks: AVX-512 linear 3 streams x 8 rows, gate_up 2 x 6.
+// Measured (fp32, both threads, cold weights, ms streams-only vs traded): down [1024, 3584] at 8
+// rows 0.52 vs 0.42, 16: 0.67 vs 0.61; gate_up [2 x 3584, 1024] at 16: 1.36 vs 1.23, 512: 34.8 vs
+// 28.5. Linear keeps its 4 streams past 32 rows: a 512-token prefill's linear layers took 10%
+// longer on 3.
 template <class S, int kUnits, class Epilogue>
 inline void for_tiles(const Problem& p, int64_t begin, int64_t end, Epilogue epilogue) {
-  // Batches trade streams for taller row blocks: AVX-512 linear 3 x 8 rows (fp32, 16 rows, cold:
-  // down [1024, 3584] 0.64 -> 0.58 ms, lm_head 4.97 -> 4.85 ms; 8 rows: 0.51 -> 0.39 ms), gate_up 2 x 6.
   constexpr int kBatchStreams = std::max(1, kUnits == 1 ? S::kStreams - 1 : S::kStreams / 2);
-  if (kBatchStreams < S::kStreams && p.rows > max_rows<S, kUnits, S::kStreams>()) {
+  constexpr int64_t kBatchMaxRows = kUnits == 1 ? 32 : std::numeric_limits<int64_t>::max();
+  if (kBatchStreams < S::kStreams && p.rows > max_rows<S, kUnits, S::kStreams>() && p.rows <= kBatchMaxRows) {
     for_tile_streams<S, kUnits, kBatchStreams>(p, begin, end, epilogue);
   } else {
     for_tile_streams<S, kUnits, S::kStreams>(p, begin, end, epilogue);
