@@ -81,11 +81,16 @@ MG_ALWAYS_INLINE vfloat load(const c10::Half* p) {
 
 MG_ALWAYS_INLINE void store(float* p, const vfloat& v) { std::memcpy(p, &v, sizeof(v)); }
 
-// Round to nearest even, NaN to the canonical quiet NaN: what c10::BFloat16(float) does.
-MG_ALWAYS_INLINE vbits16 to_bf16_bits(const vfloat& v) {
+// Round to nearest even, NaN to the canonical quiet NaN: what c10::BFloat16(float) does. The
+// result is the bf16 in the high half of each 32-bit lane, the low half zero.
+MG_ALWAYS_INLINE vuint round_bf16_high(const vfloat& v) {
   const vuint u = bit_cast<vuint>(v);
-  const vuint rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return __builtin_convertvector(v != v ? vuint{} + 0x7FC0u : rounded, vbits16);
+  const vuint rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  return v != v ? vuint{} + 0x7FC00000u : rounded;
+}
+
+MG_ALWAYS_INLINE vbits16 to_bf16_bits(const vfloat& v) {
+  return __builtin_convertvector(round_bf16_high(v) >> 16, vbits16);
 }
 
 MG_ALWAYS_INLINE void store(c10::BFloat16* p, const vfloat& v) {
@@ -141,6 +146,8 @@ struct RoundTo {
   MG_ALWAYS_INLINE vfloat operator()(const vfloat& v) const {
     if constexpr (std::is_same_v<T, float>) {
       return v;
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      return bit_cast<vfloat>(round_bf16_high(v));  // in registers: no store and reload
     } else {
       T staged[kLanes];
       store(staged, v);
