@@ -140,8 +140,10 @@ def window_rate(streams: list[list[tuple[float, int]]]) -> float:
 
 def read_bandwidth_gbs() -> float:
     from mistral_grpc import ops
+    from mistral_grpc.memory import zeros_on_huge_pages
 
-    buffer = torch.ones(2**30, dtype=torch.uint8)  # 1 GiB, touched so every page is resident
+    # 1 GiB on huge pages as the weights are, touched so every page is resident.
+    buffer = zeros_on_huge_pages((2**30,), torch.uint8).fill_(1)
     return ops.read_bandwidth(buffer, 5)
 
 

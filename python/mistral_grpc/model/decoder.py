@@ -6,8 +6,6 @@ The arithmetic follows transformers' MistralForCausalLM step for step (rounding 
 agree to float32 round-off.
 """
 
-import math
-import mmap
 import os
 from dataclasses import dataclass
 
@@ -15,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mistral_grpc import ops
+from mistral_grpc.memory import zeros_on_huge_pages
 from mistral_grpc.model.config import DTYPES, MistralConfig
 from mistral_grpc.model.linear import PackedGateUpSilu, PackedLinear
 from mistral_grpc.model.weights import LayerWeights, MistralWeights, load_weights
@@ -79,8 +78,8 @@ class MistralDecoder:
         shape = (num_blocks, block_size, self.config.num_key_value_heads, self.config.head_dim)
 
         def zeros() -> list[torch.Tensor]:
-            if self.device.type == "cpu":
-                return [_zeros_on_huge_pages(shape, self.dtype) for _ in self.layers]
+            if self.device.type == "cpu":  # attention reads each sequence's blocks scattered over it
+                return [zeros_on_huge_pages(shape, self.dtype) for _ in self.layers]
             return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
 
         return KVCache(keys=zeros(), values=zeros())
@@ -121,20 +120,6 @@ class MistralDecoder:
         ops.paged_attention(out, q, key_cache, value_cache, batch.block_tables, batch.seq_lens,
                             batch.query_start_loc, self.scale, self.sliding_window)
         return layer.o_proj(out.view(tokens, config.q_size))
-
-def _zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed CPU tensor on an anonymous mapping advised for transparent huge pages. Attention reads
-    each sequence's blocks scattered over the cache, a TLB miss per 4 KiB page otherwise (16 decode
-    streams, fp32, 175M model: 470 -> 360 us per layer). Pages are faulted in as blocks are first used."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes == 0:
-        return torch.zeros(shape, dtype=dtype)
-    # Private: Python's default anonymous mapping is shared, i.e. shmem, which gets no huge pages.
-    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere the pages stay small
-        buffer.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
-
 
 def _cos_sin_cache(config: MistralConfig, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[max_pos, D]: cos then sin, computed in float32 as transformers does, then cast to the model's dtype
