@@ -56,6 +56,8 @@ class LLMEngine:
         self.tokenizer: MistralTokenizer | None = None
         self._core: EngineCore | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        # What the worker emitted during a step, per caller queue, handed to the event loop in one go.
+        self._outbox: list[tuple[asyncio.Queue, GenerationOutput | Exception]] = []
         self._wakeup = threading.Event()
         self._worker: threading.Thread | None = None
         self._stopping = False
@@ -166,13 +168,12 @@ class LLMEngine:
         return params.max_tokens
 
     async def _submit(self, request: GenerationRequest, max_tokens: int) -> AsyncIterator[GenerationOutput]:
-        loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[GenerationOutput | Exception] = asyncio.Queue()
         finished = False
         self._in_flight += 1
         self._idle.clear()
         try:
-            self._send(_Add(request, max_tokens, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out)))
+            self._send(_Add(request, max_tokens, lambda out: self._outbox.append((outputs, out))))
             while not finished:
                 out = await outputs.get()
                 if isinstance(out, Exception):
@@ -208,6 +209,7 @@ class LLMEngine:
         core = self._core
         while not self._stopping:
             self._drain_inbox(core)
+            self._deliver(loop)
             if not core.has_work:
                 self._wakeup.wait()
                 self._wakeup.clear()
@@ -217,8 +219,16 @@ class LLMEngine:
             except Exception:  # a failed step must not kill the server: fail its requests, keep serving
                 log.exception("engine step failed; failing the requests in flight")
                 core.fail_all(EngineInternalError("the engine failed while generating; see the server log"))
+            self._deliver(loop)
             self._update_gauges(core)
         self._update_gauges(core)
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hands the step's outputs to their callers with one wake-up of the event loop, not one per
+        request: the loop thread shares the cores with the model's threads."""
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _drain_inbox(self, core: EngineCore) -> None:
         while True:
@@ -237,6 +247,11 @@ class LLMEngine:
         RUNNING_REQUESTS.set(running)
         WAITING_REQUESTS.set(core.num_requests - running)
         KV_CACHE_BLOCKS_USED.set(core.blocks.num_used_blocks)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, GenerationOutput | Exception]]) -> None:
+    for outputs, out in batch:
+        outputs.put_nowait(out)
 
 
 def _settle(future: asyncio.Future, error: Exception | None) -> None:
