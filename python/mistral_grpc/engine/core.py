@@ -119,10 +119,11 @@ class EngineCore:
             self.blocks.register_full_blocks(chunk.seq.blocks, chunk.seq.token_ids, chunk.seq.num_computed)
         if not sampling:
             return
-        rows = torch.tensor([i for i, _ in sampling], device=logits.device)
+        if len(sampling) < len(plan.chunks):  # some chunks end mid-prompt: their logits are not used
+            logits = logits.index_select(0, torch.tensor([i for i, _ in sampling], device=logits.device))
         seqs = [c.seq for _, c in sampling]
         allowed = self.grammars.bitmask([self._requests[s.request_id].choices[s.index].grammar for s in seqs])
-        result = self.sampler.sample(logits.index_select(0, rows), seqs, allowed)
+        result = self.sampler.sample(logits, seqs, allowed)
         now = time.monotonic()
         touched: dict[str, list[ChoiceDelta]] = {}
         for row, seq in enumerate(seqs):

@@ -98,9 +98,11 @@ class MistralDecoder:
             ops.fused_add_rms_norm(hidden, residual, layer.post_attention_norm, eps)
             hidden = layer.down_proj(layer.gate_up_silu(hidden))
 
-        # Only each sequence's last token needs the last residual add, the final norm and the lm_head.
-        last = (batch.query_start_loc[1:] - 1).long()
-        hidden, residual = hidden[last], residual[last]
+        # Only each sequence's last token needs the last residual add, the final norm and the lm_head
+        # (in a batch of decode tokens alone, every token is one).
+        if hidden.shape[0] != batch.seq_lens.shape[0]:
+            last = (batch.query_start_loc[1:] - 1).long()
+            hidden, residual = hidden[last], residual[last]
         ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
         return self.lm_head(hidden).float()
 
