@@ -51,36 +51,50 @@ bool request_amx() {
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
 
+// Where both kernels find their operands, with the tile registers configured for this thread.
+template <int kUnits>
+struct AmxOperands {
+  static constexpr int64_t kBStride = kUnits * kStepBytes;  // a sub-tile's consecutive lines
+  static constexpr int64_t kBBlock = kTileRows * kBStride;   // 16 lines = 32 K
+
+  explicit AmxOperands(const Problem& p)
+      : x(static_cast<const uint8_t*>(p.x)),
+        tile_bytes(p.steps * kUnits * kStepBytes),
+        a_stride(p.x_stride * static_cast<int64_t>(sizeof(c10::BFloat16))),
+        k_blocks(p.k / kAmxKBlock) {
+    static constexpr TileConfig kConfig = full_tiles();
+    _tile_loadconfig(&kConfig);
+  }
+  ~AmxOperands() { _tile_release(); }
+
+  const uint8_t* x;
+  int64_t tile_bytes, a_stride, k_blocks;
+};
+
 // Items are pairs of tiles (linear) or single gate_up tiles; either way 32 outputs' worth of B.
 template <int kUnits>
 void amx_tiles(const Problem& p, int64_t begin, int64_t end) {
-  static constexpr TileConfig kConfig = full_tiles();
-  _tile_loadconfig(&kConfig);
+  using O = AmxOperands<kUnits>;
+  const O o(p);
   alignas(64) float sums[2 * kAmxRowBlock * kTileRows];
   constexpr int64_t kTilesPerItem = kUnits == 1 ? 2 : 1;
-  constexpr int64_t kBStride = kUnits * kStepBytes;  // a sub-tile's consecutive lines
-  constexpr int64_t kBBlock = kTileRows * kBStride;   // 16 lines = 32 K
-  const int64_t tile_bytes = p.steps * kUnits * kStepBytes;
-  const int64_t a_stride = p.x_stride * static_cast<int64_t>(sizeof(c10::BFloat16));
-  const int64_t k_blocks = p.k / kAmxKBlock;
-  const auto* x = static_cast<const uint8_t*>(p.x);
   for (int64_t t = begin; t < end; t += kTilesPerItem) {
     const int tiles = static_cast<int>(std::min(kTilesPerItem, end - t));
-    const uint8_t* b0 = p.tiles + t * tile_bytes;
+    const uint8_t* b0 = p.tiles + t * o.tile_bytes;
     // The second output set: up rows (silu_mul), the next tile, or a repeat whose sums are dropped.
-    const uint8_t* b1 = kUnits == 2 ? b0 + kStepBytes : (tiles == 2 ? b0 + tile_bytes : b0);
+    const uint8_t* b1 = kUnits == 2 ? b0 + kStepBytes : (tiles == 2 ? b0 + o.tile_bytes : b0);
     const int64_t ids[2] = {t, t + 1};
     for (int64_t row0 = 0; row0 < p.rows; row0 += kAmxRowBlock) {
-      const uint8_t* a = x + row0 * a_stride;
+      const uint8_t* a = o.x + row0 * o.a_stride;
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      for (int64_t kb = 0; kb < k_blocks; ++kb) {
-        _tile_loadd(4, a + kb * 64, a_stride);
-        _tile_loadd(5, a + 16 * a_stride + kb * 64, a_stride);
-        _tile_loadd(6, b0 + kb * kBBlock, kBStride);
-        _tile_loadd(7, b1 + kb * kBBlock, kBStride);
+      for (int64_t kb = 0; kb < o.k_blocks; ++kb) {
+        _tile_loadd(4, a + kb * 64, o.a_stride);
+        _tile_loadd(5, a + 16 * o.a_stride + kb * 64, o.a_stride);
+        _tile_loadd(6, b0 + kb * O::kBBlock, O::kBStride);
+        _tile_loadd(7, b1 + kb * O::kBBlock, O::kBStride);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
@@ -99,7 +113,6 @@ void amx_tiles(const Problem& p, int64_t begin, int64_t end) {
       }
     }
   }
-  _tile_release();
 }
 
 // Batches of at most 16 rows (decode steps): one A tile against four output sets (four tiles for
@@ -111,16 +124,10 @@ void amx_tiles(const Problem& p, int64_t begin, int64_t end) {
 // tmm0..3: C, tmm4: A, tmm5..7: B, tmm5 reused for the fourth set once its product is issued.
 template <int kUnits>
 void amx_tiles_16(const Problem& p, int64_t begin, int64_t end) {
-  static constexpr TileConfig kConfig = full_tiles();
-  _tile_loadconfig(&kConfig);
+  using O = AmxOperands<kUnits>;
+  const O o(p);
   alignas(64) float sums[4 * kTileRows * kTileRows];
   constexpr int64_t kTilesPerItem = kUnits == 1 ? 4 : 2;
-  constexpr int64_t kBStride = kUnits * kStepBytes;
-  constexpr int64_t kBBlock = kTileRows * kBStride;
-  const int64_t tile_bytes = p.steps * kUnits * kStepBytes;
-  const int64_t a_stride = p.x_stride * static_cast<int64_t>(sizeof(c10::BFloat16));
-  const int64_t k_blocks = p.k / kAmxKBlock;
-  const auto* a = static_cast<const uint8_t*>(p.x);
   for (int64_t t = begin; t < end; t += kTilesPerItem) {
     const int tiles = static_cast<int>(std::min(kTilesPerItem, end - t));
     // Output set i: tile t + i (linear) or sub-tile i % 2 of tile t + i / 2 (silu_mul); sets past
@@ -128,22 +135,22 @@ void amx_tiles_16(const Problem& p, int64_t begin, int64_t end) {
     const uint8_t* b[4];
     for (int i = 0; i < 4; ++i) {
       const int tile = kUnits == 1 ? i : i / 2;
-      b[i] = p.tiles + (t + (tile < tiles ? tile : 0)) * tile_bytes + (kUnits == 2 ? (i % 2) * kStepBytes : 0);
+      b[i] = p.tiles + (t + (tile < tiles ? tile : 0)) * o.tile_bytes + (kUnits == 2 ? (i % 2) * kStepBytes : 0);
     }
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    for (int64_t kb = 0; kb < k_blocks; ++kb) {
-      const int64_t offset = kb * kBBlock;
-      _tile_loadd(4, a + kb * 64, a_stride);
-      _tile_loadd(5, b[0] + offset, kBStride);
-      _tile_loadd(6, b[1] + offset, kBStride);
-      _tile_loadd(7, b[2] + offset, kBStride);
+    for (int64_t kb = 0; kb < o.k_blocks; ++kb) {
+      const int64_t offset = kb * O::kBBlock;
+      _tile_loadd(4, o.x + kb * 64, o.a_stride);
+      _tile_loadd(5, b[0] + offset, O::kBStride);
+      _tile_loadd(6, b[1] + offset, O::kBStride);
+      _tile_loadd(7, b[2] + offset, O::kBStride);
       _tile_dpbf16ps(0, 4, 5);
       _tile_dpbf16ps(1, 4, 6);
       _tile_dpbf16ps(2, 4, 7);
-      _tile_loadd(5, b[3] + offset, kBStride);
+      _tile_loadd(5, b[3] + offset, O::kBStride);
       _tile_dpbf16ps(3, 4, 5);
     }
     // The epilogues' layout: [output set][row][16], `rows` rows per set; each store's rows past
@@ -160,7 +167,6 @@ void amx_tiles_16(const Problem& p, int64_t begin, int64_t end) {
       store_linear<c10::BFloat16>(p, ids, tiles, 0, rows, sums);
     }
   }
-  _tile_release();
 }
 
 #pragma GCC pop_options
