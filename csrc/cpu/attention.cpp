@@ -5,9 +5,9 @@
 //   decode-like  (a sequence with few queries, q_len * group < 16): every kv head of the sequence
 //                in one task, so each cached token's K and V rows (all heads, contiguous) stream
 //                through once and are widened to fp32 as they load. Scores are dot products reduced
-//                four rows at a time. A long sequence in a small batch is split by key range over
-//                several tasks, whose partial softmax states are merged at the end, so one decode
-//                still keeps every core busy.
+//                four rows at a time. In a batch too small to go round the threads a sequence is
+//                split by kv head, and a long one also by key range over several tasks whose
+//                partial softmax states are merged at the end, so one decode keeps every core busy.
 //   prefill-like (many queries): one kv head and a run of about kTargetRows rows per task. Each tile
 //                of K/V is widened once into scratch and reused by every row; scores come from an
 //                outer-product kernel over Q transposed, which needs no horizontal sums.
@@ -451,6 +451,31 @@ int64_t queries_per_task(int64_t group) { return std::max<int64_t>(1, kTargetRow
 
 bool decode_like(int64_t q_len, int64_t group) { return q_len * group < kLanes; }
 
+// One decode-like task, or its split by key range into `splits_wanted` parts at most (each of at
+// least kMinSplitKeys keys) whose partial softmax states merge_splits combines.
+void add_decode_task(Plan& plan, const Task& whole, int64_t splits_wanted, int64_t group, int64_t padded_dim) {
+  const int64_t rows = whole.rows(group), keys = whole.key_end - whole.key_begin;
+  plan.max_rows = std::max(plan.max_rows, rows);
+  const int64_t splits = std::max<int64_t>(1, std::min(splits_wanted, keys / kMinSplitKeys));
+  if (splits == 1) {
+    plan.tasks.push_back(whole);
+    plan.tasks.back().cost = rows * keys;
+    return;
+  }
+  SplitGroup group_of_splits{whole, splits, slot_floats(rows, padded_dim)};
+  group_of_splits.whole.partial = plan.partial_floats;
+  for (int64_t i = 0; i < splits; ++i) {
+    Task part = whole;
+    part.key_begin = whole.key_begin + keys * i / splits;
+    part.key_end = whole.key_begin + keys * (i + 1) / splits;
+    part.partial = plan.partial_floats + i * group_of_splits.slot_floats;
+    part.cost = rows * (part.key_end - part.key_begin);
+    plan.tasks.push_back(part);
+  }
+  plan.partial_floats += splits * group_of_splits.slot_floats;
+  plan.split_groups.push_back(group_of_splits);
+}
+
 Plan plan_tasks(const int32_t* seq_lens, const int32_t* query_start_loc, int64_t num_seqs, int64_t num_kv_heads,
                 int64_t group, int64_t padded_dim, int64_t sliding_window, int64_t threads) {
   Plan plan;
@@ -487,28 +512,15 @@ Plan plan_tasks(const int32_t* seq_lens, const int32_t* query_start_loc, int64_t
       }
       continue;
     }
+    // Split first by kv head (independent parts, nothing to merge), then by key range.
+    const int64_t head_splits = std::min(splits_wanted, num_kv_heads);
     const int64_t first_pos = query_position(seq_lens[b], q_len, 0);
-    const Task whole{b, 0, num_kv_heads, 0, q_len, first_visible_key(first_pos, sliding_window), seq_lens[b], -1, 0};
-    const int64_t rows = whole.rows(group), keys = whole.key_end - whole.key_begin;
-    plan.max_rows = std::max(plan.max_rows, rows);
-    const int64_t splits = std::max<int64_t>(1, std::min(splits_wanted, keys / kMinSplitKeys));
-    if (splits == 1) {
-      plan.tasks.push_back(whole);
-      plan.tasks.back().cost = rows * keys;
-      continue;
+    for (int64_t hs = 0; hs < head_splits; ++hs) {
+      const int64_t head_begin = num_kv_heads * hs / head_splits, head_end = num_kv_heads * (hs + 1) / head_splits;
+      const Task whole{b, head_begin, head_end - head_begin, 0, q_len, first_visible_key(first_pos, sliding_window),
+                       seq_lens[b], -1, 0};
+      add_decode_task(plan, whole, (splits_wanted + head_splits - 1) / head_splits, group, padded_dim);
     }
-    SplitGroup group_of_splits{whole, splits, slot_floats(rows, padded_dim)};
-    group_of_splits.whole.partial = plan.partial_floats;
-    for (int64_t i = 0; i < splits; ++i) {
-      Task part = whole;
-      part.key_begin = whole.key_begin + keys * i / splits;
-      part.key_end = whole.key_begin + keys * (i + 1) / splits;
-      part.partial = plan.partial_floats + i * group_of_splits.slot_floats;
-      part.cost = rows * (part.key_end - part.key_begin);
-      plan.tasks.push_back(part);
-    }
-    plan.partial_floats += splits * group_of_splits.slot_floats;
-    plan.split_groups.push_back(group_of_splits);
   }
   std::stable_sort(plan.tasks.begin(), plan.tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
   return plan;
