@@ -81,7 +81,7 @@ def unpack_linear_weight(packed: torch.Tensor) -> torch.Tensor:
 
 def linear(out: torch.Tensor, x: torch.Tensor, packed_weight: torch.Tensor) -> None:
     """out [T, N] = x [T, K] @ W.T on the CPU, fp32 accumulation; x, out in the weight's dtype.
-    Streams the weight for small T; bf16 batches of 6 rows and more run on AMX where the CPU has it."""
+    Streams the weight for small T; bf16 batches of 7 rows and more run on AMX where the CPU has it."""
     _ops.linear(out, x, packed_weight)
 
 

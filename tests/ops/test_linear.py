@@ -19,7 +19,7 @@ LEVELS = ["portable", "avx2", "avx512", "avx512_bf16", "amx"]
 DTYPES = [torch.float32, torch.bfloat16]
 # (N, K): tails in both dimensions, a single row/column, exact multiples, (300, 520): big enough
 # to be split across threads, with tile groups cut at the split, and K % 32 == 0 for AMX (bf16
-# batches of 6 rows and more) with an odd number of 16-output tiles.
+# batches of 7 rows and more) with an odd number of 16-output tiles.
 SHAPES = [(1, 1), (17, 5), (33, 31), (100, 257), (48, 64), (300, 520), (45, 96), (150, 256)]
 BATCHES = [*range(1, 10), 13, 31, 32, 33]
 

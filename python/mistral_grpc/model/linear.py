@@ -3,7 +3,7 @@
 A CPU decode step reads every weight once, so its speed is the rate the weights stream through
 the cores: ops.linear reads a weight packed once at load time at close to the machine's read
 bandwidth (benchmarks/bench_linear.py). On CPU every batch size goes to our ops, which switch
-to AMX for bf16 batches of 6 rows and more. Large fp32 batches were tried on MKL too: its batched
+to AMX for bf16 batches of 7 rows and more. Large fp32 batches were tried on MKL too: its batched
 GEMM reads the packed fp32 tiles in place (each is a row-major [K, 16] slice of W^T, no second
 copy), but a 512-token prefill of the 175M benchmark model took 447 ms that way against 440 ms
 on our kernels, so the op keeps its own. On CUDA the weight is kept as is for cuBLAS.
