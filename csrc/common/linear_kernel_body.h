@@ -65,16 +65,25 @@ inline void group_rows(const Problem& p, const uint8_t* first, int64_t stream_st
     }
   }
   const int64_t tile_bytes = p.steps * kLineBytes;
-  const int64_t ahead_step0 = plan.block * p.steps;  // this block's first step, counting the group's blocks
+  // The next group's line to prefetch advances kUnits / blocks lines a step (at most one): a running
+  // remainder says when, a division per step would cost more than the step's FMAs at large batches.
+  int64_t ahead_line = plan.block * p.steps * kUnits / plan.blocks;
+  int64_t ahead_rem = plan.block * p.steps * kUnits % plan.blocks;
   // acc[c] += the step's lines of every stream, times x[:, step] (or the odd-K tail pair).
   const auto accumulate = [&](int c, int64_t step, bool partial) __attribute__((always_inline)) {
+    bool ahead = false;
+    if (plan.blocks > 1) {
+      ahead_rem += kUnits;
+      ahead = ahead_rem >= plan.blocks;
+      if (ahead) {
+        ahead_rem -= plan.blocks;
+        ++ahead_line;
+      }
+    }
 #pragma GCC unroll 32
     for (int g = 0; g < G; ++g) {
       const uint8_t* lines = first + g * stream_stride + step * kLineBytes;
-      if (plan.blocks > 1) {  // kUnits / blocks lines of the next tile per step (lines repeat: cheap)
-        const int64_t line = (ahead_step0 + step) * kUnits / plan.blocks;
-        __builtin_prefetch(first + g * stream_stride + tile_bytes + line * kStepBytes, 0, 2);
-      }
+      if (ahead) __builtin_prefetch(first + g * stream_stride + tile_bytes + ahead_line * kStepBytes, 0, 2);
 #pragma GCC unroll 32
       for (int u = 0; u < kUnits; ++u) {
         if (!partial) __builtin_prefetch(lines + u * kStepBytes + kPrefetchBytes * kStreamsPerPrefetch, 0, 3);
