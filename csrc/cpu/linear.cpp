@@ -150,36 +150,34 @@ void copy_matrix(uint8_t* tiles, const at::Tensor& matrix, int64_t units, int64_
   }
 }
 
+// Zeroed bytes, on 2 MiB pages where the kernel allows (transparent huge pages in "madvise" mode,
+// the usual default) and the weight fills one, so streaming a weight costs one TLB miss per 2 MiB
+// instead of per 4 KiB: a decode step reads every weight once (175M model, batch-1, runs
+// interleaved: bf16 75-77 -> 80-83 tok/s, fp32 43 -> 46-47 tok/s). The mapping starts on a 2 MiB
+// boundary and is advised before its first touch.
+at::Tensor zeroed_bytes(int64_t bytes) {
 #ifdef MADV_HUGEPAGE
-// Zeroed bytes on 2 MiB pages where the kernel allows (transparent huge pages in "madvise" mode,
-// the usual default), so streaming a weight costs one TLB miss per 2 MiB instead of per 4 KiB:
-// a decode step reads every weight once (175M model, batch-1, runs interleaved: bf16 75-77 ->
-// 80-83 tok/s, fp32 43 -> 46-47 tok/s). The mapping starts on a 2 MiB boundary and is advised
-// before its first touch.
-at::Tensor huge_page_bytes(int64_t bytes) {
   constexpr int64_t kHugePage = 2 << 20, kPage = 4096;
-  const int64_t length = (bytes + kPage - 1) / kPage * kPage;
-  const int64_t mapped = length + kHugePage;
-  void* raw = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (raw == MAP_FAILED) return at::zeros({bytes}, at::TensorOptions().dtype(at::kByte));
-  auto* base = static_cast<uint8_t*>(raw);
-  uint8_t* start = base + (kHugePage - reinterpret_cast<uintptr_t>(base) % kHugePage) % kHugePage;
-  if (start > base) munmap(base, start - base);
-  if (start + length < base + mapped) munmap(start + length, base + mapped - (start + length));
-  madvise(start, length, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
-  return at::from_blob(start, {bytes}, [length](void* data) { munmap(data, length); },
-                       at::TensorOptions().dtype(at::kByte));
-}
+  if (bytes >= kHugePage) {
+    const int64_t length = (bytes + kPage - 1) / kPage * kPage;
+    const int64_t mapped = length + kHugePage;
+    void* raw = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw != MAP_FAILED) {
+      auto* base = static_cast<uint8_t*>(raw);
+      uint8_t* start = base + (kHugePage - reinterpret_cast<uintptr_t>(base) % kHugePage) % kHugePage;
+      if (start > base) munmap(base, start - base);
+      if (start + length < base + mapped) munmap(start + length, base + mapped - (start + length));
+      madvise(start, length, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
+      return at::from_blob(start, {bytes}, [length](void* data) { munmap(data, length); },
+                           at::TensorOptions().dtype(at::kByte));
+    }
+  }
 #endif
+  return at::zeros({bytes}, at::TensorOptions().dtype(at::kByte));
+}
 
 at::Tensor new_packed(WeightDtype dtype, PackKind kind, int64_t n, int64_t k) {
-  const int64_t bytes = packed_bytes(dtype, kind, n, k);
-#ifdef MADV_HUGEPAGE
-  at::Tensor packed = bytes >= (2 << 20) ? huge_page_bytes(bytes)
-                                         : at::zeros({bytes}, at::TensorOptions().dtype(at::kByte));
-#else
-  at::Tensor packed = at::zeros({bytes}, at::TensorOptions().dtype(at::kByte));
-#endif
+  at::Tensor packed = zeroed_bytes(packed_bytes(dtype, kind, n, k));
   PackedHeader header{};
   header.magic = kPackedMagic;
   header.dtype = dtype;

@@ -44,18 +44,16 @@ class _PackedLayer:
         written into `out` if given."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected x [..., {self.in_features}], got {tuple(x.shape)}")
-        if self.packed is not None and x.dim() == 2 and out is None and x.stride(-1) == 1:
-            # The decoder's case, some 30 calls a decode step: no reshapes or views (8.7 -> 5.4 us a call).
-            out = torch.empty((x.shape[0], self.out_features), dtype=x.dtype)
-            self._kernel(out, x)
-            return out
-        rows = x.reshape(-1, self.in_features)
+        # 2-D x (the decoder's [T, K], some 30 calls a decode step) goes through without reshapes or
+        # views: 8.7 -> 5.4 us a call.
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         shape = (*x.shape[:-1], self.out_features)
         if self.packed is None:
             y = self._torch(rows).view(shape)
             return y if out is None else out.copy_(y)
-        out = rows.new_empty(shape) if out is None else out
-        self._kernel(out.view(-1, self.out_features), rows if rows.stride(-1) == 1 else rows.contiguous())
+        out = torch.empty(shape, dtype=x.dtype) if out is None else out
+        self._kernel(out if out.dim() == 2 else out.view(-1, self.out_features),
+                     rows if rows.stride(-1) == 1 else rows.contiguous())
         return out
 
 
