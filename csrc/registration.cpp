@@ -25,6 +25,14 @@ TORCH_LIBRARY(mistral_grpc, m) {
   m.def("linear_silu_mul(Tensor(a!) out, Tensor x, Tensor packed_gate_up) -> ()");
   m.def("read_bandwidth(Tensor buffer, int repeats) -> float");
   m.def("linear_cpu_isa(str isa=\"\") -> str");
+  // A whole decoder layer on the packed CPU weights, in place (cpu/decoder_layer.cpp): residual +=
+  // hidden, then attention and the MLP as model/decoder.py chains the ops above; hidden ends as the
+  // MLP's output, residual as the sum before the MLP. Writes the new tokens' k/v into the caches.
+  m.def(
+      "decoder_layer(Tensor(a!) hidden, Tensor(b!) residual, Tensor input_norm, Tensor post_attention_norm, "
+      "Tensor qkv_weight, Tensor o_weight, Tensor gate_up_weight, Tensor down_weight, Tensor(c!) key_cache, "
+      "Tensor(d!) value_cache, Tensor positions, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, "
+      "Tensor query_start_loc, Tensor cos_sin_cache, float eps, float scale, int sliding_window) -> ()");
   // Sampling ops.
   m.def(
       "apply_penalties(Tensor(a!) logits, Tensor prompt_tokens, Tensor output_tokens, Tensor repetition, "

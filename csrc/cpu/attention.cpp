@@ -30,6 +30,7 @@
 #include "common/attention.h"
 #include "common/cache.h"
 #include "common/dispatch.h"
+#include "cpu/ops_cpu.h"
 #include "cpu/simd.h"
 #include "ops.h"
 
@@ -526,6 +527,8 @@ Plan plan_tasks(const int32_t* seq_lens, const int32_t* query_start_loc, int64_t
   return plan;
 }
 
+}  // namespace
+
 void paged_attention_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& block_tables, const at::Tensor& seq_lens,
                          const at::Tensor& query_start_loc, double scale, int64_t sliding_window) {
@@ -567,8 +570,6 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor&
     });
   });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(mistral_grpc, CPU, m) { m.impl("paged_attention", &paged_attention_cpu); }
 

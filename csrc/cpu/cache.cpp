@@ -7,12 +7,15 @@
 #include <cstring>
 
 #include "common/cache.h"
+#include "cpu/ops_cpu.h"
 #include "ops.h"
 
 namespace mistral_grpc {
 namespace {
 
 constexpr int64_t kTokenGrain = 64;
+
+}  // namespace
 
 void reshape_and_cache_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                            const at::Tensor& slot_mapping) {
@@ -35,8 +38,6 @@ void reshape_and_cache_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor&
     }
   });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(mistral_grpc, CPU, m) { m.impl("reshape_and_cache", &reshape_and_cache_cpu); }
 

@@ -17,6 +17,7 @@
 #include <string>
 
 #include "common/linear_kernels.h"
+#include "cpu/ops_cpu.h"
 
 namespace mistral_grpc {
 namespace {
@@ -319,14 +320,6 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
   at::parallel_for(0, tiles_for(header.n), grain, [&](int64_t begin, int64_t end) { fn(problem, begin, end); });
 }
 
-void linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_weight) {
-  run_tiles("linear", out, x, packed_weight, PackKind::kLinear);
-}
-
-void linear_silu_mul_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_gate_up) {
-  run_tiles("linear_silu_mul", out, x, packed_gate_up, PackKind::kGateUp);
-}
-
 // Best GB/s over `repeats` timed reads of the whole buffer, split across the intra-op threads as
 // the linear ops split a weight, through the same load loop (fp32 kernel set).
 double read_bandwidth_cpu(const at::Tensor& buffer, int64_t repeats) {
@@ -351,6 +344,19 @@ double read_bandwidth_cpu(const at::Tensor& buffer, int64_t repeats) {
 }
 
 }  // namespace
+
+void linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_weight) {
+  run_tiles("linear", out, x, packed_weight, PackKind::kLinear);
+}
+
+void linear_silu_mul_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_gate_up) {
+  run_tiles("linear_silu_mul", out, x, packed_gate_up, PackKind::kGateUp);
+}
+
+PackedWeightShape packed_weight_shape(const at::Tensor& packed, const char* op) {
+  const PackedHeader header = read_header(packed, op);
+  return {header.kind == PackKind::kGateUp, header.n, header.k, scalar_type(header.dtype)};
+}
 
 TORCH_LIBRARY_IMPL(mistral_grpc, CPU, m) {
   m.impl("pack_linear_weight", &pack_linear_weight);

@@ -5,6 +5,7 @@
 
 #include "common/dispatch.h"
 #include "common/norm.h"
+#include "cpu/ops_cpu.h"
 #include "cpu/simd.h"
 #include "ops.h"
 
@@ -64,6 +65,8 @@ void rms_norm_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight
   });
 }
 
+}  // namespace
+
 void fused_add_rms_norm_cpu(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
   check_fused_add_rms_norm_args(x, residual, weight);
   const int64_t hidden = x.size(-1);
@@ -76,8 +79,6 @@ void fused_add_rms_norm_cpu(at::Tensor& x, at::Tensor& residual, const at::Tenso
     });
   });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(mistral_grpc, CPU, m) {
   m.impl("rms_norm", &rms_norm_cpu);

@@ -6,6 +6,7 @@
 
 #include "common/dispatch.h"
 #include "common/rotary.h"
+#include "cpu/ops_cpu.h"
 #include "cpu/simd.h"
 #include "ops.h"
 
@@ -53,6 +54,8 @@ void rotate(const at::Tensor& positions, at::Tensor& q, at::Tensor& k, const at:
   });
 }
 
+}  // namespace
+
 void rotary_embedding_cpu(const at::Tensor& positions, at::Tensor& q, at::Tensor& k, const at::Tensor& cos_sin_cache) {
   check_rotary_embedding_args(positions, q, k, cos_sin_cache);
   check_positions_in_range(positions, cos_sin_cache.size(0));
@@ -64,8 +67,6 @@ void rotary_embedding_cpu(const at::Tensor& positions, at::Tensor& q, at::Tensor
     }
   });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(mistral_grpc, CPU, m) { m.impl("rotary_embedding", &rotary_embedding_cpu); }
 

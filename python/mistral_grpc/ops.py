@@ -90,6 +90,20 @@ def linear_silu_mul(out: torch.Tensor, x: torch.Tensor, packed_gate_up: torch.Te
     _ops.linear_silu_mul(out, x, packed_gate_up)
 
 
+def decoder_layer(hidden: torch.Tensor, residual: torch.Tensor, input_norm: torch.Tensor,
+                  post_attention_norm: torch.Tensor, qkv_weight: torch.Tensor, o_weight: torch.Tensor,
+                  gate_up_weight: torch.Tensor, down_weight: torch.Tensor, key_cache: torch.Tensor,
+                  value_cache: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                  cos_sin_cache: torch.Tensor, eps: float, scale: float, sliding_window: int) -> None:
+    """One decoder layer on CPU packed weights (pack_linear_weight: qkv, o, down; pack_gate_up_weight),
+    in place: residual += hidden; hidden = the layer's MLP output; the new k/v go into the caches.
+    The ops above chained in C++, without a Python round trip between them."""
+    _ops.decoder_layer(hidden, residual, input_norm, post_attention_norm, qkv_weight, o_weight, gate_up_weight,
+                       down_weight, key_cache, value_cache, positions, slot_mapping, block_tables, seq_lens,
+                       query_start_loc, cos_sin_cache, eps, scale, sliding_window)
+
+
 def read_bandwidth(buffer: torch.Tensor, repeats: int) -> float:
     """Best GB/s of `repeats` reads of a CPU buffer on all intra-op threads, with the linear kernels' load loop."""
     return _ops.read_bandwidth(buffer, repeats)
@@ -119,7 +133,7 @@ def _packed_weight_bytes(weight: torch.Tensor, units: int) -> int:
 
 
 def _register_linear_fakes() -> None:
-    for name in ("linear", "linear_silu_mul"):
+    for name in ("linear", "linear_silu_mul", "decoder_layer"):
         torch.library.register_fake(f"mistral_grpc::{name}")(lambda *args, **kwargs: None)
 
     @torch.library.register_fake("mistral_grpc::pack_linear_weight")

@@ -48,6 +48,8 @@ class _Layer:
         gate, up = weights.gate_up.chunk(2)
         self.gate_up_silu = PackedGateUpSilu.from_weights(gate, up)
         self.down_proj = PackedLinear.from_weight(weights.down_proj)
+        # Packed (CPU, float32 / bfloat16): the whole layer runs as one op, ops.decoder_layer.
+        self.packed = self.qkv_proj.packed is not None
 
 class MistralDecoder:
     def __init__(self, config: MistralConfig, weights: MistralWeights) -> None:
@@ -88,15 +90,18 @@ class MistralDecoder:
     def forward(self, batch: BatchInput, kv_cache: KVCache) -> torch.Tensor:
         """Logits [B, V] in float32 for the last new token of each sequence of the batch."""
         eps = self.config.rms_norm_eps
-        residual = F.embedding(batch.token_ids, self.embed_tokens)
-        hidden = torch.empty_like(residual)
-        ops.rms_norm(hidden, residual, self.layers[0].input_norm, eps)
-        for i, layer in enumerate(self.layers):
-            if i > 0:
-                ops.fused_add_rms_norm(hidden, residual, layer.input_norm, eps)
-            hidden = self._attention(i, layer, hidden, batch, kv_cache)
-            ops.fused_add_rms_norm(hidden, residual, layer.post_attention_norm, eps)
-            hidden = layer.down_proj(layer.gate_up_silu(hidden))
+        hidden = F.embedding(batch.token_ids, self.embed_tokens)
+        # Each layer starts with residual += hidden: from zeros, the first leaves the embeddings exact.
+        residual = torch.zeros_like(hidden)
+        for layer, key_cache, value_cache in zip(self.layers, kv_cache.keys, kv_cache.values):
+            if layer.packed:
+                ops.decoder_layer(hidden, residual, layer.input_norm, layer.post_attention_norm,
+                                  layer.qkv_proj.packed, layer.o_proj.packed, layer.gate_up_silu.packed,
+                                  layer.down_proj.packed, key_cache, value_cache, batch.positions,
+                                  batch.slot_mapping, batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                                  self.cos_sin_cache, eps, self.scale, self.sliding_window)
+            else:
+                hidden = self._layer(layer, hidden, residual, batch, key_cache, value_cache)
 
         # Only each sequence's last token needs the last residual add, the final norm and the lm_head
         # (in a batch of decode tokens alone, every token is one).
@@ -106,8 +111,17 @@ class MistralDecoder:
         ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
         return self.lm_head(hidden).float()
 
-    def _attention(self, index: int, layer: _Layer, hidden: torch.Tensor, batch: BatchInput,
-                   kv_cache: KVCache) -> torch.Tensor:
+    def _layer(self, layer: _Layer, hidden: torch.Tensor, residual: torch.Tensor, batch: BatchInput,
+               key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
+        """What ops.decoder_layer does, op by op, for weights it cannot take (CUDA; float16 on CPU)."""
+        eps = self.config.rms_norm_eps
+        ops.fused_add_rms_norm(hidden, residual, layer.input_norm, eps)
+        hidden = self._attention(layer, hidden, batch, key_cache, value_cache)
+        ops.fused_add_rms_norm(hidden, residual, layer.post_attention_norm, eps)
+        return layer.down_proj(layer.gate_up_silu(hidden))
+
+    def _attention(self, layer: _Layer, hidden: torch.Tensor, batch: BatchInput, key_cache: torch.Tensor,
+                   value_cache: torch.Tensor) -> torch.Tensor:
         config = self.config
         tokens = hidden.shape[0]
         q, k, v = layer.qkv_proj(hidden).split([config.q_size, config.kv_size, config.kv_size], dim=-1)
@@ -116,7 +130,6 @@ class MistralDecoder:
         k = k.view(tokens, config.num_key_value_heads, config.head_dim)
         v = v.view(tokens, config.num_key_value_heads, config.head_dim)
         ops.rotary_embedding(batch.positions, q, k, self.cos_sin_cache)
-        key_cache, value_cache = kv_cache.keys[index], kv_cache.values[index]
         ops.reshape_and_cache(k, v, key_cache, value_cache, batch.slot_mapping)
         out = torch.empty_like(q)
         ops.paged_attention(out, q, key_cache, value_cache, batch.block_tables, batch.seq_lens,
