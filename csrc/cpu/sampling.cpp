@@ -150,18 +150,26 @@ MG_ALWAYS_INLINE bool any_lane(const cpu::vint& mask) {
   return any != 0;
 }
 
-// Samples one row at a time, reusing its scratch across the rows of one task. Whole-row passes
-// run in cpu::vfloat steps over scratch padded to whole vectors with -inf logits (weight 0, never
-// chosen); the top-k heap and the inverse-CDF walk are scalar.
+// A thread's sampling scratch, kept from call to call: vectors made fresh for each call cost a page
+// fault per 4 KiB, four of 128 KiB for a 32k vocabulary (most of a batch-1 decode step's sampling).
+struct SamplerScratch {
+  std::vector<float> logit, weight, heap, heavy_logit, heavy_weight;
+};
+
+SamplerScratch& thread_scratch(int64_t padded) {
+  thread_local SamplerScratch scratch;
+  for (std::vector<float>* v : {&scratch.logit, &scratch.weight, &scratch.heavy_logit, &scratch.heavy_weight}) {
+    if (static_cast<int64_t>(v->size()) < padded) v->resize(padded);
+  }
+  return scratch;
+}
+
+// Samples one row at a time over its thread's scratch. Whole-row passes run in cpu::vfloat steps
+// over scratch padded to whole vectors with -inf logits (weight 0, never chosen); the top-k heap
+// and the inverse-CDF walk are scalar.
 class RowSampler {
  public:
-  explicit RowSampler(int64_t vocab)
-      : vocab_(vocab),
-        padded_(cpu::round_up_to_lanes(vocab)),
-        logit_(padded_),
-        weight_(padded_),
-        heavy_logit_(padded_),
-        heavy_weight_(padded_) {}
+  explicit RowSampler(int64_t vocab) : RowSampler(vocab, thread_scratch(cpu::round_up_to_lanes(vocab))) {}
 
   template <typename T>
   MG_ALWAYS_INLINE Draw sample(const T* row, const RowSettings& settings) {
@@ -287,8 +295,17 @@ class RowSampler {
     return from_order_key(key);
   }
 
+  RowSampler(int64_t vocab, SamplerScratch& scratch)
+      : vocab_(vocab),
+        padded_(cpu::round_up_to_lanes(vocab)),
+        logit_(scratch.logit),
+        weight_(scratch.weight),
+        heap_(scratch.heap),
+        heavy_logit_(scratch.heavy_logit),
+        heavy_weight_(scratch.heavy_weight) {}
+
   int64_t vocab_, padded_;
-  std::vector<float> logit_, weight_, heap_, heavy_logit_, heavy_weight_;
+  std::vector<float>& logit_, & weight_, &heap_, &heavy_logit_, &heavy_weight_;
 };
 
 struct SampleBatch {
