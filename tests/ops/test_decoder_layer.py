@@ -174,24 +174,23 @@ def test_opcheck() -> None:
     torch.library.opcheck(torch.ops.mistral_grpc.decoder_layer, args)
 
 
-def test_rejects_a_qkv_weight_that_does_not_fit_the_cache() -> None:
-    layer, hidden, residual, step, cos_sin = inputs(torch.float32)
-    qkv_w, o_w, gate_up_w, down_w = layer.packed()
-    wrong_qkv = ops.pack_linear_weight(layer.qkv[:-HEAD_DIM // 2])
-    before = hidden.clone(), residual.clone(), step.key_cache.clone()
-    with pytest.raises(RuntimeError, match="qkv weight"):
-        ops.decoder_layer(hidden, residual, layer.input_norm, layer.post_attention_norm, wrong_qkv, o_w, gate_up_w,
-                          down_w, step.key_cache, step.value_cache, *step.metadata(), cos_sin, EPS, SCALE, 0)
-    # Checked before anything is written.
-    assert torch.equal(hidden, before[0]) and torch.equal(residual, before[1])
-    assert torch.equal(step.key_cache.nan_to_num(), before[2].nan_to_num())
+def assert_rejected_unchanged(packed: tuple[torch.Tensor, ...], layer: Layer, hidden: torch.Tensor,
+                              residual: torch.Tensor, step: Step, cos_sin: torch.Tensor, match: str) -> None:
+    """The op raises, and every argument it writes is as it was: all checks come before the first write."""
+    before = [t.clone() for t in (hidden, residual, step.key_cache, step.value_cache)]
+    with pytest.raises(RuntimeError, match=match):
+        run_op(packed, layer, hidden, residual, step, cos_sin)
+    for now, then in zip((hidden, residual, step.key_cache, step.value_cache), before):
+        assert torch.equal(now.nan_to_num(), then.nan_to_num())
 
 
-@pytest.mark.parametrize("swap", ["gate_up for down", "down for gate_up", "o for qkv", "bf16 weights"])
-def test_rejects_wrong_weights_before_writing(swap: str) -> None:
+@pytest.mark.parametrize("swap", ["qkv too narrow", "gate_up for down", "down for gate_up", "o for qkv", "bf16"])
+def test_rejects_wrong_weights(swap: str) -> None:
     layer, hidden, residual, step, cos_sin = inputs(torch.float32)
     qkv_w, o_w, gate_up_w, down_w = layer.packed()
-    if swap == "gate_up for down":
+    if swap == "qkv too narrow":  # not (Hq + 2 Hkv) * D for the cache's Hkv and D
+        qkv_w = ops.pack_linear_weight(layer.qkv[:-HEAD_DIM // 2])
+    elif swap == "gate_up for down":
         down_w = gate_up_w
     elif swap == "down for gate_up":
         gate_up_w = down_w
@@ -199,19 +198,11 @@ def test_rejects_wrong_weights_before_writing(swap: str) -> None:
         qkv_w = o_w
     else:
         qkv_w, o_w, gate_up_w, down_w = Layer(**{k: v.bfloat16() for k, v in vars(layer).items()}).packed()
-    before = hidden.clone(), residual.clone(), step.key_cache.clone()
-    with pytest.raises(RuntimeError, match="decoder_layer: .*(weight|outputs)"):
-        ops.decoder_layer(hidden, residual, layer.input_norm, layer.post_attention_norm, qkv_w, o_w, gate_up_w,
-                          down_w, step.key_cache, step.value_cache, *step.metadata(), cos_sin, EPS, SCALE, 0)
-    assert torch.equal(hidden, before[0]) and torch.equal(residual, before[1])
-    assert torch.equal(step.key_cache.nan_to_num(), before[2].nan_to_num())
+    assert_rejected_unchanged((qkv_w, o_w, gate_up_w, down_w), layer, hidden, residual, step, cos_sin,
+                              "decoder_layer: .*(weight|outputs)")
 
 
-def test_rejects_bad_metadata_before_writing() -> None:
+def test_rejects_bad_metadata() -> None:
     layer, hidden, residual, step, cos_sin = inputs(torch.float32)
-    before = hidden.clone(), residual.clone(), step.key_cache.clone()
     step.seq_lens[1] = 10_000  # past the sequence's blocks
-    with pytest.raises(RuntimeError):
-        run_op(layer.packed(), layer, hidden, residual, step, cos_sin)
-    assert torch.equal(hidden, before[0]) and torch.equal(residual, before[1])
-    assert torch.equal(step.key_cache.nan_to_num(), before[2].nan_to_num())
+    assert_rejected_unchanged(layer.packed(), layer, hidden, residual, step, cos_sin, "seq_lens")
