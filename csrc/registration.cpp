@@ -25,6 +25,9 @@ TORCH_LIBRARY(mistral_grpc, m) {
   m.def("linear_silu_mul(Tensor(a!) out, Tensor x, Tensor packed_gate_up) -> ()");
   m.def("read_bandwidth(Tensor buffer, int repeats) -> float");
   m.def("linear_cpu_isa(str isa=\"\") -> str");
+  // A zeroed uint8 CPU tensor of nbytes, from 2 MiB on a 2 MiB-aligned mapping advised for huge pages
+  // (the packed weights' allocation, for the KV cache and benchmark buffers too).
+  m.def("zeroed_bytes(int nbytes) -> Tensor");
   // A whole decoder layer on the packed CPU weights, in place (cpu/decoder_layer.cpp): residual +=
   // hidden, then attention and the MLP as model/decoder.py chains the ops above; hidden ends as the
   // MLP's output, residual as the sum before the MLP. Writes the new tokens' k/v into the caches.

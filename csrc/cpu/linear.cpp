@@ -370,6 +370,10 @@ TORCH_LIBRARY_IMPL(mistral_grpc, CPU, m) {
 // No tensor arguments, so no backend to dispatch on.
 TORCH_LIBRARY_IMPL(mistral_grpc, CompositeExplicitAutograd, m) {
   m.impl("linear_cpu_isa", [](c10::string_view isa) { return linear_cpu_isa(isa); });
+  m.impl("zeroed_bytes", [](int64_t nbytes) {
+    TORCH_CHECK(nbytes >= 0, "zeroed_bytes: nbytes must be >= 0, got ", nbytes);
+    return zeroed_bytes(nbytes);
+  });
 }
 
 }  // namespace mistral_grpc

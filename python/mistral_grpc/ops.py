@@ -115,6 +115,12 @@ def linear_cpu_isa(isa: str = "") -> str:
     return _ops.linear_cpu_isa(isa)
 
 
+def zeroed_bytes(nbytes: int) -> torch.Tensor:
+    """A zeroed uint8 CPU tensor [nbytes]; from 2 MiB on it starts on a 2 MiB boundary of a private
+    mapping advised for transparent huge pages, faulted in page by page on first touch."""
+    return _ops.zeroed_bytes(nbytes)
+
+
 def _register_fakes() -> None:
     for name in ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "reshape_and_cache",
                  "paged_attention", "apply_penalties", "sample", "apply_token_bitmask"):
@@ -135,6 +141,10 @@ def _packed_weight_bytes(weight: torch.Tensor, units: int) -> int:
 def _register_linear_fakes() -> None:
     for name in ("linear", "linear_silu_mul", "decoder_layer"):
         torch.library.register_fake(f"mistral_grpc::{name}")(lambda *args, **kwargs: None)
+
+    @torch.library.register_fake("mistral_grpc::zeroed_bytes")
+    def _(nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
 
     @torch.library.register_fake("mistral_grpc::pack_linear_weight")
     def _(weight: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mistral_grpc import ops
+from mistral_grpc.memory import zeros_on_huge_pages
 from mistral_grpc.model.linear import PackedGateUpSilu, PackedLinear
 
 LEVELS = ["portable", "avx2", "avx512", "avx512_bf16", "amx"]
@@ -247,3 +248,21 @@ def test_large_packed_weights_start_on_a_huge_page_and_round_trip() -> None:
     packed = ops.pack_linear_weight(weight)
     assert packed.data_ptr() % (2 << 20) == 0
     torch.testing.assert_close(ops.unpack_linear_weight(packed), weight, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are Linux's")
+def test_zeros_on_huge_pages_are_aligned_zero_and_writable() -> None:
+    kv = zeros_on_huge_pages((300, 16, 2, 128), torch.bfloat16)  # 4.7 MiB, as a KV cache layer is allocated
+    assert kv.shape == (300, 16, 2, 128) and kv.dtype == torch.bfloat16
+    assert kv.data_ptr() % (2 << 20) == 0 and not kv.any()
+    kv[-1] = 1.5
+    assert kv.sum().item() == 1.5 * 16 * 2 * 128
+    small = zeros_on_huge_pages((3, 5), torch.float32)  # under 2 MiB: ordinary zeros
+    assert small.shape == (3, 5) and not small.any()
+    assert zeros_on_huge_pages((0, 7), torch.float32).shape == (0, 7)
+
+
+def test_zeroed_bytes_opcheck_and_rejects_negative() -> None:
+    torch.library.opcheck(torch.ops.mistral_grpc.zeroed_bytes, (3 << 20,))
+    with pytest.raises(RuntimeError, match="nbytes must be >= 0"):
+        ops.zeroed_bytes(-1)
