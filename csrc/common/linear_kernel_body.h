@@ -36,13 +36,20 @@ constexpr int max_rows() {
 struct BlockPlan {
   int64_t block;
   int64_t blocks;  // 1: no prefetch of the next group
+  bool into_l1;    // prefetch into L1 (the next chunk, for_tile_streams), else into L2 (the next group)
 };
 
-// sums[((g * kUnits + u) * M + m) * 16 + j] = x[m] . W[row j of sub-tile u of the tile of stream g],
-// for G tiles stream_stride bytes apart from `first`.
+// The steps [begin, end) of K a row block runs over: all of them, or one chunk (for_tile_streams).
+struct StepRange {
+  int64_t begin, end;
+};
+
+// sums[((g * kUnits + u) * M + m) * 16 + j] = x[m] . W[row j of sub-tile u of the tile of stream g]
+// over the steps in `range`, for G tiles stream_stride bytes apart from `first`. With plan.blocks > 1
+// the block also prefetches its share of what follows the range in each stream (as many lines).
 template <class S, int kUnits, int M, int G>
 inline void group_rows(const Problem& p, const uint8_t* first, int64_t stream_stride, const typename S::Elem* x,
-                       float* sums, BlockPlan plan) {
+                       float* sums, BlockPlan plan, StepRange range) {
   constexpr int64_t kLineBytes = kUnits * kStepBytes;  // one step of every sub-tile
   // Small batches split K over two accumulator sets (even and odd steps) while registers allow,
   // for more independent chains: vdpbf16ps waits on its long latency with G * kUnits * M alone
@@ -64,11 +71,12 @@ inline void group_rows(const Problem& p, const uint8_t* first, int64_t stream_st
       }
     }
   }
-  const int64_t tile_bytes = p.steps * kLineBytes;
+  const int64_t span = range.end - range.begin;
+  const uint8_t* following = first + range.end * kLineBytes;  // the stream's next chunk or tile
   // The next group's line to prefetch advances kUnits / blocks lines a step (at most one): a running
   // remainder says when, a division per step would cost more than the step's FMAs at large batches.
-  int64_t ahead_line = plan.block * p.steps * kUnits / plan.blocks;
-  int64_t ahead_rem = plan.block * p.steps * kUnits % plan.blocks;
+  int64_t ahead_line = plan.block * span * kUnits / plan.blocks;
+  int64_t ahead_rem = plan.block * span * kUnits % plan.blocks;
   // acc[c] += the step's lines of every stream, times x[:, step] (or the odd-K tail pair).
   const auto accumulate = [&](int c, int64_t step, bool partial) __attribute__((always_inline)) {
     bool ahead = false;
@@ -83,7 +91,10 @@ inline void group_rows(const Problem& p, const uint8_t* first, int64_t stream_st
 #pragma GCC unroll 32
     for (int g = 0; g < G; ++g) {
       const uint8_t* lines = first + g * stream_stride + step * kLineBytes;
-      if (ahead) __builtin_prefetch(first + g * stream_stride + tile_bytes + ahead_line * kStepBytes, 0, 2);
+      if (ahead) {
+        const uint8_t* line = following + g * stream_stride + ahead_line * kStepBytes;
+        plan.into_l1 ? __builtin_prefetch(line, 0, 3) : __builtin_prefetch(line, 0, 2);
+      }
 #pragma GCC unroll 32
       for (int u = 0; u < kUnits; ++u) {
         if (!partial) __builtin_prefetch(lines + u * kStepBytes + kAheadBytes, 0, 3);
@@ -95,14 +106,14 @@ inline void group_rows(const Problem& p, const uint8_t* first, int64_t stream_st
       }
     }
   };
-  const int64_t full_steps = p.k / S::kKPerStep;
-  int64_t s = 0;
-  for (; s + kSets <= full_steps; s += kSets) {
+  const int64_t full_end = std::min(range.end, p.k / S::kKPerStep);
+  int64_t s = range.begin;
+  for (; s + kSets <= full_end; s += kSets) {
 #pragma GCC unroll 2
     for (int c = 0; c < kSets; ++c) accumulate(c, s + c, false);
   }
-  if (s < full_steps) accumulate(0, s, false);
-  if (full_steps < p.steps) accumulate(0, full_steps, true);  // bf16, odd K: (x[K-1], 0) x zero pad
+  for (; s < full_end; ++s) accumulate(0, s, false);
+  if (full_end < range.end) accumulate(0, full_end, true);  // bf16, odd K: (x[K-1], 0) x zero pad
 #pragma GCC unroll 32
   for (int g = 0; g < G; ++g) {
 #pragma GCC unroll 32
@@ -120,14 +131,26 @@ inline void group_rows(const Problem& p, const uint8_t* first, int64_t stream_st
 // Rows [row0, row0 + rows) of x against G tiles: picks the instantiation for `rows`.
 template <class S, int kUnits, int G, int... Ms>
 inline void group_block(const Problem& p, const uint8_t* first, int64_t stream_stride, int64_t row0, int64_t rows,
-                        float* sums, BlockPlan plan, std::integer_sequence<int, Ms...>) {
+                        float* sums, BlockPlan plan, StepRange range, std::integer_sequence<int, Ms...>) {
   const auto* x = static_cast<const typename S::Elem*>(p.x) + row0 * p.x_stride;
-  ((rows == Ms + 1 ? (group_rows<S, kUnits, Ms + 1, G>(p, first, stream_stride, x, sums, plan), true) : false) ||
+  ((rows == Ms + 1 ? (group_rows<S, kUnits, Ms + 1, G>(p, first, stream_stride, x, sums, plan, range), true)
+                   : false) ||
    ...);
 }
 
 // The most bytes of tiles a large batch re-reads block after block (half the L2 of a core here).
 constexpr int64_t kReusedBytes = 1 << 20;
+
+// Batches of a few row blocks (decode batches) go through K in chunks of about kChunkBytes of a
+// group's tiles, every block over each chunk in turn, each block prefetching its share of the next
+// chunk into L1: the chunk comes from memory once, the other blocks re-read it from L1, and the
+// weights stream at an even pace while the blocks compute. Whole K per block left memory to the
+// next-group prefetch into L2 while the later blocks computed from L2 (fp32, 16 rows, cold weights:
+// the 33 linear calls of a 175M decode step 25.0-26.2 -> 21.7-22.3 ms, 16-stream decode 509-513 ->
+// 600-609 tok/s; chunks of 16 or 64 KiB a little slower; into L2, or no next-chunk prefetch, 8-10%
+// slower). Up to 8 blocks: 48 rows of linear, 48 of gate_up.
+constexpr int64_t kChunkBytes = 32 << 10;
+constexpr int64_t kMaxChunkedBlocks = 8;
 
 // Runs tiles [begin, end) as G side-by-side sub-ranges (and the few left over one by one), handing
 // each set of tiles and row block to epilogue(tile_ids, tiles, row0, rows, sums). The rows go in
@@ -135,51 +158,76 @@ constexpr int64_t kReusedBytes = 1 << 20;
 template <class S, int kUnits, int G, class Epilogue>
 inline void for_tile_streams(const Problem& p, int64_t begin, int64_t end, Epilogue epilogue) {
   constexpr int R = max_rows<S, kUnits, G>();
-  alignas(64) float sums[G * kUnits * R * kTileRows];
+  constexpr int64_t kBlockFloats = G * kUnits * R * kTileRows;
+  alignas(64) float sums[kBlockFloats];
   const auto row_counts = std::make_integer_sequence<int, R>();
   const int64_t tile_bytes = p.steps * kUnits * kStepBytes;
   const int64_t blocks = (p.rows + R - 1) / R;
   const int64_t block_rows = (p.rows + blocks - 1) / blocks;
+  const bool chunked = blocks > 1 && blocks <= kMaxChunkedBlocks;
   // The next group beside the current one must fit the L2 budget too (not so: fp32 down_proj, K 3584).
-  const int64_t ahead_blocks = 2 * G * tile_bytes <= kReusedBytes ? blocks : 1;
+  const int64_t ahead_blocks = chunked || 2 * G * tile_bytes <= kReusedBytes ? blocks : 1;
   // Row blocks after the first re-read the G tiles: if those would not fit in L2 (long K), one
-  // tile at a time.
-  const bool side_by_side = G > 1 && (p.rows <= R || G * tile_bytes <= kReusedBytes);
+  // tile at a time (a chunk always fits).
+  const bool side_by_side = G > 1 && (p.rows <= R || chunked || G * tile_bytes <= kReusedBytes);
   const int64_t per_stream = side_by_side ? (end - begin) / G : 0;
+  const StepRange all_steps{0, p.steps};
+  alignas(64) float block_sums[kMaxChunkedBlocks * kBlockFloats];  // each block's sums so far
+  const int64_t chunk_steps = std::max<int64_t>(2, kChunkBytes / (G * kUnits * kStepBytes));
+
+  // Every row block against tiles ids[0 .. Gn) (Gn = G side by side, or 1 for the leftovers).
+  const auto run_group = [&]<int Gn>(const int64_t* ids, int64_t stride) {
+    const uint8_t* first = p.tiles + ids[0] * tile_bytes;
+    if (!chunked) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t row0 = b * block_rows, rows = std::min<int64_t>(block_rows, p.rows - row0);
+        group_block<S, kUnits, Gn>(p, first, stride, row0, rows, sums, BlockPlan{b, ahead_blocks, false}, all_steps,
+                                   row_counts);
+        epilogue(ids, Gn, row0, rows, sums);
+      }
+      return;
+    }
+    for (int64_t s0 = 0; s0 < p.steps; s0 += chunk_steps) {
+      const StepRange chunk{s0, std::min(p.steps, s0 + chunk_steps)};
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t row0 = b * block_rows, rows = std::min<int64_t>(block_rows, p.rows - row0);
+        float* total = block_sums + b * kBlockFloats;
+        group_block<S, kUnits, Gn>(p, first, stride, row0, rows, s0 == 0 ? total : sums,
+                                   BlockPlan{b, ahead_blocks, true}, chunk, row_counts);
+        if (s0 == 0) continue;
+        for (int64_t i = 0; i < Gn * kUnits * rows * kTileRows; i += kTileRows) {
+          cpu::store(total + i, cpu::load(total + i) + cpu::load(sums + i));
+        }
+      }
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t row0 = b * block_rows, rows = std::min<int64_t>(block_rows, p.rows - row0);
+      epilogue(ids, Gn, row0, rows, block_sums + b * kBlockFloats);
+    }
+  };
   int64_t ids[G];
   for (int64_t i = 0; i < per_stream; ++i) {
     for (int g = 0; g < G; ++g) ids[g] = begin + g * per_stream + i;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t row0 = b * block_rows, rows = std::min<int64_t>(block_rows, p.rows - row0);
-      group_block<S, kUnits, G>(p, p.tiles + ids[0] * tile_bytes, per_stream * tile_bytes, row0, rows, sums,
-                                BlockPlan{b, ahead_blocks}, row_counts);
-      epilogue(ids, G, row0, rows, sums);
-    }
+    run_group.template operator()<G>(ids, per_stream * tile_bytes);
   }
-  for (ids[0] = begin + G * per_stream; ids[0] < end; ++ids[0]) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t row0 = b * block_rows, rows = std::min<int64_t>(block_rows, p.rows - row0);
-      group_block<S, kUnits, 1>(p, p.tiles + ids[0] * tile_bytes, 0, row0, rows, sums, BlockPlan{b, ahead_blocks},
-                                row_counts);
-      epilogue(ids, 1, row0, rows, sums);
-    }
-  }
+  for (ids[0] = begin + G * per_stream; ids[0] < end; ++ids[0]) run_group.template operator()<1>(ids, 0);
 }
 
-// Batches trade streams for taller row blocks: AVX-512 linear 3 streams x 8 rows, gate_up 2 x 6.
-// Measured (fp32, both threads, cold weights, ms streams-only vs traded): down [1024, 3584] at 8
-// rows 0.52 vs 0.42, 16: 0.67 vs 0.61; gate_up [2 x 3584, 1024] at 16: 1.36 vs 1.23, 512: 34.8 vs
-// 28.5. Linear keeps its 4 streams past 32 rows: a 512-token prefill's linear layers took 10%
-// longer on 3.
+// gate_up batches trade streams for taller row blocks: AVX-512 2 streams x 6 rows, not 4 x 3.
+// Measured (fp32, both threads, cold weights, ms 4 x 3 vs 2 x 6): gate_up [2 x 3584, 1024] at 16
+// rows 1.36 vs 1.23, at 512 rows 34.8 vs 28.5. Linear keeps its 4 streams x 6 rows: with decode
+// batches' chunked K, 3 x 8 was slower (fp32 16-stream decode of the 175M model 600-609 vs 610-622
+// tok/s), and a 512-token prefill's linear layers took 10% longer on 3 streams.
 template <class S, int kUnits, class Epilogue>
 inline void for_tiles(const Problem& p, int64_t begin, int64_t end, Epilogue epilogue) {
-  constexpr int kBatchStreams = std::max(1, kUnits == 1 ? S::kStreams - 1 : S::kStreams / 2);
-  constexpr int64_t kBatchMaxRows = kUnits == 1 ? 32 : std::numeric_limits<int64_t>::max();
-  if (kBatchStreams < S::kStreams && p.rows > max_rows<S, kUnits, S::kStreams>() && p.rows <= kBatchMaxRows) {
-    for_tile_streams<S, kUnits, kBatchStreams>(p, begin, end, epilogue);
-  } else {
-    for_tile_streams<S, kUnits, S::kStreams>(p, begin, end, epilogue);
+  constexpr int kBatchStreams = std::max(1, S::kStreams / 2);
+  if constexpr (kUnits == 2 && kBatchStreams < S::kStreams) {
+    if (p.rows > max_rows<S, kUnits, S::kStreams>()) {
+      for_tile_streams<S, kUnits, kBatchStreams>(p, begin, end, epilogue);
+      return;
+    }
   }
+  for_tile_streams<S, kUnits, S::kStreams>(p, begin, end, epilogue);
 }
 
 template <class S>

@@ -20,9 +20,11 @@ LEVELS = ["portable", "avx2", "avx512", "avx512_bf16", "amx"]
 DTYPES = [torch.float32, torch.bfloat16]
 # (N, K): tails in both dimensions, a single row/column, exact multiples, (300, 520): big enough
 # to be split across threads, with tile groups cut at the split, and K % 32 == 0 for AMX (bf16
-# batches of 7 rows and more) with an odd number of 16-output tiles.
-SHAPES = [(1, 1), (17, 5), (33, 31), (100, 257), (48, 64), (300, 520), (45, 96), (150, 256)]
-BATCHES = [*range(1, 10), 13, 31, 32, 33]
+# batches of 7 rows and more) with an odd number of 16-output tiles; (40, 777): several K chunks
+# for batches of 2-4 row blocks, the last chunk ending on bf16's odd-K pair.
+SHAPES = [(1, 1), (17, 5), (33, 31), (100, 257), (48, 64), (300, 520), (45, 96), (150, 256), (40, 777)]
+# 7-48 rows: 2-8 row blocks over chunked K; 49: past them. 31-33: AMX's 32-row blocks.
+BATCHES = [*range(1, 10), 13, 20, 31, 32, 33, 48, 49]
 
 
 def supported_levels() -> list[str]:
