@@ -71,6 +71,25 @@ struct AmxOperands {
   int64_t tile_bytes, a_stride, k_blocks;
 };
 
+// Both kernels accumulate C in tmm0..3.
+MG_ALWAYS_INLINE void zero_accumulator_tiles() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// Hands a kernel's sums ([output set][row][16]) to the epilogue of its op.
+template <int kUnits>
+MG_ALWAYS_INLINE void store_sums(const Problem& p, const int64_t* ids, int tiles, int64_t row0, int64_t rows,
+                                 const float* sums) {
+  if constexpr (kUnits == 2) {
+    store_silu_mul<c10::BFloat16>(p, ids, tiles, row0, rows, sums);
+  } else {
+    store_linear<c10::BFloat16>(p, ids, tiles, row0, rows, sums);
+  }
+}
+
 // Items are pairs of tiles (linear) or single gate_up tiles; either way 32 outputs' worth of B.
 template <int kUnits>
 void amx_tiles(const Problem& p, int64_t begin, int64_t end) {
@@ -86,10 +105,7 @@ void amx_tiles(const Problem& p, int64_t begin, int64_t end) {
     const int64_t ids[2] = {t, t + 1};
     for (int64_t row0 = 0; row0 < p.rows; row0 += kAmxRowBlock) {
       const uint8_t* a = o.x + row0 * o.a_stride;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+      zero_accumulator_tiles();
       for (int64_t kb = 0; kb < o.k_blocks; ++kb) {
         _tile_loadd(4, a + kb * 64, o.a_stride);
         _tile_loadd(5, a + 16 * o.a_stride + kb * 64, o.a_stride);
@@ -106,11 +122,7 @@ void amx_tiles(const Problem& p, int64_t begin, int64_t end) {
       _tile_stored(2, sums + 16 * kTileRows, 64);
       _tile_stored(1, sums + rows * kTileRows, 64);
       if (rows > 16) _tile_stored(3, sums + (rows + 16) * kTileRows, 64);
-      if (kUnits == 2) {
-        store_silu_mul<c10::BFloat16>(p, ids, 1, row0, rows, sums);
-      } else {
-        store_linear<c10::BFloat16>(p, ids, tiles, row0, rows, sums);
-      }
+      store_sums<kUnits>(p, ids, tiles, row0, rows, sums);  // a gate_up item is one tile
     }
   }
 }
@@ -137,10 +149,7 @@ void amx_tiles_16(const Problem& p, int64_t begin, int64_t end) {
       const int tile = kUnits == 1 ? i : i / 2;
       b[i] = p.tiles + (t + (tile < tiles ? tile : 0)) * o.tile_bytes + (kUnits == 2 ? (i % 2) * kStepBytes : 0);
     }
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
+    zero_accumulator_tiles();
     for (int64_t kb = 0; kb < o.k_blocks; ++kb) {
       const int64_t offset = kb * O::kBBlock;
       _tile_loadd(4, o.x + kb * 64, o.a_stride);
@@ -161,11 +170,7 @@ void amx_tiles_16(const Problem& p, int64_t begin, int64_t end) {
     _tile_stored(2, sums + 2 * rows * kTileRows, 64);
     _tile_stored(3, sums + 3 * rows * kTileRows, 64);
     const int64_t ids[4] = {t, t + 1, t + 2, t + 3};
-    if constexpr (kUnits == 2) {
-      store_silu_mul<c10::BFloat16>(p, ids, tiles, 0, rows, sums);
-    } else {
-      store_linear<c10::BFloat16>(p, ids, tiles, 0, rows, sums);
-    }
+    store_sums<kUnits>(p, ids, tiles, 0, rows, sums);
   }
 }
 

@@ -305,7 +305,11 @@ class RowSampler {
         heavy_weight_(scratch.heavy_weight) {}
 
   int64_t vocab_, padded_;
-  std::vector<float>& logit_, & weight_, &heap_, &heavy_logit_, &heavy_weight_;
+  std::vector<float>& logit_;
+  std::vector<float>& weight_;
+  std::vector<float>& heap_;
+  std::vector<float>& heavy_logit_;
+  std::vector<float>& heavy_weight_;
 };
 
 struct SampleBatch {
