@@ -97,7 +97,8 @@ inline void group_rows(const Problem& p, const uint8_t* first, int64_t stream_st
       }
 #pragma GCC unroll 32
       for (int u = 0; u < kUnits; ++u) {
-        if (!partial) __builtin_prefetch(lines + u * kStepBytes + kAheadBytes, 0, 3);
+        // Chunked blocks skip it: the blocks of the chunk before put these lines in L1 already.
+        if (!partial && !plan.into_l1) __builtin_prefetch(lines + u * kStepBytes + kAheadBytes, 0, 3);
 #pragma GCC unroll 32
         for (int m = 0; m < M; ++m) {
           const typename S::Elem* row = x + m * p.x_stride;
@@ -141,15 +142,16 @@ inline void group_block(const Problem& p, const uint8_t* first, int64_t stream_s
 // The most bytes of tiles a large batch re-reads block after block (half the L2 of a core here).
 constexpr int64_t kReusedBytes = 1 << 20;
 
-// Batches of a few row blocks (decode batches) go through K in chunks of about kChunkBytes of a
-// group's tiles, every block over each chunk in turn, each block prefetching its share of the next
-// chunk into L1: the chunk comes from memory once, the other blocks re-read it from L1, and the
-// weights stream at an even pace while the blocks compute. Whole K per block left memory to the
-// next-group prefetch into L2 while the later blocks computed from L2 (fp32, 16 rows, cold weights:
-// the 33 linear calls of a 175M decode step 25.0-26.2 -> 21.7-22.3 ms, 16-stream decode 509-513 ->
-// 600-609 tok/s; chunks of 16 or 64 KiB a little slower; into L2, or no next-chunk prefetch, 8-10%
-// slower). Up to 8 blocks: 48 rows of linear, 48 of gate_up.
-constexpr int64_t kChunkBytes = 32 << 10;
+// Batches of a few row blocks (decode batches) go through K in chunks of a group's tiles, every
+// block over each chunk in turn, each block prefetching its share of the next chunk into L1: the
+// chunk comes from memory once, the other blocks re-read it from L1, and the weights stream at an
+// even pace while the blocks compute. Whole K per block left memory to the next-group prefetch into
+// L2 while the later blocks computed from L2 (fp32, 16 rows, cold weights: the 33 linear calls of a
+// 175M decode step 25.0-26.2 -> 21.7-22.3 ms, 16-stream decode 509-513 -> 600-609 tok/s; into L2,
+// or no next-chunk prefetch, 8-10% slower). Chunks of 16 KiB up to 3 blocks, else 32 KiB; those
+// calls at 8 / 16 / 24 / 32 rows, 16 vs 32 KiB: -4% / -3% / -1% / +2%. Up to 8 blocks: 48 rows of
+// linear, 48 of gate_up.
+constexpr int64_t chunk_bytes(int64_t blocks) { return blocks <= 3 ? 16 << 10 : 32 << 10; }
 constexpr int64_t kMaxChunkedBlocks = 8;
 
 // Runs tiles [begin, end) as G side-by-side sub-ranges (and the few left over one by one), handing
@@ -173,7 +175,7 @@ inline void for_tile_streams(const Problem& p, int64_t begin, int64_t end, Epilo
   const int64_t per_stream = side_by_side ? (end - begin) / G : 0;
   const StepRange all_steps{0, p.steps};
   alignas(64) float block_sums[kMaxChunkedBlocks * kBlockFloats];  // each block's sums so far
-  const int64_t chunk_steps = std::max<int64_t>(2, kChunkBytes / (G * kUnits * kStepBytes));
+  const int64_t chunk_steps = std::max<int64_t>(2, chunk_bytes(blocks) / (G * kUnits * kStepBytes));
 
   // Every row block against tiles ids[0 .. Gn) (Gn = G side by side, or 1 for the leftovers).
   const auto run_group = [&]<int Gn>(const int64_t* ids, int64_t stride) {
