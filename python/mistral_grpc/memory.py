@@ -13,8 +13,14 @@ import torch
 from mistral_grpc import ops
 
 
-def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+_PAGE = 4096
+
+
+def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype, populate: bool = False) -> torch.Tensor:
     """A zeroed, writable CPU tensor on a 2 MiB-aligned private mapping advised for huge pages (Linux,
-    from 2 MiB on; elsewhere ordinary zeros). Pages are faulted in on first touch, so untouched parts
-    of a large buffer (KV blocks never used yet) cost no resident memory."""
-    return ops.zeroed_bytes(math.prod(shape) * dtype.itemsize).view(dtype).view(shape)
+    from 2 MiB on; elsewhere ordinary zeros). Pages are faulted in on first touch, unless `populate`
+    faults them all now (one write per page, after the advice, so they still come as huge pages)."""
+    raw = ops.zeroed_bytes(math.prod(shape) * dtype.itemsize)
+    if populate:
+        raw[::_PAGE].fill_(0)
+    return raw.view(dtype).view(shape)

@@ -5,6 +5,7 @@ shapes whose N and K are not multiples of the 16-wide tile or the bf16 pair, and
 which cross the register blocks (2 to 6 rows; 16 and 32 for AMX) and their remainders.
 """
 
+import os
 import sys
 from collections.abc import Iterator
 
@@ -262,6 +263,25 @@ def test_zeros_on_huge_pages_are_aligned_zero_and_writable() -> None:
     small = zeros_on_huge_pages((3, 5), torch.float32)  # under 2 MiB: ordinary zeros
     assert small.shape == (3, 5) and not small.any()
     assert zeros_on_huge_pages((0, 7), torch.float32).shape == (0, 7)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are Linux's")
+def test_zeros_on_huge_pages_populate_faults_every_page_now() -> None:
+    size = 64 << 20  # as the KV cache is allocated: resident from the start, still zero
+    before = _resident_bytes()
+    lazy = zeros_on_huge_pages((size,), torch.uint8)
+    lazy_growth = _resident_bytes() - before
+    before = _resident_bytes()
+    eager = zeros_on_huge_pages((size // 4,), torch.float32, populate=True)
+    eager_growth = _resident_bytes() - before
+    assert lazy_growth < size // 4 <= size * 0.95 <= eager_growth
+    assert eager.shape == (size // 4,) and eager.data_ptr() % (2 << 20) == 0 and not eager.any()
+    del lazy
 
 
 def test_zeroed_bytes_opcheck_and_rejects_negative() -> None:

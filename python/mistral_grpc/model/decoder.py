@@ -80,8 +80,13 @@ class MistralDecoder:
         shape = (num_blocks, block_size, self.config.num_key_value_heads, self.config.head_dim)
 
         def zeros() -> list[torch.Tensor]:
-            if self.device.type == "cpu":  # attention reads each sequence's blocks scattered over it
-                return [zeros_on_huge_pages(shape, self.dtype) for _ in self.layers]
+            # On CPU the cache is resident from the start, as it is on a GPU: its memory is the
+            # server's from startup (not an out-of-memory kill mid-stream), and no decode step pays
+            # for the first touch of fresh pages (on this VM one step in ~100 took ~100 ms instead of
+            # ~30 as the 16-stream benchmark's sequences crossed into new pages). Huge pages:
+            # attention reads each sequence's blocks scattered over the cache.
+            if self.device.type == "cpu":
+                return [zeros_on_huge_pages(shape, self.dtype, populate=True) for _ in self.layers]
             return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
 
         return KVCache(keys=zeros(), values=zeros())
