@@ -144,12 +144,42 @@ struct TileRows {
   int64_t head_stride;
 };
 
+// The next tile's K and V rows, asked for a few cache lines at every key the current tile folds: a
+// sequence's blocks are scattered by the block table, which the hardware prefetchers cannot follow.
+// Asking for the whole tile at once (64 KiB of fp32 K and V, more than L1 holds) stalled the core on
+// its fill buffers until the lines came and left memory idle while the tile then computed; spread
+// out, the loads overlap the arithmetic (fp32, 16 sequences of 200 tokens, one layer's attention
+// with the cache cold: 0.80-0.81 -> 0.72-0.73 ms; inside decode steps 4.2-4.8 -> 3.9-4.2 ms a step).
+template <typename T>
+struct NextTilePrefetch {
+  const T* const* keys = nullptr;  // the next tile's rows (none: rows 0)
+  const T* const* values = nullptr;
+  int64_t rows = 0, lines_per_row = 0;
+  int64_t per_key = 0;  // lines asked for at each key of each pass over the current tile
+  int64_t next = 0;     // lines asked for so far: all keys' lines, then all values'
+
+  MG_ALWAYS_INLINE void some() { ask(std::min(next + per_key, 2 * rows * lines_per_row)); }
+  MG_ALWAYS_INLINE void rest() { ask(2 * rows * lines_per_row); }
+
+ private:
+  MG_ALWAYS_INLINE void ask(int64_t end) {
+    constexpr int64_t kCacheLine = 64;
+    for (; next < end; ++next) {
+      const int64_t row = next / lines_per_row;
+      const T* base = row < rows ? keys[row] : values[row - rows];
+      __builtin_prefetch(reinterpret_cast<const char*>(base) + next % lines_per_row * kCacheLine);
+    }
+  }
+};
+
 // scores[j, r] = q_r . k_j for R <= 4 rows, one key at a time: few rows, so no reuse to win by
 // staging K; its rows are widened as they load.
-template <int64_t R, typename E>
+template <int64_t R, typename E, typename Prefetch>
 MG_ALWAYS_INLINE void score_rows(const float* queries, int64_t padded_dim, const E* const* keys, int64_t offset,
-                                 int64_t kt, int64_t head_dim, float* scores, int64_t padded_rows) {
+                                 int64_t kt, int64_t head_dim, float* scores, int64_t padded_rows,
+                                 Prefetch& next_tile) {
   for (int64_t j = 0; j < kt; ++j) {
+    next_tile.some();
     const E* key = keys[j] + offset;
     vfloat acc[kRowBlock] = {};
     int64_t d = 0;
@@ -186,15 +216,16 @@ MG_ALWAYS_INLINE void score_keys(const float* queries_t, int64_t padded_rows, co
 
 // acc[r, d0 : d0 + 16 NV] = acc * rescale[r] + sum_j probs[j, r] v_j for R rows. Value rows are whole
 // vectors wide (head_dim a multiple of 16, or staged with zero padding).
-template <int64_t R, int64_t NV, typename E>
+template <int64_t R, int64_t NV, typename E, typename Prefetch>
 MG_ALWAYS_INLINE void accumulate_values(float* acc_rows, int64_t padded_dim, const float* rescale, const float* probs,
                                         int64_t padded_rows, const E* const* values, int64_t offset, int64_t kt,
-                                        int64_t d0) {
+                                        int64_t d0, Prefetch& next_tile) {
   vfloat acc[R][NV];
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t v = 0; v < NV; ++v) acc[r][v] = cpu::load(acc_rows + r * padded_dim + d0 + v * kLanes) * rescale[r];
   }
   for (int64_t j = 0; j < kt; ++j) {
+    next_tile.some();
     vfloat val[NV];
     for (int64_t v = 0; v < NV; ++v) val[v] = cpu::load(values[j] + offset + d0 + v * kLanes);
     for (int64_t r = 0; r < R; ++r) {
@@ -228,14 +259,17 @@ MG_ALWAYS_INLINE void softmax_tile(Scratch& s, int64_t kt, int64_t padded_rows) 
   }
 }
 
-// One tile's scores, mask, softmax update and P V, for K/V rows of element type E.
+// One tile's scores, mask, softmax update and P V, for K/V rows of element type E; asks for the next
+// tile's lines along the way.
 template <typename T, typename E>
 MG_ALWAYS_INLINE void fold_tile(const Problem<T>& p, const Task& task, Scratch& s, const TileRows<E>& keys,
-                                const TileRows<E>& values, int64_t k0, int64_t kt, int64_t first_pos, bool masked) {
+                                const TileRows<E>& values, int64_t k0, int64_t kt, int64_t first_pos, bool masked,
+                                NextTilePrefetch<T>& next_tile) {
   const int64_t group = p.group, padded_dim = p.padded_dim, head_dim = p.head_dim;
   const int64_t rows_per_head = task.num_queries * group, rows = task.rows(group);
   const int64_t padded_rows = cpu::round_up_to_lanes(rows);
   if (rows_per_head >= kLanes) {  // a prefill-like task: a single kv head
+    next_tile.rest();  // its outer products load each key element alone: no loop to spread over
     const int64_t row_vectors = padded_rows / kLanes;
     for (int64_t j0 = 0; j0 < kt; j0 += kKeyBlock) {
       for (int64_t v0 = 0; v0 < row_vectors; v0 += kVectorBlock) {
@@ -253,7 +287,7 @@ MG_ALWAYS_INLINE void fold_tile(const Problem<T>& p, const Task& task, Scratch& 
       for (int64_t r0 = h * rows_per_head; r0 < (h + 1) * rows_per_head; r0 += kRowBlock) {
         with_count<kRowBlock>(std::min(kRowBlock, (h + 1) * rows_per_head - r0), [&](auto nr) MG_ALWAYS_INLINE_LAMBDA {
           score_rows<decltype(nr)::value>(&s.queries[r0 * padded_dim], padded_dim, keys.rows, h * keys.head_stride,
-                                          kt, head_dim, &s.scores[r0], padded_rows);
+                                          kt, head_dim, &s.scores[r0], padded_rows, next_tile);
         });
       }
     }
@@ -268,6 +302,7 @@ MG_ALWAYS_INLINE void fold_tile(const Problem<T>& p, const Task& task, Scratch& 
   }
 
   softmax_tile(s, kt, padded_rows);
+  next_tile.some();
 
   const int64_t dim_vectors = padded_dim / kLanes;
   for (int64_t h = 0; h < task.num_kv_heads; ++h) {
@@ -278,7 +313,7 @@ MG_ALWAYS_INLINE void fold_tile(const Problem<T>& p, const Task& task, Scratch& 
           with_count<kVectorBlock>(std::min(kVectorBlock, dim_vectors - v0), [&](auto nv) MG_ALWAYS_INLINE_LAMBDA {
             accumulate_values<decltype(nr)::value, decltype(nv)::value>(
                 &s.acc[r0 * padded_dim], padded_dim, &s.rescale[r0], &s.scores[r0], padded_rows, values.rows,
-                h * values.head_stride, kt, v0 * kLanes);
+                h * values.head_stride, kt, v0 * kLanes, next_tile);
           });
         });
       }
@@ -300,17 +335,6 @@ MG_ALWAYS_INLINE void stage_rows(const T* const* src, int64_t kt, int64_t heads,
     staged.rows[j] = dst;
   }
   staged.head_stride = padded_dim;
-}
-
-// Asks for the cache lines of a tile's rows ahead of use: a sequence's blocks are scattered by the
-// block table, which the hardware prefetchers cannot follow.
-template <typename T>
-MG_ALWAYS_INLINE void prefetch_rows(const T* const* rows, int64_t kt, int64_t bytes) {
-  constexpr int64_t kCacheLine = 64;
-  for (int64_t j = 0; j < kt; ++j) {
-    const char* row = reinterpret_cast<const char*>(rows[j]);
-    for (int64_t byte = 0; byte < bytes; byte += kCacheLine) __builtin_prefetch(row + byte);
-  }
 }
 
 template <typename T>
@@ -358,27 +382,35 @@ MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s
   // Tiles wholly inside every row's visible range skip the mask.
   const int64_t unmasked_begin = first_visible_key(last_pos, p.sliding_window), unmasked_end = first_pos + 1;
   const int64_t row_bytes = heads * head_dim * static_cast<int64_t>(sizeof(T));
+  // Passes fold_tile makes over a tile's keys (decode-like): a score pass per block of rows, a P V
+  // pass per block of rows and of vectors; plus one step at the softmax.
+  const int64_t row_blocks = heads * ((task.num_queries * group + kRowBlock - 1) / kRowBlock);
+  const int64_t passes = row_blocks * (1 + (padded_dim / kLanes + kVectorBlock - 1) / kVectorBlock);
   TileRows<T> key_rows, value_rows;
   TileRows<T> next_keys, next_values;
   key_rows.head_stride = value_rows.head_stride = head_dim;
   for (int64_t k0 = task.key_begin; k0 < task.key_end; k0 += kKeyTile) {
     const int64_t kt = std::min(kKeyTile, task.key_end - k0);
     locate_rows(p, task, k0, kt, key_rows.rows, value_rows.rows);
+    NextTilePrefetch<T> next_tile;
     if (k0 + kKeyTile < task.key_end) {
       const int64_t next_kt = std::min(kKeyTile, task.key_end - k0 - kKeyTile);
       locate_rows(p, task, k0 + kKeyTile, next_kt, next_keys.rows, next_values.rows);
-      prefetch_rows(next_keys.rows, next_kt, row_bytes);
-      prefetch_rows(next_values.rows, next_kt, row_bytes);
+      next_tile = {.keys = next_keys.rows, .values = next_values.rows, .rows = next_kt,
+                   .lines_per_row = (row_bytes + 63) / 64};
+      const int64_t steps = passes * kt + 1;
+      next_tile.per_key = (2 * next_kt * next_tile.lines_per_row + steps - 1) / steps;
     }
     const bool masked = k0 < unmasked_begin || k0 + kt > unmasked_end;
     if (stage) {
       TileRows<float> staged_keys, staged_values;
       stage_rows(key_rows.rows, kt, heads, head_dim, padded_dim, s.keys, staged_keys);
       stage_rows(value_rows.rows, kt, heads, head_dim, padded_dim, s.values, staged_values);
-      fold_tile(p, task, s, staged_keys, staged_values, k0, kt, first_pos, masked);
+      fold_tile(p, task, s, staged_keys, staged_values, k0, kt, first_pos, masked, next_tile);
     } else {
-      fold_tile(p, task, s, key_rows, value_rows, k0, kt, first_pos, masked);
+      fold_tile(p, task, s, key_rows, value_rows, k0, kt, first_pos, masked, next_tile);
     }
+    next_tile.rest();  // any the rounding left
   }
 
   if (task.partial >= 0) {
