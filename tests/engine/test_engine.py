@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from mistral_grpc.engine.args import EngineArgs
-from mistral_grpc.engine.engine import LLMEngine
+from mistral_grpc.engine.engine import LLMEngine, default_cpu_kv_bytes
 from mistral_grpc.engine.request import GenerationOutput, GenerationRequest, PromptTooLongError, QueueFullError
 from mistral_grpc.engine.sampling_params import SamplingParams
 from mistral_grpc.tokenizer import ChatMessage
@@ -202,3 +202,13 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_fails_the_start(tmp_path) 
     with pytest.raises(ValueError, match="32000 tokens but the model's vocab_size is 1000"):
         asyncio.run(engine.start())
     assert not engine.ready
+
+
+def test_the_default_cpu_kv_cache_is_2gib_or_half_the_available_memory(tmp_path) -> None:
+    # Resident from startup, so a small machine must not give it all its memory.
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
+    assert default_cpu_kv_bytes(str(meminfo)) == 2 * 2**30
+    meminfo.write_text("MemTotal:        4000000 kB\nMemAvailable:    3000000 kB\n")
+    assert default_cpu_kv_bytes(str(meminfo)) == 3000000 * 1024 // 2
+    assert default_cpu_kv_bytes(str(tmp_path / "missing")) == 2 * 2**30

@@ -30,7 +30,7 @@ from mistral_grpc.tokenizer import ChatMessage, MistralTokenizer
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_CPU_KV_BYTES = 2 * 2**30
+_DEFAULT_CPU_KV_BYTES = 2 * 2**30  # unless half the memory available at startup is less
 _CUDA_KV_SHARE = 0.85  # of the GPU memory left free once the weights are loaded
 
 
@@ -116,7 +116,7 @@ class LLMEngine:
                 free, _ = torch.cuda.mem_get_info(model.device)
                 budget = int(free * _CUDA_KV_SHARE)
             else:
-                budget = _DEFAULT_CPU_KV_BYTES
+                budget = default_cpu_kv_bytes()
         blocks = budget // bytes_per_block
         if blocks < 1:
             raise ValueError(f"--kv-cache-memory {budget} bytes holds no KV block ({bytes_per_block} bytes each)")
@@ -247,6 +247,17 @@ class LLMEngine:
         RUNNING_REQUESTS.set(running)
         WAITING_REQUESTS.set(core.num_requests - running)
         KV_CACHE_BLOCKS_USED.set(core.blocks.num_used_blocks)
+
+
+def default_cpu_kv_bytes(meminfo: str = "/proc/meminfo") -> int:
+    """The CPU KV cache when --kv-cache-memory is not given. It is resident from startup (faulted in
+    at allocation), so on a small machine it takes at most half of what the system has available."""
+    try:
+        with open(meminfo) as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, IndexError, ValueError):  # not Linux, or an unreadable meminfo
+        return _DEFAULT_CPU_KV_BYTES
+    return min(_DEFAULT_CPU_KV_BYTES, available // 2)
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, GenerationOutput | Exception]]) -> None:

@@ -27,7 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     engine.add_argument("--max-queue", type=int, default=EngineArgs.max_queue,
                         help="waiting requests beyond this get RESOURCE_EXHAUSTED (default %(default)s)")
     engine.add_argument("--kv-cache-memory", type=parse_bytes,
-                        help="memory for the KV cache, e.g. 4GiB (default: a share of the free memory)")
+                        help="memory for the KV cache, e.g. 4GiB (default: 85%% of the GPU memory free after "
+                             "loading; on CPU 2GiB, or half the available memory if less)")
     network = parser.add_argument_group("network")
     network.add_argument("--host", default="[::]", help="address to listen on (default: all, IPv4 and IPv6)")
     network.add_argument("--port", type=int, default=50051, help="gRPC port (default %(default)s; 0 = any free)")
