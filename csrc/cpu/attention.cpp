@@ -47,6 +47,7 @@ constexpr int64_t kKeyBlock = 4;        // keys held in registers at once (outer
 constexpr int64_t kVectorBlock = 4;     // 16-lane vectors held in registers per row or key
 constexpr int64_t kMinSplitKeys = 256;  // fewest keys worth a task of their own
 constexpr int64_t kTasksPerThread = 2;  // enough tasks to even out the threads' shares
+constexpr int64_t kCacheLine = 64;      // bytes the prefetches ask for at a time
 
 template <typename T>
 struct Problem {
@@ -163,7 +164,6 @@ struct NextTilePrefetch {
 
  private:
   MG_ALWAYS_INLINE void ask(int64_t end) {
-    constexpr int64_t kCacheLine = 64;
     for (; next < end; ++next) {
       const int64_t row = next / lines_per_row;
       const T* base = row < rows ? keys[row] : values[row - rows];
@@ -381,7 +381,7 @@ MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s
 
   // Tiles wholly inside every row's visible range skip the mask.
   const int64_t unmasked_begin = first_visible_key(last_pos, p.sliding_window), unmasked_end = first_pos + 1;
-  const int64_t row_bytes = heads * head_dim * static_cast<int64_t>(sizeof(T));
+  const int64_t lines_per_row = (heads * head_dim * static_cast<int64_t>(sizeof(T)) + kCacheLine - 1) / kCacheLine;
   // Passes fold_tile makes over a tile's keys (decode-like): a score pass per block of rows, a P V
   // pass per block of rows and of vectors; plus one step at the softmax.
   const int64_t row_blocks = heads * ((task.num_queries * group + kRowBlock - 1) / kRowBlock);
@@ -396,10 +396,10 @@ MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s
     if (k0 + kKeyTile < task.key_end) {
       const int64_t next_kt = std::min(kKeyTile, task.key_end - k0 - kKeyTile);
       locate_rows(p, task, k0 + kKeyTile, next_kt, next_keys.rows, next_values.rows);
-      next_tile = {.keys = next_keys.rows, .values = next_values.rows, .rows = next_kt,
-                   .lines_per_row = (row_bytes + 63) / 64};
       const int64_t steps = passes * kt + 1;
-      next_tile.per_key = (2 * next_kt * next_tile.lines_per_row + steps - 1) / steps;
+      next_tile = {.keys = next_keys.rows, .values = next_values.rows, .rows = next_kt,
+                   .lines_per_row = lines_per_row,
+                   .per_key = (2 * next_kt * lines_per_row + steps - 1) / steps};
     }
     const bool masked = k0 < unmasked_begin || k0 + kt > unmasked_end;
     if (stage) {
