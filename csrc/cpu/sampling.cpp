@@ -7,8 +7,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "common/dispatch.h"
@@ -173,9 +175,7 @@ class RowSampler {
 
   template <typename T>
   MG_ALWAYS_INLINE Draw sample(const T* row, const RowSettings& settings) {
-    const float max_logit = load_logits(row);
-    // Greedy's tie-break: the first maximum.
-    const int64_t best = std::find(logit_.begin(), logit_.begin() + vocab_, max_logit) - logit_.begin();
+    const auto [max_logit, best] = load_logits(row);
     if (settings.temperature == 0.f || max_logit == -INFINITY) {
       return {best, max_logit - log_normalizer(max_logit)};
     }
@@ -205,18 +205,28 @@ class RowSampler {
   }
 
  private:
-  // Sanitized logits into the scratch (the padding lanes -inf); returns their maximum.
+  // Sanitized logits into the scratch (the padding lanes -inf); returns their maximum and where it
+  // first occurs (greedy's tie-break). Each lane keeps the index of its own first maximum as it goes,
+  // which spares a second pass to find it (a scalar search was a third of a greedy row's time).
   template <typename T>
-  MG_ALWAYS_INLINE float load_logits(const T* row) {
+  MG_ALWAYS_INLINE std::pair<float, int64_t> load_logits(const T* row) {
     const cpu::vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     vfloat max = cpu::splat(-INFINITY);
+    cpu::vint at = lane;
     cpu::for_each_lane_step(vocab_, [&](int64_t i, int64_t n) {
       const vfloat loaded = sanitize_logit(cpu::load_n(row + i, n));
       const vfloat v = lane < static_cast<int32_t>(n) ? loaded : cpu::splat(-INFINITY);
       cpu::store(logit_.data() + i, v);
-      max = cpu::max(max, v);
+      const cpu::vint higher = v > max;
+      at = higher ? lane + static_cast<int32_t>(i) : at;
+      max = higher ? v : max;
     });
-    return reduce_max(max);
+    const float best = reduce_max(max);
+    int32_t first = INT32_MAX;  // all -inf: no lane moved, so token 0, as with any other first maximum
+    for (int i = 0; i < kLanes; ++i) {
+      if (max[i] == best && at[i] < first) first = at[i];
+    }
+    return {best, first};
   }
 
   // log(sum(exp(logits))) at temperature 1, for the returned log-probability.

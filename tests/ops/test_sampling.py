@@ -87,6 +87,18 @@ def test_greedy_takes_lowest_index_among_tied_maxima_and_ignores_the_seed(device
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("maxima", [[21, 37, 69], [37, 21], [70, 5, 39], [99], [0, 98]])
+def test_greedy_first_maximum_across_vector_lanes(device: str, maxima: list[int]) -> None:
+    # Ties in one 16-wide lane (5, 21, 37, 69) and across lanes, in any order, a partial last vector:
+    # the CPU kernel keeps each lane's first maximum, then takes the lowest index among the lanes.
+    logits = torch.randn(2, 100).clamp(max=1.0)
+    logits[0, maxima] = 4.0
+    logits[1] = -float("inf")  # nothing to prefer: the first token, as torch.argmax says too
+    tokens, _ = run_sample(logits.to(device), 0.0, 1.0, 0, [0, 1], 0)
+    assert tokens.tolist() == [min(maxima), 0] == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_nan_and_inf_logits(device: str) -> None:
     nan, inf = float("nan"), float("inf")
     logits = torch.tensor([[nan, 1.0, nan, 0.5], [0.0, inf, 1.0, nan], [-inf, -inf, 2.0, -inf]], device=device)
