@@ -158,6 +158,9 @@ struct NextTilePrefetch {
   int64_t rows = 0, lines_per_row = 0;
   int64_t per_key = 0;  // lines asked for at each key of each pass over the current tile
   int64_t next = 0;     // lines asked for so far: all keys' lines, then all values'
+  // Where `next` is, kept as it advances: a division per line (64-bit, the row length is a run-time
+  // value) cost more than the line's arithmetic.
+  int64_t row = 0, line = 0;
 
   MG_ALWAYS_INLINE void some() { ask(std::min(next + per_key, 2 * rows * lines_per_row)); }
   MG_ALWAYS_INLINE void rest() { ask(2 * rows * lines_per_row); }
@@ -165,9 +168,12 @@ struct NextTilePrefetch {
  private:
   MG_ALWAYS_INLINE void ask(int64_t end) {
     for (; next < end; ++next) {
-      const int64_t row = next / lines_per_row;
       const T* base = row < rows ? keys[row] : values[row - rows];
-      __builtin_prefetch(reinterpret_cast<const char*>(base) + next % lines_per_row * kCacheLine);
+      __builtin_prefetch(reinterpret_cast<const char*>(base) + line * kCacheLine);
+      if (++line == lines_per_row) {
+        line = 0;
+        ++row;
+      }
     }
   }
 };
