@@ -3,6 +3,8 @@
 The CUDA build is gated on CUDA_HOME/nvcc, never on torch.cuda.is_available(): CI and the
 developer machines have nvcc but no GPU, and a .cu that does not compile must turn CI red.
 MISTRAL_GRPC_CUDA=0 skips the CUDA sources for a quick CPU-only rebuild while iterating.
+MISTRAL_GRPC_PROTO_STUBS=0 skips the gRPC stubs: a kernels-only build where grpcio-tools is missing
+(scripts/gpu_check.sh on a lent GPU machine).
 """
 
 import glob
@@ -85,7 +87,8 @@ def main() -> None:
     locate_cuda_home()
     from torch.utils.cpp_extension import BuildExtension
 
-    generate_grpc_stubs()
+    if os.environ.get("MISTRAL_GRPC_PROTO_STUBS", "1") != "0":
+        generate_grpc_stubs()
     setup(
         ext_modules=[extension()],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

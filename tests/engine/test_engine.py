@@ -17,9 +17,9 @@ from mistral_grpc.tokenizer import ChatMessage
 class Harness:
     """One demo engine on its own event loop, shared by the tests of this module."""
 
-    def __init__(self, **engine_args) -> None:
+    def __init__(self, device: str = "cpu", **engine_args) -> None:
         self.loop = asyncio.new_event_loop()
-        self.engine = LLMEngine.from_args(EngineArgs(device="cpu", **engine_args))
+        self.engine = LLMEngine.from_args(EngineArgs(device=device, **engine_args))
         self.run(self.engine.start())
         self._ids = iter(range(10**9))
 
@@ -147,6 +147,39 @@ def test_randomised_requests_with_cancellations_leave_zero_blocks(h: Harness) ->
         h.run(wave(start))
     h.run(asyncio.sleep(0.2))  # aborts are applied at the worker's next turn
     assert h.engine.kv_blocks_used() == 0
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_engine_matches_cpu_and_leaks_no_block() -> None:
+    """The whole engine on CUDA (the extension's CUDA kernels, cuBLAS for the linear layers): the CPU
+    engine's greedy tokens on the same fp32 weights (the demo's logits spread over a few units, far
+    beyond the two devices' rounding), then a crowd of sampled requests with cancellations that ends
+    holding zero blocks."""
+    texts = ["hello there", "tell me a story " * 8, "one two three", "x" * 200]
+    cpu = Harness(dtype="float32", kv_cache_memory=32 * 2**20)
+    try:
+        prompts = [cpu.prompt(text) for text in texts]
+        on_cpu = [tokens_of(cpu.run(cpu.collect(p, temperature=0.0, max_tokens=24))) for p in prompts]
+    finally:
+        cpu.close()
+    gpu = Harness("cuda", dtype="float32", kv_cache_memory=64 * 2**20, max_batch_size=16, max_prefill_tokens=64)
+    try:
+        assert [tokens_of(gpu.run(gpu.collect(p, temperature=0.0, max_tokens=24))) for p in prompts] == on_cpu
+
+        async def crowd() -> list[list[GenerationOutput]]:
+            tasks = [asyncio.ensure_future(gpu.collect(prompts[i % 4], temperature=0.8, top_p=0.9, seed=i,
+                                                       max_tokens=32, n=1 + i % 2)) for i in range(16)]
+            await asyncio.sleep(0.05)
+            for task in tasks[::3]:
+                task.cancel()
+            return [r for r in await asyncio.gather(*tasks, return_exceptions=True) if isinstance(r, list)]
+
+        finished = gpu.run(crowd())
+        assert finished and all(outputs[-1].finished for outputs in finished)
+        gpu.run(asyncio.sleep(0.2))  # aborts are applied at the worker's next turn
+        assert gpu.engine.kv_blocks_used() == 0
+    finally:
+        gpu.close()
 
 
 def test_preemption_under_a_tiny_cache_changes_no_greedy_result() -> None:
