@@ -68,6 +68,19 @@ extern const KernelSet kAmxBf16Rows16;  // batches of at most 16 rows, x padded 
 constexpr int64_t kAmxRowBlock = 32;
 constexpr int64_t kAmxSmallRows = 16;
 constexpr int64_t kAmxKBlock = 32;
+// AMX for fp32 batches (prefill), as accurate as the FMA kernels: x and the weights split exactly
+// into three bf16 parts each (cpu/linear_amx.cpp). x goes in as its parts, laid out by
+// split_fp32_rows; needs K % 32 == 0.
+extern const KernelSet kAmxFp32;
+constexpr int64_t kAmxFp32ChunkBlocks = 4;  // 32-K blocks per chunk of K
+// bf16 elements split_fp32_rows lays out for `rows` rows of K: rows padded to 16, K to whole chunks.
+constexpr int64_t fp32_parts_elems(int64_t rows, int64_t k) {
+  const int64_t chunks = (k / kAmxKBlock + kAmxFp32ChunkBlocks - 1) / kAmxFp32ChunkBlocks;
+  return chunks * ((rows + 15) / 16) * 3 * 16 * kAmxFp32ChunkBlocks * kAmxKBlock;
+}
+// Rows [begin, end) of x's three parts (rows at or past `rows` as zeros, up to rows padded to 16).
+void split_fp32_rows(const float* x, int64_t x_stride, int64_t rows, int64_t k, int64_t begin, int64_t end,
+                     uint16_t* parts);
 // Whether the CPU has AMX-BF16 and the OS lets this process use the tile registers (asked once).
 bool amx_usable();
 #endif

@@ -84,6 +84,17 @@ def test_chunked_prefill_matches_one_prefill(models, chunks):
     torch.testing.assert_close(logits, whole, atol=ATOL, rtol=0)
 
 
+def test_a_long_prefill_matches(models):
+    """A 100-token prompt in one step: fp32 batches of 80 rows and more run on AMX where the CPU has it
+    (x and the weights split exactly into bf16 parts), at transformers' fp32 accuracy all the same."""
+    hf, decoder = models
+    tokens = prompt(100, seed=8)
+    generated, history = PagedRunner(decoder, block_size=16).greedy("a", tokens, steps=3)
+    for step, logits in enumerate(history):
+        expected = hf_logits(hf, tokens + generated[:step])[-1]
+        torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0, msg=f"step {step}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_strays_no_further_than_transformers(tmp_path, dtype):
     hf = save_random_model(tmp_path)

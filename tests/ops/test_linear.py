@@ -2,7 +2,8 @@
 
 Every kernel level the CPU has (portable, avx2, avx512, avx512_bf16, amx) runs the same cases:
 shapes whose N and K are not multiples of the 16-wide tile or the bf16 pair, and batches 1..33,
-which cross the register blocks (2 to 6 rows; 16 and 32 for AMX) and their remainders.
+which cross the register blocks (2 to 6 rows; 16 and 32 for AMX) and their remainders; fp32
+batches of prefill size too (AMX from 80 rows).
 """
 
 import os
@@ -78,6 +79,32 @@ def test_linear_silu_mul_matches_torch(level: str, dtype: torch.dtype, shape: tu
         g = F.linear(x.float(), gate.float()).to(dtype).float()
         u = F.linear(x.float(), up.float()).to(dtype).float()
         assert_close(out, F.silu(g) * u)
+
+
+# fp32 batches of 80 rows and more (prefill chunks) run on AMX where the CPU has it: x and the weights
+# split exactly into three bf16 parts each. 95: a partial 16-row block; K = 160: a partial chunk of K
+# (4 x 32); K = 31: not a whole 32-K block, so the vector kernels even at the amx level.
+FP32_PREFILL_BATCHES = [80, 95, 130]
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (45, 96), (150, 256), (17, 160), (33, 31)])
+def test_fp32_prefill_batches_are_as_accurate_as_fma(level: str, shape: tuple[int, int]) -> None:
+    """Against an fp64 reference at fp32's own accuracy, x a column slice of a NaN-padded buffer and
+    out a slice of a wider one, for linear and linear_silu_mul."""
+    n, k = shape
+    weight, gate, up = (random_weight(n, k, torch.float32) for _ in range(3))
+    packed, gate_up = ops.pack_linear_weight(weight), ops.pack_gate_up_weight(gate, up)
+    for t in FP32_PREFILL_BATCHES:
+        wide_x = torch.full((t, k + 7), float("nan"))
+        x = wide_x[:, 3 : 3 + k]
+        x.copy_(torch.randn(t, k))
+        wide_out = torch.zeros(t, n + 5)
+        out = wide_out[:, 2 : 2 + n]
+        ops.linear(out, x, packed)
+        torch.testing.assert_close(out.double(), x.double() @ weight.double().T, atol=2e-5, rtol=2e-5)
+        assert not wide_out[:, :2].any() and not wide_out[:, 2 + n :].any()
+        ops.linear_silu_mul(out, x, gate_up)
+        assert_close(out, F.silu(F.linear(x, gate)) * F.linear(x, up))
 
 
 def test_long_k_large_batch(level: str) -> None:
