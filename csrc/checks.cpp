@@ -87,8 +87,8 @@ void check_rotary_embedding_args(const at::Tensor& positions, const at::Tensor& 
               " must have the same number of tokens and head_dim");
   TORCH_CHECK(q.size(2) % 2 == 0, op, ": head_dim must be even, got ", q.size(2));
   check_index_vector(op, positions, "positions", at::kLong, q.size(0));
-  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == q.size(2), op,
-              ": cos_sin_cache must be [max_position, head_dim=", q.size(2), "], got ", cos_sin_cache.sizes());
+  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(0) > 0 && cos_sin_cache.size(1) == q.size(2), op,
+              ": cos_sin_cache must be [max_position > 0, head_dim=", q.size(2), "], got ", cos_sin_cache.sizes());
   TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat || cos_sin_cache.scalar_type() == q.scalar_type(), op,
               ": cos_sin_cache must be float32 or q's dtype, got ", cos_sin_cache.scalar_type());
   TORCH_CHECK(cos_sin_cache.is_contiguous(), op, ": cos_sin_cache must be contiguous");

@@ -87,7 +87,10 @@ MG_HOST_DEVICE bool top_k_active(int64_t top_k, int64_t vocab) { return top_k > 
 MG_HOST_DEVICE bool top_p_active(float top_p) { return top_p < 1.f; }
 
 // The inverse-CDF step: token i is chosen when the running weight through i passes the target.
-MG_HOST_DEVICE bool passes_target(float running_weight, float target) { return running_weight > target; }
+template <typename Sum>
+MG_HOST_DEVICE bool passes_target(Sum running_weight, Sum target) {
+  return running_weight > target;
+}
 
 // --- Penalties -----------------------------------------------------------------------------
 

@@ -188,11 +188,14 @@ class RowSampler {
       const float mass = keep_from == -INFINITY ? total : weight_from(keep_from);
       keep_from = top_p_threshold(keep_from, settings.top_p, mass, max_logit, settings.temperature);
     }
-    const float kept = keep_from == -INFINITY ? total : weight_from(keep_from);
     const float* x = logit_.data();
     const float* w = weight_.data();
-    const float target = philox_uniform(settings.seed, settings.offset) * kept;
-    float running = 0.f;
+    // The inverse CDF sums in double, its total and its walk both: in float each weight below half
+    // an ulp of the sum so far rounds away, so a peaked row's long tail of tiny weights (together
+    // ~1e-3 of the mass, say) lost its draws, the walk's to its last token and the vectorised
+    // total's (whose lanes drop them after a large weight) to tokens a thousand ids early.
+    const double target = philox_uniform(settings.seed, settings.offset) * kept_weight(keep_from);
+    double running = 0.;
     int64_t last = best;
     for (int64_t i = 0; i < vocab_; ++i) {
       if (x[i] < keep_from || w[i] == 0.f) continue;
@@ -200,7 +203,7 @@ class RowSampler {
       last = i;
       if (passes_target(running, target)) break;
     }
-    // Without a crossing (the running sum rounded below the vectorised total) `last` is the CDF's end.
+    // Without a crossing (the two double sums differing by a rounding) `last` is the CDF's end.
     return {last, x[last] - log_norm};
   }
 
@@ -268,6 +271,22 @@ class RowSampler {
     for (int64_t i = 0; i < padded_; i += kLanes)
       sum += cpu::load(logit_.data() + i) >= from ? cpu::load(weight_.data() + i) : vfloat{};
     return cpu::reduce_sum(sum);
+  }
+
+  // The weight of the tokens with logit >= from, summed in double lanes.
+  MG_ALWAYS_INLINE double kept_weight(float from) const {
+    using vdouble = double __attribute__((vector_size(64)));
+    using vhalf = float __attribute__((vector_size(32)));
+    vdouble sum{};
+    for (int64_t i = 0; i < padded_; i += kLanes) {
+      const vfloat v = cpu::load(logit_.data() + i) >= from ? cpu::load(weight_.data() + i) : vfloat{};
+      const vhalf low = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+      const vhalf high = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+      sum += __builtin_convertvector(low, vdouble) + __builtin_convertvector(high, vdouble);
+    }
+    double total = 0.;
+    for (int j = 0; j < 8; ++j) total += sum[j];
+    return total;
   }
 
   // The top-p threshold among the tokens with logit >= keep_from (weighing `mass` together), by

@@ -1,6 +1,7 @@
 // silu_and_mul on CUDA: blocks over (row, column range), 16-byte packs where the rows allow them.
 // Math shared with the CPU in common/activation.h.
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -45,9 +46,12 @@ void silu_and_mul_cuda(at::Tensor& out, const at::Tensor& gate_up) {
     // Every row of out and both halves of every gate_up row start at a multiple of `width`.
     cuda::with_pack_width<scalar_t>({out.data_ptr(), gate_up.data_ptr()}, width, [&](auto pack) {
       constexpr int N = decltype(pack)::value;
-      const dim3 grid(rows, (width / N + kThreads - 1) / kThreads);
+      const int64_t column_blocks = (width / N + kThreads - 1) / kThreads;
+      TORCH_CHECK(column_blocks <= 65535, "silu_and_mul: rows of ", width, " outputs are too wide for the CUDA kernel");
+      const dim3 grid(rows, column_blocks);
       silu_and_mul_kernel<scalar_t, N><<<grid, kThreads, 0, stream>>>(out.mutable_data_ptr<scalar_t>(),
                                                                       gate_up.const_data_ptr<scalar_t>(), width);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }

@@ -4,6 +4,7 @@
 // is a warp sum, and each warp keeps its own online softmax in fp32. The warps' partial states are
 // merged at the end. Masking rule and softmax math are shared with the CPU in common/attention.h.
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -165,6 +166,7 @@ void launch(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, con
       out.mutable_data_ptr<T>(), q.const_data_ptr<T>(), k_cache.const_data_ptr<T>(), v_cache.const_data_ptr<T>(),
       block_tables.const_data_ptr<int32_t>(), seq_lens.const_data_ptr<int32_t>(),
       query_start_loc.const_data_ptr<int32_t>(), shape);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void paged_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -1,6 +1,7 @@
 // reshape_and_cache on CUDA: one block per token copies its key and value rows to their slot in
 // 16-byte packs where the layout allows. Addressing shared with the CPU in common/cache.h.
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -62,6 +63,7 @@ void reshape_and_cache_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor
       reshape_and_cache_kernel<scalar_t, decltype(pack)::value><<<k.size(0), kThreads, 0, stream>>>(
           k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), k_cache.mutable_data_ptr<scalar_t>(),
           v_cache.mutable_data_ptr<scalar_t>(), slot_mapping.const_data_ptr<int64_t>(), shape);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }

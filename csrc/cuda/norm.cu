@@ -1,6 +1,7 @@
 // RMSNorm kernels on CUDA: one block per row, a block-wide reduction of the sum of squares, then the
 // scale; 16-byte loads when the rows allow them. Math shared with the CPU in common/norm.h.
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -89,6 +90,7 @@ void rms_norm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weigh
       rms_norm_kernel<scalar_t, decltype(pack)::value><<<rows, kThreads, 0, stream>>>(
           out.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), hidden,
           static_cast<float>(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
@@ -105,6 +107,7 @@ void fused_add_rms_norm_cuda(at::Tensor& x, at::Tensor& residual, const at::Tens
       fused_add_rms_norm_kernel<scalar_t, decltype(pack)::value><<<rows, kThreads, 0, stream>>>(
           x.mutable_data_ptr<scalar_t>(), residual.mutable_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
           hidden, static_cast<float>(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }

@@ -1,6 +1,7 @@
 // rotary_embedding on CUDA: one block per token; its threads take (head, pack of pairs) items over
 // q's and k's heads, rotating in fp32 in place. Math shared with the CPU in common/rotary.h.
 #include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -66,6 +67,7 @@ void launch_rotary(const at::Tensor& positions, at::Tensor& q, at::Tensor& k, co
     rotary_kernel<T, C, decltype(pack)::value><<<q.size(0), kThreads, 0, stream>>>(
         positions.const_data_ptr<int64_t>(), q.mutable_data_ptr<T>(), k.mutable_data_ptr<T>(),
         cos_sin_cache.const_data_ptr<C>(), shape);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

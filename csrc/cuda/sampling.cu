@@ -94,7 +94,7 @@ class Block {
       typename cub::BlockReduce<float, kThreads>::TempStorage sum;
       typename cub::BlockReduce<int64_t, kThreads>::TempStorage count;
       typename cub::BlockReduce<ArgMax, kThreads>::TempStorage argmax;
-      typename cub::BlockScan<float, kThreads>::TempStorage scan;
+      typename cub::BlockScan<double, kThreads>::TempStorage scan;
     } temp;
     float float_result;
     int64_t int_result;
@@ -124,9 +124,9 @@ class Block {
   }
 
   // Exclusive prefix sum in thread order; `total` gets the block's sum.
-  __device__ float exclusive_prefix(float v, float& total) {
-    float prefix;
-    cub::BlockScan<float, kThreads>(s_.temp.scan).ExclusiveSum(v, prefix, total);
+  __device__ double exclusive_prefix(double v, double& total) {
+    double prefix;
+    cub::BlockScan<double, kThreads>(s_.temp.scan).ExclusiveSum(v, prefix, total);
     __syncthreads();
     return prefix;
   }
@@ -193,19 +193,24 @@ __global__ void __launch_bounds__(kThreads)
     }
     const float keep_from = from_order_key(keep_key);
 
-    // Inverse CDF in token-id order: each thread owns a contiguous slice of the vocabulary.
+    // Inverse CDF in token-id order: each thread owns a contiguous slice of the vocabulary. The sums
+    // are double, as on the CPU: in float each weight below half an ulp of the sum so far rounds
+    // away, so a peaked row's long tail of tiny weights lost its draws to the next slice's first
+    // token, a masked one included. Zero weights (masked tokens) are never chosen.
     const int64_t slice = (vocab + kThreads - 1) / kThreads;
     const int64_t begin = min(static_cast<int64_t>(threadIdx.x) * slice, vocab), end = min(begin + slice, vocab);
-    float kept = 0.f;
+    double kept = 0.;
     for (int64_t i = begin; i < end; ++i)
       if (logit(i) >= keep_from) kept += weight(i);
-    float total;
-    float running = block.exclusive_prefix(kept, total);
-    const float target = philox_uniform(static_cast<uint64_t>(seeds[row]), static_cast<uint64_t>(offsets[row])) * total;
+    double total;
+    double running = block.exclusive_prefix(kept, total);
+    const double target =
+        philox_uniform(static_cast<uint64_t>(seeds[row]), static_cast<uint64_t>(offsets[row])) * total;
     int64_t crossing = vocab;
     for (int64_t i = begin; i < end; ++i) {
-      if (logit(i) < keep_from) continue;
-      running += weight(i);
+      const float w = logit(i) < keep_from ? 0.f : weight(i);
+      if (w == 0.f) continue;
+      running += w;
       if (passes_target(running, target)) {
         crossing = i;
         break;

@@ -90,6 +90,7 @@ def _rotary_args(**overrides: torch.Tensor) -> dict[str, torch.Tensor]:
         ({"k": torch.randn(3, 2, 64, dtype=torch.bfloat16)}, "share a float dtype"),
         ({"q": torch.randn(4, 3, 64).transpose(0, 1)}, "contiguous"),
         ({"q": torch.randn(3, 4, 6), "k": torch.randn(3, 2, 6)}, "cos_sin_cache must be"),
+        ({"cos_sin_cache": torch.empty(0, 64)}, r"max_position > 0"),
         ({"cos_sin_cache": reference.cos_sin_cache(16, 64, 1e4).double()}, "float32 or q's dtype"),
     ],
 )

@@ -167,6 +167,27 @@ def test_draw_frequencies_match_the_renormalised_distribution(device: str, vary:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_long_tail_of_tiny_weights_keeps_its_share_of_the_draws(device: str) -> None:
+    """A peaked row whose ~32k other tokens each weigh 3e-8 of the top one, less than half an ulp of
+    1: added one by one to a float running sum they all round away, yet together they hold ~1e-3 of
+    the mass. Draws that land there (seeds picked for it) must go by the inverse CDF to tail tokens
+    near the reference's, never to masked tokens, and not all to one fallback token."""
+    vocab = 32768
+    row = torch.full((vocab,), -17.33)
+    row[0] = 0.0
+    row[32::32] = float("-inf")  # masked, as a grammar's bitmask leaves them
+    tail = float(torch.exp(row[1:]).sum())
+    seeds = [s for s in range(200_000) if ref.uniform(s, 0) * (1 + tail) > 1.0][:12]
+    assert len(seeds) == 12
+    tokens, _ = run_sample(row.expand(len(seeds), vocab).contiguous().to(device), 1.0, 1.0, 0, seeds, 0)
+    expected = [ref.sample_row(row, 1.0, 1.0, 0, seed, 0)[0] for seed in seeds]
+    assert all(row[t] == -17.33 for t in tokens.tolist()), tokens
+    assert len(set(tokens.tolist())) == len(seeds), tokens
+    # Within a few tail tokens of the float64 reference: the op's float total differs from it by ~1e-7.
+    assert all(abs(t - e) <= 64 for t, e in zip(tokens.tolist(), expected)), (tokens, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_row_draws_the_same_whatever_shares_its_batch(device: str) -> None:
     vocab = 3000
     row = torch.randn(1, vocab) * 2
