@@ -237,8 +237,8 @@ MG_ALWAYS_INLINE void split_weights(const uint8_t* lines, int64_t stride, uint8_
   for (int pair = 0; pair < kTileRows; ++pair) {
     const uint8_t* even = lines + 2 * pair * stride;
     __m512i e[3], o[3];
-    split3(_mm512_load_si512(even), e[0], e[1], e[2]);
-    split3(_mm512_load_si512(even + stride), o[0], o[1], o[2]);
+    split3(_mm512_loadu_si512(even), e[0], e[1], e[2]);
+    split3(_mm512_loadu_si512(even + stride), o[0], o[1], o[2]);
     for (int i = 0; i < 3; ++i) {
       // dword j = (w[j, 2 pair] in the low half, w[j, 2 pair + 1] in the high half), as VNNI pairs them.
       _mm512_store_si512(out + i * 1024 + pair * 64, _mm512_or_si512(o[i], _mm512_srli_epi32(e[i], 16)));
