@@ -159,6 +159,10 @@ def test_linear_opcheck() -> None:
     x = torch.randn(3, 33)
     torch.library.opcheck(torch.ops.mistral_grpc.pack_linear_weight, (weight,))
     torch.library.opcheck(torch.ops.mistral_grpc.linear, (torch.empty(3, 20), x, ops.pack_linear_weight(weight)))
+    # A prefill-size fp32 batch (AMX where the CPU has it).
+    weight = random_weight(20, 64, torch.float32)
+    torch.library.opcheck(torch.ops.mistral_grpc.linear,
+                          (torch.empty(96, 20), torch.randn(96, 64), ops.pack_linear_weight(weight)))
 
 
 def test_linear_silu_mul_opcheck() -> None:
