@@ -76,7 +76,7 @@ constexpr int64_t kAmxFp32ChunkBlocks = 4;  // 32-K blocks per chunk of K
 // bf16 elements split_fp32_rows lays out for `rows` rows of K: rows padded to 16, K to whole chunks.
 constexpr int64_t fp32_parts_elems(int64_t rows, int64_t k) {
   const int64_t chunks = (k / kAmxKBlock + kAmxFp32ChunkBlocks - 1) / kAmxFp32ChunkBlocks;
-  return chunks * ((rows + 15) / 16) * 3 * 16 * kAmxFp32ChunkBlocks * kAmxKBlock;
+  return chunks * tiles_for(rows) * 3 * kTileRows * kAmxFp32ChunkBlocks * kAmxKBlock;
 }
 // Rows [begin, end) of x's three parts (rows at or past `rows` as zeros, up to rows padded to 16).
 void split_fp32_rows(const float* x, int64_t x_stride, int64_t rows, int64_t k, int64_t begin, int64_t end,

@@ -317,7 +317,7 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
     // x as its three bf16 parts, split by both threads; kept per calling thread to spare the
     // allocation (a 512-token prefill's down_proj: 11 MB).
     thread_local std::vector<uint16_t> storage;
-    const int64_t rows = x.size(0), padded = (rows + kTileRows - 1) / kTileRows * kTileRows;
+    const int64_t rows = x.size(0), padded = tiles_for(rows) * kTileRows;
     storage.resize(fp32_parts_elems(rows, header.k) + 32);
     // 64-byte aligned: every A tile row is then one cache line. (The lambdas run on other threads,
     // which have storage of their own: take the pointer here.)

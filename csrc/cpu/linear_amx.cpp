@@ -1,8 +1,8 @@
 // Linear layers for large batches on AMX: bf16, and fp32 through exact bf16 parts (below, "fp32").
-// The packed bf16 tile (common/linear_pack.h) holds,
-// per 64-byte line, 16 outputs x one (even, odd) K pair: 16 consecutive lines are exactly an AMX
-// B tile in its VNNI layout (16 pair-rows x 16 columns), so TDPBF16PS reads the weights as they
-// are packed for the small-batch kernels; A tiles are 16 rows x 32 K of x, read in place.
+// The packed bf16 tile (common/linear_pack.h) holds, per 64-byte line, 16 outputs x one (even, odd)
+// K pair: 16 consecutive lines are exactly an AMX B tile in its VNNI layout (16 pair-rows x 16
+// columns), so TDPBF16PS reads the weights as they are packed for the small-batch kernels; A tiles
+// are 16 rows x 32 K of x, read in place.
 //
 // Blocking: 2 x 2 C tiles (32 rows of x against 2 sets of 16 outputs: two neighbouring tiles for
 // linear, the gate and up halves of one tile for silu_mul), the classic register tiling that
@@ -185,9 +185,8 @@ void amx_tiles_16(const Problem& p, int64_t begin, int64_t end) {
 // less than 2^-20 of their product. TDPBF16PS multiplies bf16 pairs exactly and adds in fp32, and
 // fp32 accumulation over K loses more than that: against an fp64 reference ([256, 1024] and
 // [256, 3584], 64 rows, Gaussian data) half the error of the FMA kernels (mean 2.3e-7 vs 5.0e-7 of
-// |y|). Inputs
-// that are denormal, infinite or NaN go their own way (TDPBF16PS flushes denormals, inf - inf is
-// NaN); model activations and weights are none of these.
+// |y|). Inputs that are denormal, infinite or NaN go their own way (TDPBF16PS flushes denormals,
+// inf - inf is NaN); model activations and weights are none of these.
 
 MG_ALWAYS_INLINE void split3(__m512i v, __m512i& p0, __m512i& p1, __m512i& p2) {
   const __m512i top = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
@@ -208,7 +207,7 @@ MG_ALWAYS_INLINE void split3(__m512i v, __m512i& p0, __m512i& p1, __m512i& p2) {
 void split_fp32_rows(const float* x, int64_t x_stride, int64_t rows, int64_t k, int64_t begin, int64_t end,
                      uint16_t* parts) {
   constexpr int64_t kChunkK = kAmxFp32ChunkBlocks * kAmxKBlock;
-  const int64_t row_blocks = (rows + kTileRows - 1) / kTileRows;
+  const int64_t row_blocks = tiles_for(rows);
   for (int64_t j0 = 0; j0 < k; j0 += kChunkK) {
     uint16_t* chunk = parts + j0 / kChunkK * row_blocks * 3 * kTileRows * kChunkK;
     const int64_t width = std::min(kChunkK, k - j0);
@@ -282,7 +281,7 @@ void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
   constexpr int64_t kCarryFloats = 2 * kTileRows * kTileRows;  // both sets' C
   const int64_t k_blocks = p.k / kAmxKBlock, line_stride = kUnits * kStepBytes;
   const int64_t tile_bytes = p.steps * line_stride, block_bytes = kAmxKBlock * line_stride;
-  const int64_t row_blocks = (p.rows + kTileRows - 1) / kTileRows;
+  const int64_t row_blocks = tiles_for(p.rows);
   const int64_t items = (end - begin + kTilesPerItem - 1) / kTilesPerItem;
   const int64_t group_items =
       std::clamp<int64_t>(kFp32CarryBytes / (row_blocks * kCarryFloats * sizeof(float)), 1, items);

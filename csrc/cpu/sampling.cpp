@@ -140,6 +140,25 @@ struct Draw {
 using cpu::kLanes;
 using cpu::vfloat;
 
+// The inverse CDF's sums are double: in float each weight below half an ulp of the sum so far rounds
+// away, so a peaked row's long tail of tiny weights (together ~1e-3 of the mass, say) lost its draws,
+// the walk's to its last token and the vectorised total's (whose lanes drop them after a large
+// weight) to tokens a thousand ids early.
+using vdouble = double __attribute__((vector_size(64)));
+
+MG_ALWAYS_INLINE void add_in_double(vdouble& sum, const vfloat& v) {
+  using vhalf = float __attribute__((vector_size(32)));
+  const vhalf low = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const vhalf high = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  sum += __builtin_convertvector(low, vdouble) + __builtin_convertvector(high, vdouble);
+}
+
+MG_ALWAYS_INLINE double reduce_sum(const vdouble& sum) {
+  double total = 0.;
+  for (int j = 0; j < 8; ++j) total += sum[j];
+  return total;
+}
+
 MG_ALWAYS_INLINE float reduce_max(const vfloat& v) {
   float m = v[0];
   for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
@@ -179,22 +198,20 @@ class RowSampler {
     if (settings.temperature == 0.f || max_logit == -INFINITY) {
       return {best, max_logit - log_normalizer(max_logit)};
     }
-    const float total = fill_weights(max_logit, settings.temperature);
-    const float log_norm = settings.temperature == 1.f ? max_logit + std::log(total) : log_normalizer(max_logit);
+    const double total = fill_weights(max_logit, settings.temperature);
+    const float log_norm =
+        settings.temperature == 1.f ? max_logit + static_cast<float>(std::log(total)) : log_normalizer(max_logit);
 
     float keep_from = -INFINITY;
     if (top_k_active(settings.top_k, vocab_)) keep_from = top_k_threshold(settings.top_k);
     if (top_p_active(settings.top_p)) {
-      const float mass = keep_from == -INFINITY ? total : weight_from(keep_from);
+      const float mass = keep_from == -INFINITY ? static_cast<float>(total) : weight_from(keep_from);
       keep_from = top_p_threshold(keep_from, settings.top_p, mass, max_logit, settings.temperature);
     }
     const float* x = logit_.data();
     const float* w = weight_.data();
-    // The inverse CDF sums in double, its total and its walk both: in float each weight below half
-    // an ulp of the sum so far rounds away, so a peaked row's long tail of tiny weights (together
-    // ~1e-3 of the mass, say) lost its draws, the walk's to its last token and the vectorised
-    // total's (whose lanes drop them after a large weight) to tokens a thousand ids early.
-    const double target = philox_uniform(settings.seed, settings.offset) * kept_weight(keep_from);
+    const double kept = keep_from == -INFINITY ? total : kept_weight(keep_from);
+    const double target = philox_uniform(settings.seed, settings.offset) * kept;
     double running = 0.;
     int64_t last = best;
     for (int64_t i = 0; i < vocab_; ++i) {
@@ -240,14 +257,14 @@ class RowSampler {
     return max_logit + std::log(cpu::reduce_sum(sum));
   }
 
-  MG_ALWAYS_INLINE float fill_weights(float max_logit, float temperature) {
-    vfloat sum{};
+  MG_ALWAYS_INLINE double fill_weights(float max_logit, float temperature) {
+    vdouble sum{};
     for (int64_t i = 0; i < padded_; i += kLanes) {
       const vfloat w = cpu::Exp{}(weight_exponent(cpu::load(logit_.data() + i), max_logit, temperature));
       cpu::store(weight_.data() + i, w);
-      sum += w;
+      add_in_double(sum, w);
     }
-    return cpu::reduce_sum(sum);
+    return reduce_sum(sum);
   }
 
   // The k-th largest logit: a min-heap of the k largest seen so far, so a logit costs one compare
@@ -273,20 +290,13 @@ class RowSampler {
     return cpu::reduce_sum(sum);
   }
 
-  // The weight of the tokens with logit >= from, summed in double lanes.
+  // The weight of the tokens with logit >= from, in double (the inverse CDF's total).
   MG_ALWAYS_INLINE double kept_weight(float from) const {
-    using vdouble = double __attribute__((vector_size(64)));
-    using vhalf = float __attribute__((vector_size(32)));
     vdouble sum{};
     for (int64_t i = 0; i < padded_; i += kLanes) {
-      const vfloat v = cpu::load(logit_.data() + i) >= from ? cpu::load(weight_.data() + i) : vfloat{};
-      const vhalf low = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-      const vhalf high = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-      sum += __builtin_convertvector(low, vdouble) + __builtin_convertvector(high, vdouble);
+      add_in_double(sum, cpu::load(logit_.data() + i) >= from ? cpu::load(weight_.data() + i) : vfloat{});
     }
-    double total = 0.;
-    for (int j = 0; j < 8; ++j) total += sum[j];
-    return total;
+    return reduce_sum(sum);
   }
 
   // The top-p threshold among the tokens with logit >= keep_from (weighing `mass` together), by
