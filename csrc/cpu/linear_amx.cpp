@@ -9,6 +9,7 @@
 // loads 2 A and 2 B tiles per 4 TDPBF16PS. The 32 rows' sums go through the same epilogues as
 // the vector kernels.
 #include "common/linear_kernels.h"
+#include "cpu/amx_tiles.h"
 
 #if MG_LINEAR_X86_KERNELS
 #include <cpuid.h>
@@ -24,25 +25,8 @@ namespace {
 constexpr int kArchReqXcompPerm = 0x1023;
 constexpr int kXfeatureXtiledata = 18;
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t bytes_per_row[16];
-  uint8_t rows[16];
-};
-
-// tmm0..3: C (rows 0-15 | 16-31) x (outputs set 0 | 1); tmm4, 5: A (rows 0-15, 16-31);
-// tmm6, 7: B (outputs set 0, 1). All 16 rows of 64 bytes.
-constexpr TileConfig full_tiles() {
-  TileConfig config{};
-  config.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    config.bytes_per_row[t] = 64;
-    config.rows[t] = 16;
-  }
-  return config;
-}
+using cpu::full_tiles;
+using cpu::TileConfig;
 
 bool request_amx() {
   unsigned eax, ebx, ecx, edx;
@@ -55,6 +39,8 @@ bool request_amx() {
 #pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
 
 // Where both kernels find their operands, with the tile registers configured for this thread.
+// tmm0..3: C (rows 0-15 | 16-31) x (outputs set 0 | 1); tmm4, 5: A (rows 0-15, 16-31);
+// tmm6, 7: B (outputs set 0, 1).
 template <int kUnits>
 struct AmxOperands {
   static constexpr int64_t kBStride = kUnits * kStepBytes;  // a sub-tile's consecutive lines

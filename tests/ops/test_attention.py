@@ -89,6 +89,20 @@ def test_long_sequences_match_reference(device: str, dtype: torch.dtype, seqs: l
                                atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("geometry", [(8, 2, 128), (4, 4, 64), (6, 2, 96), (80, 1, 32)], ids=lambda g: "x".join(map(str, g)))
+@pytest.mark.parametrize("sliding_window", [0, 37])
+def test_bf16_prefill_scores_match_reference(block_size: int, geometry: tuple[int, int, int],
+                                             sliding_window: int) -> None:
+    """On AMX CPUs bf16 prefill-like tasks score on the tile unit: 16 keys of one block read in place
+    (block sizes 16, 32), keys copied where 16 span two blocks (8) or a tile ends part-way, 1 to 5
+    blocks of 16 query rows (80 heads on one kv head), 1 to 4 blocks of 32 head dims."""
+    q_heads, kv_heads, head_dim = geometry
+    batch = make_batch([(200, 200), (90, 45), (33, 33)], q_heads, kv_heads, head_dim, block_size, torch.bfloat16)
+    torch.testing.assert_close(batch.run(0.2, sliding_window), batch.expected(0.2, sliding_window),
+                               atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("threads", [1, 3, 8])
 @pytest.mark.parametrize("sliding_window", [0, 1000])
 def test_result_does_not_depend_on_the_thread_count(threads: int, sliding_window: int) -> None:
