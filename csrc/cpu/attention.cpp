@@ -109,7 +109,7 @@ struct Scratch {
     const int64_t padded_rows = cpu::round_up_to_lanes(max_rows);
     const int64_t staged = kKeyTile * num_kv_heads * padded_dim;
     const std::pair<float**, int64_t> parts[] = {
-        {&queries, max_rows * padded_dim}, {&queries_t, padded_dim * padded_rows}, {&acc, max_rows * padded_dim},
+        {&queries, max_rows * padded_dim}, {&queries_t, padded_dim * padded_rows}, {&acc, padded_rows * padded_dim},
         {&scores, kKeyTile * padded_rows}, {&keys, staged}, {&values, staged}, {&row_max, padded_rows},
         {&row_sum, padded_rows}, {&rescale, padded_rows}};
     int64_t total = 0;
@@ -125,7 +125,7 @@ struct Scratch {
 
   float* queries;    // [rows, padded_dim], pre-scaled by scale * log2(e)
   float* queries_t;  // [padded_dim, padded_rows], for the outer-product scores
-  float* acc;        // [rows, padded_dim], unnormalised output
+  float* acc;        // [rows (rounded up to 16), padded_dim], unnormalised output
   float* scores;     // [kKeyTile, padded_rows]: scores, then probabilities
   float* keys;       // [kKeyTile, heads, padded_dim]: K/V widened to fp32 where staged
   float* values;
@@ -270,19 +270,33 @@ MG_ALWAYS_INLINE void softmax_tile(Scratch& s, int64_t kt, int64_t padded_rows) 
   }
 }
 
+// -inf for the scores of keys [k0, k0 + kt) that rows cannot see (causal or window edge). Row by row:
+// a row's position costs two divisions, which per score took a sixth of a bf16 prefill's attention.
+template <typename T>
+MG_ALWAYS_INLINE void mask_tile(const Problem<T>& p, const Task& task, Scratch& s, int64_t k0, int64_t kt,
+                                int64_t first_pos) {
+  const int64_t rows = task.rows(p.group), padded_rows = cpu::round_up_to_lanes(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t pos = first_pos + r / p.group % task.num_queries;
+    for (int64_t j = 0; j < kt; ++j) {
+      if (!key_visible(k0 + j, pos, p.sliding_window)) s.scores[j * padded_rows + r] = -INFINITY;
+    }
+  }
+}
+
 // One tile's scores, mask, softmax update and P V, for K/V rows of element type E; asks for the next
 // tile's lines along the way.
 template <typename T, typename E>
 MG_ALWAYS_INLINE void fold_tile(const Problem<T>& p, const Task& task, Scratch& s, const TileRows<E>& keys,
                                 const TileRows<E>& values, int64_t k0, int64_t kt, int64_t first_pos, bool masked,
-                                bool scored, NextTilePrefetch<T>& next_tile) {
+                                NextTilePrefetch<T>& next_tile) {
   const int64_t group = p.group, padded_dim = p.padded_dim, head_dim = p.head_dim;
   const int64_t rows_per_head = task.num_queries * group, rows = task.rows(group);
   const int64_t padded_rows = cpu::round_up_to_lanes(rows);
   if (rows_per_head >= kLanes) {  // a prefill-like task: a single kv head
     next_tile.rest();  // its outer products load each key element alone: no loop to spread over
     const int64_t row_vectors = padded_rows / kLanes;
-    for (int64_t j0 = 0; j0 < kt && !scored; j0 += kKeyBlock) {  // scored: on AMX already
+    for (int64_t j0 = 0; j0 < kt; j0 += kKeyBlock) {
       for (int64_t v0 = 0; v0 < row_vectors; v0 += kVectorBlock) {
         with_count<kKeyBlock>(std::min(kKeyBlock, kt - j0), [&](auto nk) MG_ALWAYS_INLINE_LAMBDA {
           with_count<kVectorBlock>(std::min(kVectorBlock, row_vectors - v0), [&](auto nv) MG_ALWAYS_INLINE_LAMBDA {
@@ -303,16 +317,7 @@ MG_ALWAYS_INLINE void fold_tile(const Problem<T>& p, const Task& task, Scratch& 
       }
     }
   }
-  if (masked) {
-    // Row by row: a row's position costs two divisions, which per score took a sixth of a bf16
-    // prefill's attention.
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t pos = first_pos + r / group % task.num_queries;
-      for (int64_t j = 0; j < kt; ++j) {
-        if (!key_visible(k0 + j, pos, p.sliding_window)) s.scores[j * padded_rows + r] = -INFINITY;
-      }
-    }
-  }
+  if (masked) mask_tile(p, task, s, k0, kt, first_pos);
 
   softmax_tile(s, kt, padded_rows);
   next_tile.some();
@@ -365,13 +370,14 @@ MG_ALWAYS_INLINE void locate_rows(const Problem<T>& p, const Task& task, int64_t
 // The AMX scores' working memory, kept per thread like Scratch's arena.
 struct AmxScratch {
   std::vector<const c10::BFloat16*> q_rows;
-  std::vector<uint16_t> packed_q, staging;
+  std::vector<uint16_t> packed_q, key_staging, pv_staging;
 
   static AmxScratch& of_this_thread(int64_t rows, int64_t head_dim) {
     thread_local AmxScratch scratch;
     scratch.q_rows.resize(rows);
     scratch.packed_q.resize(attention_amx::packed_queries_size(rows, head_dim));
-    scratch.staging.resize(attention_amx::kKeys * head_dim);
+    scratch.key_staging.resize(attention_amx::kKeys * head_dim);
+    scratch.pv_staging.resize(attention_amx::pv_staging_size(head_dim));
     return scratch;
   }
 };
@@ -415,7 +421,7 @@ MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s
       for (int64_t d = 0; d < head_dim; ++d) s.queries_t[d * padded_rows + r] = s.queries[r * padded_dim + d];
     }
   }
-  std::fill(s.acc, s.acc + rows * padded_dim, 0.f);
+  std::fill(s.acc, s.acc + padded_rows * padded_dim, 0.f);  // AMX's P V runs whole 16-row blocks
   std::fill(s.scores, s.scores + kKeyTile * padded_rows, 0.f);  // rows past `rows` stay 0
   std::fill(s.row_max, s.row_max + padded_rows, -INFINITY);
   std::fill(s.row_sum, s.row_sum + padded_rows, 0.f);
@@ -443,19 +449,25 @@ MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s
                    .per_key = (2 * next_kt * lines_per_row + steps - 1) / steps};
     }
     const bool masked = k0 < unmasked_begin || k0 + kt > unmasked_end;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (amx) {  // K and V go to the tile unit as they are
+        attention_amx::score_tile(amx_scratch->packed_q.data(), padded_rows, head_dim, key_rows.rows, kt,
+                                  p.scale_log2, s.scores, amx_scratch->key_staging.data());
+        if (masked) mask_tile(p, task, s, k0, kt, first_pos);
+        softmax_tile(s, kt, padded_rows);
+        attention_amx::accumulate_tile(s.scores, s.rescale, padded_rows, value_rows.rows, kt, head_dim, s.acc,
+                                       amx_scratch->pv_staging.data());
+        next_tile.rest();
+        continue;
+      }
+    }
     if (stage) {
       TileRows<float> staged_keys, staged_values;
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        if (amx) {  // the keys go to AMX as they are
-          attention_amx::score_tile(amx_scratch->packed_q.data(), padded_rows, head_dim, key_rows.rows, kt,
-                                    p.scale_log2, s.scores, amx_scratch->staging.data());
-        }
-      }
-      if (!amx) stage_rows(key_rows.rows, kt, heads, head_dim, padded_dim, s.keys, staged_keys);
+      stage_rows(key_rows.rows, kt, heads, head_dim, padded_dim, s.keys, staged_keys);
       stage_rows(value_rows.rows, kt, heads, head_dim, padded_dim, s.values, staged_values);
-      fold_tile(p, task, s, staged_keys, staged_values, k0, kt, first_pos, masked, amx, next_tile);
+      fold_tile(p, task, s, staged_keys, staged_values, k0, kt, first_pos, masked, next_tile);
     } else {
-      fold_tile(p, task, s, key_rows, value_rows, k0, kt, first_pos, masked, false, next_tile);
+      fold_tile(p, task, s, key_rows, value_rows, k0, kt, first_pos, masked, next_tile);
     }
     next_tile.rest();  // any the rounding left
   }
