@@ -10,9 +10,9 @@
 //                partial softmax states are merged at the end, so one decode keeps every core busy.
 //   prefill-like (many queries): one kv head and a run of about kTargetRows rows per task. Each tile
 //                of K/V is widened once into scratch and reused by every row; scores come from an
-//                outer-product kernel over Q transposed, which needs no horizontal sums, or, for bf16
-//                caches on CPUs with AMX, from the tile unit reading K in place, unwidened
-//                (cpu/attention_amx.h: bf16 1x512 prefill 3.5 -> 2.7 ms a layer).
+//                outer-product kernel over Q transposed, which needs no horizontal sums. For bf16
+//                caches on CPUs with AMX, scores and P V both run on the tile unit instead, K and V
+//                read unwidened (cpu/attention_amx.h: bf16 1x512 prefill 3.5 -> 1.5 ms a layer).
 // Either way the heads of a GQA group share their K/V reads. Per tile of kKeyTile keys: scores (in
 // the log2 domain), the mask on tiles that cross a causal or window edge, an online-softmax update
 // vectorised across rows, then acc = acc * rescale + P V.

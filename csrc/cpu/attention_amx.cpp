@@ -151,12 +151,12 @@ MG_ALWAYS_INLINE void transpose16(__m512i r[16]) {
   }
 }
 
-// 16-bit lane indices: (a[n], b[n]) pairs for n in [first, first + 16), as permutex2var takes them.
-__m512i pair_lanes(int first) {
+// 16-bit lane indices (even + n, odd + n) for n < 16, for the permutes that pair two vectors' lanes.
+__m512i pair_lanes(int even, int odd) {
   alignas(64) int16_t index[32];
   for (int n = 0; n < 16; ++n) {
-    index[2 * n] = static_cast<int16_t>(first + n);
-    index[2 * n + 1] = static_cast<int16_t>(32 + first + n);
+    index[2 * n] = static_cast<int16_t>(even + n);
+    index[2 * n + 1] = static_cast<int16_t>(odd + n);
   }
   return _mm512_load_si512(index);
 }
@@ -170,7 +170,8 @@ void accumulate_tile(const float* probs, const float* rescale, int64_t padded_ro
   uint16_t* v_tiles = staging;       // [16-dim block][key pair][16 dims][2]
   uint16_t* p_high = staging + head_dim * 2 * kKeys;  // [16 rows][32 keys], P's top 8 bits
   uint16_t* p_low = p_high + kRows * 2 * kKeys;         // the rest, rounded to 8 bits
-  const __m512i low_dims = pair_lanes(0), high_dims = pair_lanes(16);
+  // permutex2var(even, index, odd) lanes: even's are 0-31, odd's 32-63.
+  const __m512i low_dims = pair_lanes(0, 32), high_dims = pair_lanes(16, 48);
   for (int64_t pair = 0; pair < kPairs; ++pair) {
     const int64_t j = 2 * pair;
     for (int64_t d = 0; d < head_dim; d += 2 * kRows) {
@@ -182,12 +183,7 @@ void accumulate_tile(const float* probs, const float* rescale, int64_t padded_ro
     }
   }
   // cvtne2ps_pbh(odd, even) holds even's 16 rows, then odd's: interleaved, each row's (even, odd) pair.
-  alignas(64) int16_t interleave[32];
-  for (int n = 0; n < 16; ++n) {
-    interleave[2 * n] = static_cast<int16_t>(n);
-    interleave[2 * n + 1] = static_cast<int16_t>(16 + n);
-  }
-  const __m512i pairs_of_rows = _mm512_load_si512(interleave);
+  const __m512i pairs_of_rows = pair_lanes(0, 16);
   const __m512 ones = _mm512_set1_ps(1.f);
   const __m512i top = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   for (int64_t r0 = 0; r0 < padded_rows; r0 += kRows) {
