@@ -6,6 +6,7 @@
 #include "cpu/attention_amx.h"
 
 #include "common/linear_kernels.h"
+#include "cpu/ops_cpu.h"
 #include "cpu/simd.h"
 
 #if MG_LINEAR_X86_KERNELS
@@ -20,7 +21,7 @@
 
 namespace mistral_grpc::attention_amx {
 
-bool usable() { return linear::amx_usable(); }
+bool usable() { return cpu_amx_selected(); }
 
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")

@@ -17,7 +17,8 @@ constexpr int64_t kKeys = 16;      // keys per A tile (rows of a C tile)
 constexpr int64_t kRows = 16;      // query rows per B tile (columns of a C tile)
 constexpr int64_t kDimBlock = 32;  // head dims per TDPBF16PS
 
-// Whether the CPU has AMX-BF16 and this process may use the tile registers.
+// Whether the CPU has AMX-BF16, this process may use the tile registers and linear_cpu_isa leaves
+// the level at "amx".
 bool usable();
 // Configures (begin) and releases (end) the calling thread's tile registers around a run of tasks.
 void begin();

@@ -376,6 +376,8 @@ double read_bandwidth_cpu(const at::Tensor& buffer, int64_t repeats) {
 
 }  // namespace
 
+bool cpu_amx_selected() { return active_isa().load(std::memory_order_relaxed) == Isa::kAmx; }
+
 void linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_weight) {
   run_tiles("linear", out, x, packed_weight, PackKind::kLinear);
 }

@@ -15,6 +15,10 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor&
                          const at::Tensor& query_start_loc, double scale, int64_t sliding_window);
 void linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_weight);
 void linear_silu_mul_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_gate_up);
+// Whether the CPU kernels may use AMX: the CPU and OS allow it and linear_cpu_isa has not lowered the
+// level below "amx". Prefill attention's AMX path follows the linear layers' level, so tests that
+// lower it reach attention's vector path too.
+bool cpu_amx_selected();
 // What a packed weight's header says (after checking it): n is F for a gate_up pack.
 struct PackedWeightShape {
   bool gate_up;

@@ -111,7 +111,7 @@ def read_bandwidth(buffer: torch.Tensor, repeats: int) -> float:
 
 def linear_cpu_isa(isa: str = "") -> str:
     """The kernels the CPU linear ops use; a name (portable, avx2, avx512, avx512_bf16, amx, best) selects
-    a level up to the CPU's best (tests run each)."""
+    a level up to the CPU's best (tests run each). Below "amx", bf16 prefill attention leaves AMX too."""
     return _ops.linear_cpu_isa(isa)
 
 

@@ -103,6 +103,22 @@ def test_bf16_prefill_scores_match_reference(block_size: int, geometry: tuple[in
                                atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
 
 
+def test_bf16_prefill_off_amx_matches_reference() -> None:
+    """Below linear_cpu_isa's "amx" level bf16 prefill takes the vector path (the one CPUs without
+    AMX run), so an AMX machine tests it too."""
+    best = ops.linear_cpu_isa("best")
+    if best != "amx":
+        pytest.skip(f"this CPU runs the vector path anyway (best level {best})")
+    batch = make_batch([(200, 200), (90, 45)], 8, 2, 128, 16, torch.bfloat16)
+    ops.linear_cpu_isa("avx512_bf16")
+    try:
+        out = batch.run(0.2, 0)
+    finally:
+        ops.linear_cpu_isa("best")
+    torch.testing.assert_close(out, batch.expected(0.2, 0), atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
+    assert not torch.equal(out, batch.run(0.2, 0))  # the AMX path sums in another order
+
+
 def test_bf16_prefill_is_as_accurate_as_rounding_its_output() -> None:
     """Against fp64 math on the same bf16 inputs, a bf16 prefill's mean error is no more than that of
     rounding the exact result to bf16, with P V on AMX too: P goes in as two bf16 parts (rounding it
