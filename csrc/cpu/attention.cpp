@@ -65,7 +65,7 @@ struct Problem {
   int64_t num_kv_heads, group, head_dim, padded_dim, block_size, max_blocks;
   float scale_log2;  // softmax scale times log2(e): scores come out in the log2 domain
   int64_t sliding_window;
-  bool amx_scores;  // prefill-like tasks score on AMX (bf16 caches, head_dim % 32 == 0, AMX usable)
+  bool amx_prefill;  // prefill-like tasks run on AMX (bf16 caches, head_dim % 32 == 0, AMX selected)
 };
 
 // Queries [first_query, first_query + num_queries) of sequence `seq` (counted within its q rows), for
@@ -367,7 +367,7 @@ MG_ALWAYS_INLINE void locate_rows(const Problem<T>& p, const Task& task, int64_t
   }
 }
 
-// The AMX scores' working memory, kept per thread like Scratch's arena.
+// The AMX path's working memory, kept per thread like Scratch's arena.
 struct AmxScratch {
   std::vector<const c10::BFloat16*> q_rows;
   std::vector<uint16_t> packed_q, key_staging, pv_staging;
@@ -387,7 +387,7 @@ MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s
   const int64_t group = p.group, head_dim = p.head_dim, padded_dim = p.padded_dim, heads = task.num_kv_heads;
   const int64_t rows = task.rows(group), padded_rows = cpu::round_up_to_lanes(rows);
   const bool outer_product = task.num_queries * group >= kLanes;
-  const bool amx = outer_product && p.amx_scores;
+  const bool amx = outer_product && p.amx_prefill;
   // Staging pays off when many rows reuse each K/V row, or when rows need zero padding.
   const bool stage = outer_product ? !std::is_same_v<T, float> || head_dim != padded_dim : head_dim % kLanes != 0;
   const int64_t seq_len = p.seq_lens[task.seq];
@@ -525,7 +525,7 @@ MG_ALWAYS_INLINE void merge_splits(const Problem<T>& p, const SplitGroup& split,
 template <typename T>
 MG_CPU_CLONES void run_tasks(const Problem<T>& p, const Plan& plan, std::atomic<int64_t>& next, float* partials) {
   Scratch scratch(plan.max_rows, p.padded_dim, p.num_kv_heads);
-  const bool amx = p.amx_scores && plan.prefill_like;
+  const bool amx = p.amx_prefill && plan.prefill_like;
   if (amx) attention_amx::begin();
   const int64_t num_tasks = static_cast<int64_t>(plan.tasks.size());
   for (int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1)) {
