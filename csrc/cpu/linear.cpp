@@ -316,12 +316,10 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
   if (use_amx_fp32(header, x.size(0))) {
     // x as its three bf16 parts, split by both threads; kept per calling thread to spare the
     // allocation (a 512-token prefill's down_proj: 11 MB).
+    // (The lambdas run on other threads, which have storage of their own: take the pointer here.)
     thread_local std::vector<uint16_t> storage;
     const int64_t rows = x.size(0), padded = tiles_for(rows) * kTileRows;
-    storage.resize(fp32_parts_elems(rows, header.k) + 32);
-    // 64-byte aligned: every A tile row is then one cache line. (The lambdas run on other threads,
-    // which have storage of their own: take the pointer here.)
-    uint16_t* parts = storage.data() + (-reinterpret_cast<uintptr_t>(storage.data()) % 64) / sizeof(uint16_t);
+    uint16_t* parts = line_aligned(storage, fp32_parts_elems(rows, header.k));
     const float* x_data = x.data_ptr<float>();
     at::parallel_for(0, padded, kTileRows, [&](int64_t begin, int64_t end) {
       split_fp32_rows(x_data, x.stride(0), rows, header.k, begin, end, parts);

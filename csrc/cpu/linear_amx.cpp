@@ -273,8 +273,7 @@ void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
       std::clamp<int64_t>(kFp32CarryBytes / (row_blocks * kCarryFloats * sizeof(float)), 1, items);
   const auto* parts = static_cast<const uint8_t*>(p.x);
   thread_local std::vector<float> carry_storage;
-  carry_storage.resize(group_items * row_blocks * kCarryFloats + 16);
-  float* carry = carry_storage.data() + (-reinterpret_cast<uintptr_t>(carry_storage.data()) % 64) / sizeof(float);
+  float* carry = line_aligned(carry_storage, group_items * row_blocks * kCarryFloats);
   alignas(64) uint8_t split[kChunk * 2 * kSplitBytes];
   alignas(64) float sums[kCarryFloats];
   // Item i's two output sets: its tile (or gate rows) and the next tile (or up rows, or a repeat
