@@ -184,9 +184,10 @@ MG_ALWAYS_INLINE void split3(__m512i v, __m512i& p0, __m512i& p1, __m512i& p2) {
 
 }  // namespace
 
-// x's parts: chunk c of K, row block b (16 rows), part i, row r, then the chunk's K as bf16 bits
-// ([c][b][i][r][kAmxFp32ChunkBlocks * 32]), so each A tile (one part of 16 rows, 32 K) is read with
-// a 256-byte stride from a 12 KiB run that one row block's pass over the chunk reads whole. Written
+// x's parts: chunk c of K, row block b (16 rows), 32-K block j of the chunk, part i, row r, then
+// the block's 32 K as bf16 bits ([c][b][j][i][r][32]), so each A tile (one part of 16 rows, 32 K)
+// is 1 KiB in one piece, and one row block's pass over the chunk reads a 12 KiB run in order (A
+// tiles read with a 256-byte stride from rows of the whole chunk were 5% slower in situ). Written
 // chunk by chunk, 64 bytes of a part at a time (two vectors packed by one vcvtne2ps2bf16, exact
 // since every part is a bf16 value): one thread, 128-512 rows, 0.26-0.6 ns an element, against
 // 0.64-0.76 storing 32 bytes of each part as the row is read.
@@ -198,7 +199,7 @@ void split_fp32_rows(const float* x, int64_t x_stride, int64_t rows, int64_t k, 
     uint16_t* chunk = parts + j0 / kChunkK * row_blocks * 3 * kTileRows * kChunkK;
     const int64_t width = std::min(kChunkK, k - j0);
     for (int64_t m = begin; m < end; ++m) {
-      uint16_t* row = chunk + ((m / kTileRows) * 3 * kTileRows + m % kTileRows) * kChunkK;
+      uint16_t* row = chunk + (m / kTileRows) * 3 * kTileRows * kChunkK + (m % kTileRows) * kAmxKBlock;
       for (int64_t j = 0; j < width; j += 32) {
         __m512i low[3], high[3];
         const float* src = x + m * x_stride + j0 + j;
@@ -206,7 +207,7 @@ void split_fp32_rows(const float* x, int64_t x_stride, int64_t rows, int64_t k, 
         split3(m < rows ? _mm512_loadu_si512(src + 16) : _mm512_setzero_si512(), high[0], high[1], high[2]);
         for (int i = 0; i < 3; ++i) {
           const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_castsi512_ps(high[i]), _mm512_castsi512_ps(low[i]));
-          _mm512_storeu_si512(row + i * kTileRows * kChunkK + j, reinterpret_cast<const __m512i&>(packed));
+          _mm512_storeu_si512(row + (j / kAmxKBlock * 3 + i) * kTileRows * kAmxKBlock, reinterpret_cast<const __m512i&>(packed));
         }
       }
     }
@@ -231,11 +232,20 @@ MG_ALWAYS_INLINE void split_weights(const uint8_t* lines, int64_t stride, uint8_
   }
 }
 
-// C tile c += the six products of x's parts (tmm2..4) and the weight's parts at b (into tmm5..7).
-#define MG_SIX_PRODUCTS(c, b)     \
-  _tile_loadd(5, (b), 64);        \
-  _tile_loadd(6, (b) + 1024, 64); \
-  _tile_loadd(7, (b) + 2048, 64); \
+// A set's three weight parts at b (three contiguous 1 KiB B tiles) into tmm5..7.
+MG_ALWAYS_INLINE void load_weight_parts(const uint8_t* b) {
+  _tile_loadd(5, b, 64);
+  _tile_loadd(6, b + 1024, 64);
+  _tile_loadd(7, b + 2048, 64);
+}
+
+// `bytes` from p on into L1, a line at a time.
+MG_ALWAYS_INLINE void prefetch_l1(const uint8_t* p, int64_t bytes) {
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 3);
+}
+
+// C tile c += the six products of x's parts (tmm2..4) and the weight's parts (tmm5..7).
+#define MG_SIX_PRODUCTS(c)        \
   _tile_dpbf16ps(c, 2, 5);        \
   _tile_dpbf16ps(c, 2, 6);        \
   _tile_dpbf16ps(c, 3, 5);        \
@@ -254,16 +264,19 @@ constexpr int64_t kFp32CarryBytes = 512 << 10;
 // for the chunk are split once into a 24 KiB buffer that stays in L1 while the row blocks run; C
 // is carried from chunk to chunk per item and row block; and the next (item, chunk)'s weights are
 // prefetched while the row blocks compute. So the weights stream once per call, x's parts come
-// from L2 and the split weights from L1. The 175M model's matrices at 512 rows, both threads,
-// weights cold, ms FMA vs AMX: qkv 6.1 vs 3.2, o 3.9 vs 2.2, gate_up 27.6 vs 15.1, down 12.6 vs
-// 8.3 (K = 3584: its items are few, so each chunk of x's parts serves fewer of them); a 512-token
-// fp32 prefill 457 -> 298 ms.
+// from L2 (prefetched into L1 a step ahead) and the split weights from L1. The 175M model's
+// matrices at 512 rows, both threads, weights cold, ms FMA vs AMX: qkv 6.1 vs 3.2, o 3.9 vs 2.2,
+// gate_up 27.6 vs 15.1, down 12.6 vs 8.3 (K = 3584: its items are few, so each chunk of x's parts
+// serves fewer of them); a 512-token fp32 prefill 457 -> 298 ms. With x's parts in 1 KiB tiles and
+// prefetched (layer after layer, medians): qkv 4.1 -> 3.5, o 2.8 -> 2.3, gate_up 15.0 -> 13.5,
+// down 10.4 -> 9.0; the prefill's forward 295 -> 268 ms.
 template <int kUnits>
 void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
   constexpr int64_t kTilesPerItem = kUnits == 1 ? 2 : 1;
   constexpr int64_t kChunk = kAmxFp32ChunkBlocks;
   constexpr int64_t kSplitBytes = 3 * 1024;                    // a set's three B tiles for 32 K
   constexpr int64_t kPartBytes = kTileRows * kChunk * 64;       // a part of 16 rows over a chunk
+  constexpr int64_t kATilesBytes = 3 * 1024;                    // a row block's three A tiles for 32 K
   constexpr int64_t kCarryFloats = 2 * kTileRows * kTileRows;  // both sets' C
   const int64_t k_blocks = p.k / kAmxKBlock, line_stride = kUnits * kStepBytes;
   const int64_t tile_bytes = p.steps * line_stride, block_bytes = kAmxKBlock * line_stride;
@@ -321,17 +334,28 @@ void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
             _tile_loadd(0, c, 64);
             _tile_loadd(1, c + kTileRows * kTileRows, 64);
           }
+          // Each step also prefetches the next 32 K's A tiles (the next step's, or the next row
+          // block's first) from L2, where the chunk of x's parts lives, into L1: an A tile load from
+          // L2 holds up the tile unit for its whole latency, one from L1 does not (gate_up at 512
+          // rows with every A tile hot in L1: 14.3 -> 11.3 ms). A tile load also waits for the loads
+          // issued before it, prefetches included, so the prefetches go right after a set's B tile
+          // loads, where six products follow before the next tile load: issued before the A tile
+          // loads, the same prefetches made gate_up 10% slower instead of 8% faster.
           for (int64_t kb = kb0; kb < kb1; ++kb) {
+            const uint8_t* a = x_chunk + rb * 3 * kPartBytes + (kb - kb0) * kATilesBytes;
+            _tile_loadd(2, a, 64);
+            _tile_loadd(3, a + 1024, 64);
+            _tile_loadd(4, a + 2048, 64);
+            load_weight_parts(split + 2 * (kb - kb0) * kSplitBytes);
+            prefetch_l1(a + kATilesBytes, kATilesBytes / 2);
             for (const int64_t stop = std::min(next_lines, next_line + per_step); next_line < stop; ++next_line) {
               const int64_t line = next_line < region_lines ? next_line : next_line - region_lines + p.steps;
               __builtin_prefetch(next + line * kStepBytes, 0, 3);
             }
-            const uint8_t* a = x_chunk + rb * 3 * kPartBytes + (kb - kb0) * 64;
-            _tile_loadd(2, a, kChunk * 64);
-            _tile_loadd(3, a + kPartBytes, kChunk * 64);
-            _tile_loadd(4, a + 2 * kPartBytes, kChunk * 64);
-            MG_SIX_PRODUCTS(0, split + 2 * (kb - kb0) * kSplitBytes);
-            MG_SIX_PRODUCTS(1, split + (2 * (kb - kb0) + 1) * kSplitBytes);
+            MG_SIX_PRODUCTS(0);
+            load_weight_parts(split + (2 * (kb - kb0) + 1) * kSplitBytes);
+            prefetch_l1(a + kATilesBytes + kATilesBytes / 2, kATilesBytes / 2);
+            MG_SIX_PRODUCTS(1);
           }
           if (!last) {
             _tile_stored(0, c, 64);
