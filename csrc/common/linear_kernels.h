@@ -40,6 +40,12 @@ struct Problem {
   int64_t out_stride;
   int64_t rows;          // T
   int64_t n;             // valid outputs: N (linear) or F (silu_mul)
+  // fp32 on AMX only (kAmxFp32): the call folds K [k_begin, k_end) into the sums, x holding the
+  // parts of just those columns. When K takes several calls, C goes from one to the next through
+  // `carry` (kAmxFp32CarryFloats per item and row block, items in order); the first call starts
+  // from zero and the last one stores the outputs. Null: one call covers K.
+  int64_t k_begin = 0, k_end = 0;
+  float* carry = nullptr;
 };
 
 // Computes the outputs of tiles [begin, end) for all rows: 16 outputs per tile (for `silu_mul`,
@@ -74,6 +80,7 @@ constexpr int64_t kAmxKBlock = 32;
 // split_fp32_rows; needs K % 32 == 0.
 extern const KernelSet kAmxFp32;
 constexpr int64_t kAmxFp32ChunkBlocks = 4;  // 32-K blocks per chunk of K
+constexpr int64_t kAmxFp32CarryFloats = 2 * kTileRows * kTileRows;  // an item's C for 16 rows, both sets
 // bf16 elements split_fp32_rows lays out for `rows` rows of K: rows padded to 16, K to whole chunks.
 constexpr int64_t fp32_parts_elems(int64_t rows, int64_t k) {
   const int64_t chunks = (k / kAmxKBlock + kAmxFp32ChunkBlocks - 1) / kAmxFp32ChunkBlocks;

@@ -268,6 +268,9 @@ bool use_amx(const PackedHeader& header, int64_t rows) {
 // AMX: 16 rows 27.5 vs 51, 64: 79 vs 92, 96: 113 vs 95, 128: 148 vs 100, 256: 285 vs 171.
 constexpr int64_t kAmxFp32MinRows = 80;
 
+// The most bytes of x's parts one fp32 AMX call splits and reads at a time (run_tiles).
+constexpr int64_t kFp32SegmentBytes = 3 << 20;
+
 bool use_amx_fp32(const PackedHeader& header, int64_t rows) {
   return header.dtype == WeightDtype::kFloat32 && rows >= kAmxFp32MinRows && header.k % kAmxKBlock == 0 &&
          active_isa().load(std::memory_order_relaxed) == Isa::kAmx;
@@ -314,19 +317,41 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
   const bool gate_up = kind == PackKind::kGateUp;
 #if MG_LINEAR_X86_KERNELS
   if (use_amx_fp32(header, x.size(0))) {
-    // x as its three bf16 parts, split by both threads; kept per calling thread to spare the
-    // allocation (a 512-token prefill's down_proj: 11 MB).
-    // (The lambdas run on other threads, which have storage of their own: take the pointer here.)
+    // x as its three bf16 parts, split by both threads into a buffer kept per calling thread (to
+    // spare the allocation). Where the parts outgrow kFp32SegmentBytes and the sums of all rows
+    // and outputs (the C carried between segments) do not, K goes in segments of about that many
+    // bytes of parts, each split into the same, still cached, memory: a 512-token prefill's
+    // down_proj, 11 MB of parts in one go, ran 1.9 ms slower right after gate_up (whose weights
+    // had flushed the buffer from the caches) than after another down_proj; in four segments
+    // (2 MB carried) 9.0-9.8 -> 7.8-8.2 ms. gate_up's 14 MB of sums would cost more than they save.
+    // (The lambdas run on other threads, which have storage of their own: take the pointers here.)
     thread_local std::vector<uint16_t> storage;
+    thread_local std::vector<float> carry_storage;
     const int64_t rows = x.size(0), padded = tiles_for(rows) * kTileRows;
-    uint16_t* parts = line_aligned(storage, fp32_parts_elems(rows, header.k));
-    const float* x_data = x.data_ptr<float>();
-    at::parallel_for(0, padded, kTileRows, [&](int64_t begin, int64_t end) {
-      split_fp32_rows(x_data, x.stride(0), rows, header.k, begin, end, parts);
-    });
+    const int64_t tiles = tiles_for(header.n), tiles_per_item = gate_up ? 1 : 2;
+    const int64_t items = (tiles + tiles_per_item - 1) / tiles_per_item;
+    const int64_t carry_floats = items * tiles_for(rows) * kAmxFp32CarryFloats;
+    const int64_t chunk_k = kAmxFp32ChunkBlocks * kAmxKBlock;
+    const int64_t chunk_bytes = fp32_parts_elems(rows, chunk_k) * static_cast<int64_t>(sizeof(uint16_t));
+    const bool segmented = fp32_parts_elems(rows, header.k) * static_cast<int64_t>(sizeof(uint16_t)) > kFp32SegmentBytes &&
+                           carry_floats * static_cast<int64_t>(sizeof(float)) <= kFp32SegmentBytes;
+    const int64_t segment_k = segmented ? std::max<int64_t>(1, kFp32SegmentBytes / chunk_bytes) * chunk_k : header.k;
+    uint16_t* parts = line_aligned(storage, fp32_parts_elems(rows, std::min(segment_k, header.k)));
+    problem.carry = segmented ? line_aligned(carry_storage, carry_floats) : nullptr;
     problem.x = parts;
+    const float* x_data = x.data_ptr<float>();
     const TileRangeFn fn = gate_up ? kAmxFp32.silu_mul : kAmxFp32.linear;
-    at::parallel_for(0, tiles_for(header.n), 2, [&](int64_t begin, int64_t end) { fn(problem, begin, end); });
+    for (int64_t k0 = 0; k0 < header.k; k0 += segment_k) {
+      const int64_t k1 = std::min(header.k, k0 + segment_k);
+      at::parallel_for(0, padded, kTileRows, [&](int64_t begin, int64_t end) {
+        split_fp32_rows(x_data + k0, x.stride(0), rows, k1 - k0, begin, end, parts);
+      });
+      problem.k_begin = k0;
+      problem.k_end = k1;
+      at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+        fn(problem, begin * tiles_per_item, std::min(tiles, end * tiles_per_item));
+      });
+    }
     return;
   }
   if (use_amx(header, x.size(0))) {

@@ -311,8 +311,9 @@ void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
   constexpr int64_t kSplitBytes = 3 * 1024;                    // a set's three B tiles for 32 K
   constexpr int64_t kPartBytes = kTileRows * kChunk * 64;       // a part of 16 rows over a chunk
   constexpr int64_t kATilesBytes = 3 * 1024;                    // a row block's three A tiles for 32 K
-  constexpr int64_t kCarryFloats = 2 * kTileRows * kTileRows;  // both sets' C
+  constexpr int64_t kCarryFloats = kAmxFp32CarryFloats;
   const int64_t k_blocks = p.k / kAmxKBlock, line_stride = kUnits * kStepBytes;
+  const int64_t kb_begin = p.k_begin / kAmxKBlock, kb_end = p.k_end / kAmxKBlock;
   const int64_t tile_bytes = p.steps * line_stride, block_bytes = kAmxKBlock * line_stride;
   const int64_t row_blocks = tiles_for(p.rows);
   const int64_t items = (end - begin + kTilesPerItem - 1) / kTilesPerItem;
@@ -320,7 +321,13 @@ void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
       std::clamp<int64_t>(kFp32CarryBytes / (row_blocks * kCarryFloats * sizeof(float)), 1, items);
   const auto* parts = static_cast<const uint8_t*>(p.x);
   thread_local std::vector<float> carry_storage;
-  float* carry = line_aligned(carry_storage, group_items * row_blocks * kCarryFloats);
+  float* carry = line_aligned(carry_storage, p.carry ? 0 : group_items * row_blocks * kCarryFloats);
+  // C of (item, row block): in this call's own slots, or in the caller's when K takes several calls
+  // (`begin` is then a whole number of items).
+  const auto carried = [&](int64_t item, int64_t g0, int64_t rb) {
+    return p.carry ? p.carry + ((begin / kTilesPerItem + item) * row_blocks + rb) * kCarryFloats
+                   : carry + ((item - g0) * row_blocks + rb) * kCarryFloats;
+  };
   alignas(64) uint8_t split[kChunk * 2 * kSplitBytes];
   alignas(64) float sums[kCarryFloats];
   // Item i's two output sets: its tile (or gate rows) and the next tile (or up rows, or a repeat
@@ -334,10 +341,10 @@ void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
   _tile_loadconfig(&kConfig);
   for (int64_t g0 = 0; g0 < items; g0 += group_items) {
     const int64_t g1 = std::min(items, g0 + group_items);
-    for (int64_t kb0 = 0; kb0 < k_blocks; kb0 += kChunk) {
-      const int64_t kb1 = std::min(k_blocks, kb0 + kChunk);
+    for (int64_t kb0 = kb_begin; kb0 < kb_end; kb0 += kChunk) {
+      const int64_t kb1 = std::min(kb_end, kb0 + kChunk);
       const bool last = kb1 == k_blocks;
-      const uint8_t* x_chunk = parts + kb0 / kChunk * row_blocks * 3 * kPartBytes;
+      const uint8_t* x_chunk = parts + (kb0 - kb_begin) / kChunk * row_blocks * 3 * kPartBytes;
       for (int64_t item = g0; item < g1; ++item) {
         const auto [b0, b1] = sets(item);
         for (int64_t kb = kb0; kb < kb1; ++kb) {
@@ -348,8 +355,8 @@ void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
         // chunk (linear: two regions, one per tile; gate_up: one, the sets interleave).
         int64_t next_item = item + 1, next_kb = kb0;
         if (next_item == g1) {
-          next_item = last ? g1 : g0;
-          next_kb = last ? 0 : kb1;
+          next_item = kb1 == kb_end ? g1 : g0;
+          next_kb = kb1 == kb_end ? kb_begin : kb1;
         }
         const bool more = next_item < items;
         const uint8_t* next = more ? sets(next_item).first + next_kb * block_bytes : nullptr;
@@ -360,7 +367,7 @@ void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
         const int64_t t = begin + item * kTilesPerItem;
         const int tiles = static_cast<int>(std::min(kTilesPerItem, end - t));
         for (int64_t rb = 0; rb < row_blocks; ++rb) {
-          float* c = carry + ((item - g0) * row_blocks + rb) * kCarryFloats;
+          float* c = carried(item, g0, rb);
           if (kb0 == 0) {
             _tile_zero(0);
             _tile_zero(1);

@@ -107,6 +107,21 @@ def test_fp32_prefill_batches_are_as_accurate_as_fma(level: str, shape: tuple[in
         assert_close(out, F.silu(F.linear(x, gate)) * F.linear(x, up))
 
 
+@pytest.mark.parametrize("n", [40, 1])
+def test_fp32_prefill_batch_with_long_k(level: str, n: int) -> None:
+    """K long enough that x's parts take more than 3 MB (AMX then folds K in segments, carrying the
+    sums from one to the next; the last segment ends in a partial chunk), against fp64. N = 40: an odd
+    number of tiles, so the last linear item has one; N = 1: a single tile."""
+    t, k = 96, 8352
+    weight, gate, up = (random_weight(n, k, torch.float32) for _ in range(3))
+    x = torch.randn(t, k)
+    out = torch.empty(t, n)
+    ops.linear(out, x, ops.pack_linear_weight(weight))
+    torch.testing.assert_close(out.double(), x.double() @ weight.double().T, atol=4e-5, rtol=2e-5)
+    ops.linear_silu_mul(out, x, ops.pack_gate_up_weight(gate, up))
+    assert_close(out, F.silu(F.linear(x, gate)) * F.linear(x, up))
+
+
 def test_long_k_large_batch(level: str) -> None:
     """Tiles too long to re-read side by side from L2 for each row block go one at a time."""
     weight, gate, up = (random_weight(64, 4200, torch.float32) for _ in range(3))
