@@ -147,50 +147,36 @@ struct Bf16Operands {
 // Both work in vectors and are inlined into each ISA's kernel, so they are as wide as its vectors:
 // scalar loops here were a fifth of an AMX linear (bf16 [7168, 1024] at 512 rows: 4.56 -> 3.73 ms)
 // and a seventh of a 512-token fp32 prefill's gate_up (libm exp).
-// The *_rows forms store rows [m0, m1) of a block whose sums hold `stride` rows per (tile, unit), so
-// a kernel can spread one block's epilogue over the next block's products.
 template <typename Elem>
-MG_ALWAYS_INLINE void store_linear_rows(const Problem& p, const int64_t* ids, int tiles, int64_t row0, int64_t m0,
-                                        int64_t m1, int64_t stride, const float* sums) {
+MG_ALWAYS_INLINE void store_linear(const Problem& p, const int64_t* ids, int tiles, int64_t row0, int64_t rows,
+                                   const float* sums) {
   auto* out = static_cast<Elem*>(p.out);
   for (int g = 0; g < tiles; ++g) {
     const int64_t n0 = ids[g] * kTileRows;
     const int64_t width = std::min(kTileRows, p.n - n0);
-    for (int64_t m = m0; m < m1; ++m) {
-      cpu::store_n(out + (row0 + m) * p.out_stride + n0, cpu::load(sums + (g * stride + m) * kTileRows), width);
+    for (int64_t m = 0; m < rows; ++m) {
+      cpu::store_n(out + (row0 + m) * p.out_stride + n0, cpu::load(sums + (g * rows + m) * kTileRows), width);
     }
   }
-}
-
-template <typename Elem>
-MG_ALWAYS_INLINE void store_linear(const Problem& p, const int64_t* ids, int tiles, int64_t row0, int64_t rows,
-                                   const float* sums) {
-  store_linear_rows<Elem>(p, ids, tiles, row0, 0, rows, rows, sums);
 }
 
 // gate and up are rounded to the output dtype first, as F.linear would return them, then go through
 // silu_and_mul's own math, so the fused op equals linear followed by silu_and_mul.
 template <typename Elem>
-MG_ALWAYS_INLINE void store_silu_mul_rows(const Problem& p, const int64_t* ids, int tiles, int64_t row0, int64_t m0,
-                                          int64_t m1, int64_t stride, const float* sums) {
+MG_ALWAYS_INLINE void store_silu_mul(const Problem& p, const int64_t* ids, int tiles, int64_t row0, int64_t rows,
+                                     const float* sums) {
   static_assert(kTileRows == cpu::kLanes);
   auto* out = static_cast<Elem*>(p.out);
   const cpu::RoundTo<Elem> round;
   for (int g = 0; g < tiles; ++g) {
     const int64_t f0 = ids[g] * kTileRows;
     const int64_t width = std::min(kTileRows, p.n - f0);
-    for (int64_t m = m0; m < m1; ++m) {
-      const cpu::vfloat gate = round(cpu::load(sums + ((2 * g) * stride + m) * kTileRows));
-      const cpu::vfloat up = round(cpu::load(sums + ((2 * g + 1) * stride + m) * kTileRows));
+    for (int64_t m = 0; m < rows; ++m) {
+      const cpu::vfloat gate = round(cpu::load(sums + ((2 * g) * rows + m) * kTileRows));
+      const cpu::vfloat up = round(cpu::load(sums + ((2 * g + 1) * rows + m) * kTileRows));
       cpu::store_n(out + (row0 + m) * p.out_stride + f0, silu_and_mul(gate, up, cpu::Exp{}, round), width);
     }
   }
-}
-
-template <typename Elem>
-MG_ALWAYS_INLINE void store_silu_mul(const Problem& p, const int64_t* ids, int tiles, int64_t row0, int64_t rows,
-                                     const float* sums) {
-  store_silu_mul_rows<Elem>(p, ids, tiles, row0, 0, rows, rows, sums);
 }
 
 }  // namespace mistral_grpc::linear

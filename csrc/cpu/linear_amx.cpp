@@ -79,47 +79,21 @@ MG_ALWAYS_INLINE void store_sums(const Problem& p, const int64_t* ids, int tiles
   }
 }
 
-// A block of sums waiting for its op's epilogue ([output set][row][16], kAmxRowBlock rows per set),
-// stored a few rows at a time between the next block's products: the vector epilogue then runs
-// beside the tile unit instead of leaving it idle (bf16 gate_up at 512 rows: the epilogue and
-// the tile stores' wait were ~40% of the kernel's samples).
-template <int kUnits>
-struct PendingSums {
-  alignas(64) float sums[2 * kAmxRowBlock * kTileRows];
-  int64_t ids[2] = {0, 0}, row0 = 0, rows = 0, done = 0;
-  int tiles = 0;
-
-  // Stores up to n more rows.
-  MG_ALWAYS_INLINE void store(const Problem& p, int64_t n) {
-    const int64_t m1 = std::min(rows, done + n);
-    if (done >= m1) return;
-    if constexpr (kUnits == 2) {
-      store_silu_mul_rows<c10::BFloat16>(p, ids, tiles, row0, done, m1, kAmxRowBlock, sums);
-    } else {
-      store_linear_rows<c10::BFloat16>(p, ids, tiles, row0, done, m1, kAmxRowBlock, sums);
-    }
-    done = m1;
-  }
-};
-
 // Items are pairs of tiles (linear) or single gate_up tiles; either way 32 outputs' worth of B.
 template <int kUnits>
 void amx_tiles(const Problem& p, int64_t begin, int64_t end) {
   using O = AmxOperands<kUnits>;
   const O o(p);
-  PendingSums<kUnits> pending[2];
-  int cur = 0;  // the block being computed stores its sums into pending[cur]
-  // Enough rows each step to finish the previous block's epilogue within this block's K loop.
-  const int64_t rows_per_step = (kAmxRowBlock + o.k_blocks - 1) / o.k_blocks;
+  alignas(64) float sums[2 * kAmxRowBlock * kTileRows];
   constexpr int64_t kTilesPerItem = kUnits == 1 ? 2 : 1;
   for (int64_t t = begin; t < end; t += kTilesPerItem) {
     const int tiles = static_cast<int>(std::min(kTilesPerItem, end - t));
     const uint8_t* b0 = p.tiles + t * o.tile_bytes;
     // The second output set: up rows (silu_mul), the next tile, or a repeat whose sums are dropped.
     const uint8_t* b1 = kUnits == 2 ? b0 + kStepBytes : (tiles == 2 ? b0 + o.tile_bytes : b0);
+    const int64_t ids[2] = {t, t + 1};
     for (int64_t row0 = 0; row0 < p.rows; row0 += kAmxRowBlock) {
       const uint8_t* a = o.x + row0 * o.a_stride;
-      PendingSums<kUnits>& previous = pending[1 - cur];
       zero_accumulator_tiles();
       for (int64_t kb = 0; kb < o.k_blocks; ++kb) {
         _tile_loadd(4, a + kb * 64, o.a_stride);
@@ -130,24 +104,16 @@ void amx_tiles(const Problem& p, int64_t begin, int64_t end) {
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
-        previous.store(p, rows_per_step);
       }
-      PendingSums<kUnits>& block = pending[cur];
-      float* sums = block.sums;
+      // The epilogues' layout: [output set][row][16], `rows` rows per set.
+      const int64_t rows = std::min(kAmxRowBlock, p.rows - row0);
       _tile_stored(0, sums, 64);
       _tile_stored(2, sums + 16 * kTileRows, 64);
-      _tile_stored(1, sums + kAmxRowBlock * kTileRows, 64);
-      _tile_stored(3, sums + (kAmxRowBlock + 16) * kTileRows, 64);
-      block.ids[0] = t;
-      block.ids[1] = t + 1;
-      block.tiles = tiles;  // a gate_up item is one tile
-      block.row0 = row0;
-      block.rows = std::min(kAmxRowBlock, p.rows - row0);
-      block.done = 0;
-      cur = 1 - cur;
+      _tile_stored(1, sums + rows * kTileRows, 64);
+      if (rows > 16) _tile_stored(3, sums + (rows + 16) * kTileRows, 64);
+      store_sums<kUnits>(p, ids, tiles, row0, rows, sums);  // a gate_up item is one tile
     }
   }
-  pending[1 - cur].store(p, kAmxRowBlock);
 }
 
 // Batches of at most 16 rows (decode steps): one A tile against four output sets (four tiles for
