@@ -332,10 +332,11 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
     const int64_t items = (tiles + tiles_per_item - 1) / tiles_per_item;
     const int64_t carry_floats = items * tiles_for(rows) * kAmxFp32CarryFloats;
     const int64_t chunk_k = kAmxFp32ChunkBlocks * kAmxKBlock;
-    const int64_t chunk_bytes = fp32_parts_elems(rows, chunk_k) * static_cast<int64_t>(sizeof(uint16_t));
-    const bool segmented = fp32_parts_elems(rows, header.k) * static_cast<int64_t>(sizeof(uint16_t)) > kFp32SegmentBytes &&
-                           carry_floats * static_cast<int64_t>(sizeof(float)) <= kFp32SegmentBytes;
-    const int64_t segment_k = segmented ? std::max<int64_t>(1, kFp32SegmentBytes / chunk_bytes) * chunk_k : header.k;
+    const auto parts_bytes = [&](int64_t k) { return fp32_parts_elems(rows, k) * int64_t{sizeof(uint16_t)}; };
+    const bool segmented = parts_bytes(header.k) > kFp32SegmentBytes &&
+                           carry_floats * int64_t{sizeof(float)} <= kFp32SegmentBytes;
+    const int64_t segment_k =
+        segmented ? std::max<int64_t>(1, kFp32SegmentBytes / parts_bytes(chunk_k)) * chunk_k : header.k;
     uint16_t* parts = line_aligned(storage, fp32_parts_elems(rows, std::min(segment_k, header.k)));
     problem.carry = segmented ? line_aligned(carry_storage, carry_floats) : nullptr;
     problem.x = parts;

@@ -207,7 +207,8 @@ void split_fp32_rows(const float* x, int64_t x_stride, int64_t rows, int64_t k, 
         split3(m < rows ? _mm512_loadu_si512(src + 16) : _mm512_setzero_si512(), high[0], high[1], high[2]);
         for (int i = 0; i < 3; ++i) {
           const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_castsi512_ps(high[i]), _mm512_castsi512_ps(low[i]));
-          _mm512_storeu_si512(row + (j / kAmxKBlock * 3 + i) * kTileRows * kAmxKBlock, reinterpret_cast<const __m512i&>(packed));
+          uint16_t* tile_row = row + (j / kAmxKBlock * 3 + i) * kTileRows * kAmxKBlock;
+          _mm512_storeu_si512(tile_row, reinterpret_cast<const __m512i&>(packed));
         }
       }
     }
