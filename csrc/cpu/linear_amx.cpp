@@ -270,7 +270,8 @@ constexpr int64_t kFp32CarryBytes = 512 << 10;
 // gate_up 27.6 vs 15.1, down 12.6 vs 8.3 (K = 3584: its items are few, so each chunk of x's parts
 // serves fewer of them); a 512-token fp32 prefill 457 -> 298 ms. With x's parts in 1 KiB tiles and
 // prefetched (layer after layer, medians): qkv 4.1 -> 3.5, o 2.8 -> 2.3, gate_up 15.0 -> 13.5,
-// down 10.4 -> 9.0; the prefill's forward 295 -> 268 ms.
+// down 10.4 -> 9.0; the prefill's forward 295 -> 268 ms. A call may cover a segment of K only
+// (Problem::k_begin, k_end; run_tiles): C then comes from and goes to the caller's carry.
 template <int kUnits>
 void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
   constexpr int64_t kTilesPerItem = kUnits == 1 ? 2 : 1;
@@ -278,7 +279,7 @@ void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
   constexpr int64_t kSplitBytes = 3 * 1024;                    // a set's three B tiles for 32 K
   constexpr int64_t kPartBytes = kTileRows * kChunk * 64;       // a part of 16 rows over a chunk
   constexpr int64_t kATilesBytes = 3 * 1024;                    // a row block's three A tiles for 32 K
-  constexpr int64_t kCarryFloats = kAmxFp32CarryFloats;
+  constexpr int64_t kCarryFloats = kAmxFp32CarryFloats;           // both sets' C
   const int64_t k_blocks = p.k / kAmxKBlock, line_stride = kUnits * kStepBytes;
   const int64_t kb_begin = p.k_begin / kAmxKBlock, kb_end = p.k_end / kAmxKBlock;
   const int64_t tile_bytes = p.steps * line_stride, block_bytes = kAmxKBlock * line_stride;
