@@ -81,6 +81,9 @@ constexpr int64_t kAmxKBlock = 32;
 extern const KernelSet kAmxFp32;
 constexpr int64_t kAmxFp32ChunkBlocks = 4;  // 32-K blocks per chunk of K
 constexpr int64_t kAmxFp32CarryFloats = 2 * kTileRows * kTileRows;  // an item's C for 16 rows, both sets
+// Tiles per item (two output sets): a pair for linear, one tile's gate and up for silu_mul. The
+// caller splits the tiles by whole items, which the carry's indexing relies on.
+constexpr int64_t amx_fp32_tiles_per_item(int units) { return units == 1 ? 2 : 1; }
 // bf16 elements split_fp32_rows lays out for `rows` rows of K: rows padded to 16, K to whole chunks.
 constexpr int64_t fp32_parts_elems(int64_t rows, int64_t k) {
   const int64_t chunks = (k / kAmxKBlock + kAmxFp32ChunkBlocks - 1) / kAmxFp32ChunkBlocks;

@@ -259,7 +259,7 @@ constexpr int64_t kAmxMinRows = 7;
 
 bool use_amx(const PackedHeader& header, int64_t rows) {
   return header.dtype == WeightDtype::kBFloat16 && rows >= kAmxMinRows && header.k % kAmxKBlock == 0 &&
-         active_isa().load(std::memory_order_relaxed) == Isa::kAmx;
+         cpu_amx_selected();
 }
 
 // fp32 batches go to AMX (kAmxFp32) from this many rows (prefill chunks; decode batches stay on
@@ -273,7 +273,7 @@ constexpr int64_t kFp32SegmentBytes = 3 << 20;
 
 bool use_amx_fp32(const PackedHeader& header, int64_t rows) {
   return header.dtype == WeightDtype::kFloat32 && rows >= kAmxFp32MinRows && header.k % kAmxKBlock == 0 &&
-         active_isa().load(std::memory_order_relaxed) == Isa::kAmx;
+         cpu_amx_selected();
 }
 
 // x as the AMX kernels read it: whole blocks of `block` rows, the rows past T zero.
@@ -328,7 +328,7 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
     thread_local std::vector<uint16_t> storage;
     thread_local std::vector<float> carry_storage;
     const int64_t rows = x.size(0), padded = tiles_for(rows) * kTileRows;
-    const int64_t tiles = tiles_for(header.n), tiles_per_item = gate_up ? 1 : 2;
+    const int64_t tiles = tiles_for(header.n), tiles_per_item = amx_fp32_tiles_per_item(gate_up ? 2 : 1);
     const int64_t items = (tiles + tiles_per_item - 1) / tiles_per_item;
     const int64_t carry_floats = items * tiles_for(rows) * kAmxFp32CarryFloats;
     const int64_t chunk_k = kAmxFp32ChunkBlocks * kAmxKBlock;

@@ -274,7 +274,7 @@ constexpr int64_t kFp32CarryBytes = 512 << 10;
 // (Problem::k_begin, k_end; run_tiles): C then comes from and goes to the caller's carry.
 template <int kUnits>
 void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
-  constexpr int64_t kTilesPerItem = kUnits == 1 ? 2 : 1;
+  constexpr int64_t kTilesPerItem = amx_fp32_tiles_per_item(kUnits);
   constexpr int64_t kChunk = kAmxFp32ChunkBlocks;
   constexpr int64_t kSplitBytes = 3 * 1024;                    // a set's three B tiles for 32 K
   constexpr int64_t kPartBytes = kTileRows * kChunk * 64;       // a part of 16 rows over a chunk
