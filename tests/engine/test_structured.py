@@ -6,6 +6,8 @@ preemption, and max_tokens mid-object."""
 import asyncio
 import dataclasses
 import json
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -99,12 +101,26 @@ def accept_pieces(tok: MistralTokenizer, state, pieces: list[str]) -> None:
 @pytest.mark.parametrize("version", ["v1", "v3"])
 def test_an_answer_opens_with_a_brace_or_a_space_and_a_brace(version: str) -> None:
     tok = tokenizer(version)
-    first = allowed(tok, new_state(tok, StructuredSpec.json_object()))
-    # After "{" the layout allows only '"' or '}'; SentencePiece drops an answer's leading space, so
-    # " {" is the same answer as "{". Byte-fallback tokens (<0x20>, <0x7B>) count by their bytes.
+    state = new_state(tok, StructuredSpec.json_object())
+    first = allowed(tok, state)
+    # After "{" the layout allows only '"' or '}'; SentencePiece drops the leading space of an answer's
+    # first "▁..." token, so " {" is the same answer as "{". The byte token <0x20> keeps its space, so
+    # it may not open the answer (the content would start with " "); <0x7B> counts by its byte.
     expected = {b" ", b"{", b" {", b"{}", b" {}", b'{"', b' {"'}
-    assert first == {t for t in range(tok.vocab_size) if tok.token_bytes(t) in expected}
+    space_byte = tok._vocab.token_id("<0x20>")
+    assert first == {t for t in range(tok.vocab_size) if tok.token_bytes(t) in expected} - {space_byte}
     assert tok._vocab.token_id("<0x7B>") in first
+    assert all(not tok.decode([t]).startswith(" ") for t in first)
+    assert state.accept(tok._vocab.token_id("▁{"))
+    assert space_byte not in allowed(tok, state)  # after "{": no space at all
+
+
+def test_after_the_tool_calls_token_a_call_array_opens_without_a_kept_space() -> None:
+    tok = tokenizer("v3")
+    state = new_state(tok, StructuredSpec.tool_calls(list(TOOLS.items())))
+    assert state.accept(tok.tool_calls_token_id)
+    after = allowed(tok, state)
+    assert tok._vocab.token_id("▁[") in after and tok._vocab.token_id("<0x20>") not in after
 
 
 def test_eos_exactly_when_the_object_is_complete() -> None:
@@ -165,6 +181,139 @@ def test_the_compile_cache_and_schema_errors() -> None:
         compiler.compile(StructuredSpec.json_schema({"type": "objekt"}))
     with pytest.raises(InvalidSchemaError, match="has no tool calls"):
         compiler.compile(StructuredSpec.tool_calls([("f", {})]))
+
+
+# ---- keywords xgrammar would ignore are refused, with where they are --------------------------
+
+INT = {"type": "integer"}
+# (schema, the problem named): each keyword below is one xgrammar 0.2.8 compiles but does not enforce.
+UNENFORCEABLE = [
+    ({"type": "array", "items": INT, "uniqueItems": True}, "uniqueItems at / is not supported"),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": INT, "uniqueItems": True}}},
+     "uniqueItems at /properties/a is not supported"),
+    ({"type": "array", "items": {"type": "array", "contains": {"const": 5}}}, "contains at /items is not supported"),
+    ({"not": {"type": "string"}}, "not at / is not supported"),
+    ({"not": {}}, "not at / is not supported"),
+    ({"type": "integer", "if": {"minimum": 0}, "then": {"const": 1}}, "if at / is not supported"),
+    ({"type": "object", "properties": {"a": INT, "b": INT}, "dependentRequired": {"a": ["b"]}},
+     "dependentRequired at / is not supported"),
+    ({"type": "object", "dependentSchemas": {"a": {"required": ["b"]}}}, "dependentSchemas at / is not supported"),
+    ({"$dynamicAnchor": "n", "type": "object", "properties": {"c": {"$dynamicRef": "#n"}}},
+     "$dynamicRef at /properties/c is not supported"),
+    ({"$defs": {"x": {"type": "array", "uniqueItems": True}}, "$ref": "#/$defs/x"},
+     "uniqueItems at /$defs/x is not supported"),
+    ({"definitions": {"a/b": {"not": {}}}}, "not at /definitions/a~1b is not supported"),
+    ({"anyOf": [INT, {"type": "array", "items": {"oneOf": [{"contains": {}}]}}]},
+     "contains at /anyOf/1/items/oneOf/0 is not supported"),
+    ({"type": "array", "prefixItems": [{"type": "array", "uniqueItems": True}]},
+     "uniqueItems at /prefixItems/0 is not supported"),
+    ({"type": "object", "additionalProperties": {"not": INT}}, "not at /additionalProperties is not supported"),
+    ({"type": "string", "enum": ["a", 1]}, "enum at / value 1 breaks the schema's other keywords"),
+    ({"type": "string", "const": 1}, "const at / value 1 breaks"),
+    ({"minimum": 3}, 'minimum at / needs a "type"'),
+    ({"type": "array", "items": {"maxLength": 2}}, 'maxLength at /items needs a "type"'),
+    ({"type": "number", "multipleOf": 0.5}, "multipleOf at / is supported for type integer only"),
+    ({"type": "integer", "multipleOf": 5000}, "multipleOf at / must be a whole number from 1 to 1024"),
+    ({"type": "object", "properties": {"a": INT}, "required": ["b"]},
+     "required at / names 'b', which is not in properties"),
+    ({"type": "object", "properties": {"a": INT}, "anyOf": [{"required": ["a"]}]}, "properties at / beside anyOf"),
+    ({"type": "integer", "allOf": [{"type": "integer", "minimum": 3}]}, "type at / beside allOf"),
+    ({"allOf": [{"type": "integer", "minimum": 3}, {"type": "integer", "maximum": 5}]},
+     "allOf at / with more than one schema is not supported"),
+    ({"oneOf": [INT, {"type": "number"}]}, "oneOf at / branches 0 and 1 may both match"),
+    ({"oneOf": [{"type": "object", "properties": {"a": INT}}, {"type": "object", "properties": {"b": INT}}]},
+     "oneOf at / branches 0 and 1 may both match"),
+    ({"$defs": {"x": INT}, "type": "object", "properties": {"a": {"$ref": "#/$defs/x", "minimum": 5}}},
+     "minimum at /properties/a beside $ref"),
+    ({"$defs": {"x": {"$anchor": "xx", "type": "integer"}}, "properties": {"a": {"$ref": "#xx"}}},
+     "$ref at /properties/a is '#xx': only '#' and '#/...' JSON pointers are supported"),
+]
+
+
+@pytest.mark.parametrize("schema, problem", UNENFORCEABLE, ids=[problem for _, problem in UNENFORCEABLE])
+def test_a_keyword_xgrammar_would_ignore_is_refused_naming_where(schema, problem: str) -> None:
+    with pytest.raises(InvalidSchemaError, match=re.escape(problem)):
+        grammar_compiler(tokenizer("v1")).compile(StructuredSpec.json_schema(schema))
+
+
+def test_every_unenforceable_keyword_is_named_at_once() -> None:
+    schema = {"type": "array", "uniqueItems": True, "items": {"not": {}}}
+    with pytest.raises(InvalidSchemaError) as caught:
+        grammar_compiler(tokenizer("v1")).compile(StructuredSpec.json_schema(schema))
+    assert "uniqueItems at / is not supported" in str(caught.value) and "not at /items" in str(caught.value)
+
+
+def test_a_tool_parameter_schema_is_checked_and_named_by_its_tool() -> None:
+    parameters = {"type": "object", "properties": {"xs": {"type": "array", "items": INT, "uniqueItems": True}}}
+    spec = StructuredSpec.tool_calls([("get_time", TIME), ("f", parameters)])
+    where = "uniqueItems at tools[1].function.parameters/properties/xs"
+    with pytest.raises(InvalidSchemaError, match=re.escape(where)):
+        grammar_compiler(tokenizer("v3")).compile(spec)
+
+
+ANNOTATED = {"type": "integer", "title": "t", "description": "d", "examples": [1], "default": 2, "$comment": "c",
+             "deprecated": True, "readOnly": True, "writeOnly": False, "nullable": True}
+# Keywords xgrammar enforces (or enforces more strictly), each with a bounded schema so a random walk
+# through the grammar ends: every finished output must validate.
+SUPPORTED = {
+    "annotations": {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": "https://example.com/s",
+                    "type": "object", "properties": {"a": ANNOTATED}, "required": ["a"], "additionalProperties": False},
+    "type list": {"type": ["boolean", "null"]},
+    "enum const": {"type": "object", "properties": {"e": {"type": "string", "enum": ["a", "b"]},
+                                                    "c": {"const": [1, 2]}},
+                   "required": ["e", "c"], "additionalProperties": False},
+    "integer bounds": {"type": "array", "items": {"type": "integer", "minimum": -5, "exclusiveMaximum": 40,
+                                                  "multipleOf": 3}, "maxItems": 4},
+    "integer exclusive": {"type": "integer", "exclusiveMinimum": 7, "maximum": 9},
+    "number bounds": {"type": "number", "minimum": 0.5, "maximum": 2},
+    "strings": {"type": "array", "prefixItems": [{"type": "string", "minLength": 2, "maxLength": 4},
+                                                 {"type": "string", "pattern": "^[a-c]{1,3}$"}], "items": False,
+                "minItems": 2},
+    "arrays": {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 3, "uniqueItems": False},
+    "objects": {"type": "object", "properties": {"p": {"type": "boolean"}}, "patternProperties": {"^q[0-9]$": INT},
+                "propertyNames": {"maxLength": 2}, "minProperties": 1, "maxProperties": 2,
+                "additionalProperties": False},
+    "additionalProperties": {"type": "object", "additionalProperties": {"type": "boolean"}, "maxProperties": 2,
+                             "propertyNames": {"pattern": "^[a-z]$"}},
+    "anyOf oneOf allOf": {"type": "object", "properties": {
+        "any": {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 0, "maximum": 3}]},
+        "one": {"oneOf": [{"type": "boolean"}, {"const": "x"}]},
+        "tagged": {"oneOf": [{"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]},
+                             {"type": "object", "properties": {"k": {"const": "b"}, "n": INT}, "required": ["k"]}]},
+        "all": {"allOf": [{"type": "integer", "minimum": 1, "maximum": 2}]}},
+        "required": ["any", "one", "tagged", "all"], "additionalProperties": False},
+    "refs": {"$defs": {"small": {"type": "integer", "minimum": 0, "maximum": 9, "description": "d"}},
+             "definitions": {"flag": {"type": "boolean"}},
+             "type": "object", "properties": {"a": {"$ref": "#/$defs/small", "title": "t"},
+                                              "b": {"$ref": "#/definitions/flag"}},
+             "required": ["a", "b"], "additionalProperties": False},
+}
+
+
+def random_walk(tok: MistralTokenizer, spec: StructuredSpec, rng: random.Random, steps: int) -> str | None:
+    """A random answer the grammar allows (what any model could sample), or None if it did not end."""
+    state, ids = new_state(tok, spec), []
+    for _ in range(steps):
+        choices = sorted(allowed(tok, state))
+        if tok.eos_id in choices and (len(choices) == 1 or rng.random() < 0.3):
+            return tok.decode(ids)
+        token = rng.choice([t for t in choices if t != tok.eos_id])
+        assert state.accept(token)
+        ids.append(token)
+    return None
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_outputs_under_supported_keywords_validate(name: str) -> None:
+    tok, schema = tokenizer("v1"), SUPPORTED[name]
+    spec = StructuredSpec.json_schema(schema)
+    rng = random.Random(name)
+    texts = [text for _ in range(12) if (text := random_walk(tok, spec, rng, 80)) is not None]
+    assert len(texts) >= 6, texts  # most walks end within the budget
+    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema)
+    for text in texts:
+        assert not text.startswith(" "), text
+        validator.validate(json.loads(text))
 
 
 def test_serving_never_imports_transformers() -> None:

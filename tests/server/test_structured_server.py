@@ -78,6 +78,13 @@ def test_json_object_cut_by_max_tokens_ends_with_length(client):
     ({"type": "objekt"}, "not a valid JSON Schema"),  # jsonschema's metaschema refuses it
     ({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}, "nowhere"),  # xgrammar cannot resolve it
     ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 1}}}, "minimum"),
+    # valid JSON Schema that xgrammar would compile but not enforce: refused, naming the keyword and where
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems at / is not supported"),
+    ({"type": "object", "properties": {"a": {"type": "array", "contains": {"const": 5}}}},
+     "contains at /properties/a is not supported"),
+    ({"not": {}}, "not at / is not supported"),
+    ({"type": "object", "properties": {"a": {"type": "boolean"}}, "if": {"properties": {"a": {"const": True}}},
+      "then": {"required": ["a"]}}, "if at / is not supported"),
 ])
 @pytest.mark.parametrize("rpc", ["chat", "stream_chat"])
 def test_a_bad_schema_is_invalid_argument_naming_the_field(client, schema, problem, rpc):
