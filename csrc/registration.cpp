@@ -21,8 +21,10 @@ TORCH_LIBRARY(mistral_grpc, m) {
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
   m.def("pack_gate_up_weight(Tensor gate, Tensor up) -> Tensor");
   m.def("unpack_linear_weight(Tensor packed) -> Tensor");
-  m.def("linear(Tensor(a!) out, Tensor x, Tensor packed_weight) -> ()");
-  m.def("linear_silu_mul(Tensor(a!) out, Tensor x, Tensor packed_gate_up) -> ()");
+  // prompt_rows >= 0: rows [0, prompt_rows) take the batch kernels and the rest the decode ones, each
+  // row's result independent of the other rows; -1: the kernels go by the batch's size.
+  m.def("linear(Tensor(a!) out, Tensor x, Tensor packed_weight, int prompt_rows=-1) -> ()");
+  m.def("linear_silu_mul(Tensor(a!) out, Tensor x, Tensor packed_gate_up, int prompt_rows=-1) -> ()");
   m.def("read_bandwidth(Tensor buffer, int repeats) -> float");
   m.def("linear_cpu_isa(str isa=\"\") -> str");
   // A zeroed uint8 CPU tensor of nbytes, from 2 MiB on a 2 MiB-aligned mapping advised for huge pages
@@ -35,7 +37,8 @@ TORCH_LIBRARY(mistral_grpc, m) {
       "decoder_layer(Tensor(a!) hidden, Tensor(b!) residual, Tensor input_norm, Tensor post_attention_norm, "
       "Tensor qkv_weight, Tensor o_weight, Tensor gate_up_weight, Tensor down_weight, Tensor(c!) key_cache, "
       "Tensor(d!) value_cache, Tensor positions, Tensor slot_mapping, Tensor block_tables, Tensor seq_lens, "
-      "Tensor query_start_loc, Tensor cos_sin_cache, float eps, float scale, int sliding_window) -> ()");
+      "Tensor query_start_loc, Tensor cos_sin_cache, float eps, float scale, int sliding_window, "
+      "int prompt_rows=-1) -> ()");
   // Sampling ops.
   m.def(
       "apply_penalties(Tensor(a!) logits, Tensor prompt_tokens, Tensor output_tokens, Tensor repetition, "

@@ -6,7 +6,7 @@
 //   Acc                   16 fp32 partial sums (one row of x against 16 weight rows)
 //   kStreams              tile sub-ranges read side by side (see below)
 //   kAccumulators         Accs the registers hold at once, which bounds the rows per block
-//   zero(), add(a, b), store(acc, float[16])
+//   zero(), add(a, b), load(float[16]), store(acc, float[16])
 //   step(acc, line, xval) acc += the 64-byte weight line times the broadcast activation value
 //
 // A tile is kUnits 16-row sub-tiles interleaved line by line (1 for linear; 2, gate and up, for
@@ -36,7 +36,6 @@ constexpr int max_rows() {
 struct BlockPlan {
   int64_t block;
   int64_t blocks;  // 1: no prefetch of the next group
-  bool into_l1;    // prefetch into L1 (the next chunk, for_tile_streams), else into L2 (the next group)
 };
 
 // The steps [begin, end) of K a row block runs over: all of them, or one chunk (for_tile_streams).
@@ -45,96 +44,85 @@ struct StepRange {
 };
 
 // sums[((g * kUnits + u) * M + m) * 16 + j] = x[m] . W[row j of sub-tile u of the tile of stream g]
-// over the steps in `range`, for G tiles stream_stride bytes apart from `first`. With plan.blocks > 1
+// over the steps in `range`, for G tiles stream_stride bytes apart from `first`; with `resume`, added
+// to what sums holds (the steps before the range), else from zero. With plan.blocks > 1
 // the block also prefetches its share of what follows the range in each stream (as many lines).
-template <class S, int kUnits, int M, int G>
+// kIntoL1: the block prefetches into L1 (the next chunk, for_tile_streams), else into L2 (the next
+// group). A template argument, as the step loop's branches on it were a tenth of its instructions.
+template <class S, int kUnits, int M, int G, bool kIntoL1>
 inline void group_rows(const Problem& p, const uint8_t* first, int64_t stream_stride, const typename S::Elem* x,
-                       float* sums, BlockPlan plan, StepRange range) {
+                       float* sums, bool resume, BlockPlan plan, StepRange range) {
   constexpr int64_t kLineBytes = kUnits * kStepBytes;  // one step of every sub-tile
-  // Small batches split K over two accumulator sets (even and odd steps) while registers allow,
-  // for more independent chains: vdpbf16ps waits on its long latency with G * kUnits * M alone
-  // (one core, one row, bf16 weights in L2: 71 GB/s with 4 chains, 83 GB/s with 8).
-  constexpr int kSets = 2 * G * kUnits * M <= S::kAccumulators ? 2 : 1;
   // The same lines in flight however many streams: one stream prefetches S::kStreams times as far.
   // A gate_up stream, which reads its lines in (gate, up) pairs, half as far: at the full distance
   // gate_up lost 2-3% (fp32, batch 1) while the linear weights gained.
   constexpr int64_t kAheadBytes = kPrefetchBytes / kUnits * ((S::kStreams + G - 1) / G);
-  typename S::Acc acc[kSets][G][kUnits][M];
+  // Every output is one chain of adds in K order, whatever the rows and the blocks: a row's result
+  // does not depend on what else is in the batch (the engine's seeded sampling relies on it). Two
+  // chains of even and odd steps for small batches gained only with weights in L2.
+  typename S::Acc acc[G][kUnits][M];
+  const auto at = [&](int g, int u, int m) { return sums + ((g * kUnits + u) * M + m) * kTileRows; };
 #pragma GCC unroll 32
-  for (int c = 0; c < kSets; ++c) {
+  for (int g = 0; g < G; ++g) {
 #pragma GCC unroll 32
-    for (int g = 0; g < G; ++g) {
+    for (int u = 0; u < kUnits; ++u) {
 #pragma GCC unroll 32
-      for (int u = 0; u < kUnits; ++u) {
-#pragma GCC unroll 32
-        for (int m = 0; m < M; ++m) acc[c][g][u][m] = S::zero();
-      }
+      for (int m = 0; m < M; ++m) acc[g][u][m] = resume ? S::load(at(g, u, m)) : S::zero();
     }
   }
   const int64_t span = range.end - range.begin;
-  const uint8_t* following = first + range.end * kLineBytes;  // the stream's next chunk or tile
-  // The next group's line to prefetch advances kUnits / blocks lines a step (at most one): a running
-  // remainder says when, a division per step would cost more than the step's FMAs at large batches.
-  int64_t ahead_line = plan.block * span * kUnits / plan.blocks;
+  // The next group's line to prefetch (in stream 0; stream g's is g * stream_stride on) advances
+  // kUnits / blocks lines a step (at most one): a running remainder says when, a division per step
+  // would cost more than the step's FMAs at large batches.
+  const uint8_t* ahead_line = first + range.end * kLineBytes + plan.block * span * kUnits / plan.blocks * kStepBytes;
   int64_t ahead_rem = plan.block * span * kUnits % plan.blocks;
-  // acc[c] += the step's lines of every stream, times x[:, step] (or the odd-K tail pair).
-  const auto accumulate = [&](int c, int64_t step, bool partial) __attribute__((always_inline)) {
+  // acc += the step's lines of every stream, times x[:, step] (or the odd-K tail pair).
+  const auto accumulate = [&](int64_t step, bool partial) __attribute__((always_inline)) {
     bool ahead = false;
     if (plan.blocks > 1) {
       ahead_rem += kUnits;
       ahead = ahead_rem >= plan.blocks;
       if (ahead) {
         ahead_rem -= plan.blocks;
-        ++ahead_line;
+        ahead_line += kStepBytes;
       }
     }
 #pragma GCC unroll 32
     for (int g = 0; g < G; ++g) {
       const uint8_t* lines = first + g * stream_stride + step * kLineBytes;
-      if (ahead) {
-        const uint8_t* line = following + g * stream_stride + ahead_line * kStepBytes;
-        plan.into_l1 ? __builtin_prefetch(line, 0, 3) : __builtin_prefetch(line, 0, 2);
-      }
+      if (ahead) __builtin_prefetch(ahead_line + g * stream_stride, 0, kIntoL1 ? 3 : 2);
 #pragma GCC unroll 32
       for (int u = 0; u < kUnits; ++u) {
         // Chunked blocks skip it: the blocks of the chunk before put these lines in L1 already.
-        if (!partial && !plan.into_l1) __builtin_prefetch(lines + u * kStepBytes + kAheadBytes, 0, 3);
+        if (!partial && !kIntoL1) __builtin_prefetch(lines + u * kStepBytes + kAheadBytes, 0, 3);
 #pragma GCC unroll 32
         for (int m = 0; m < M; ++m) {
           const typename S::Elem* row = x + m * p.x_stride;
-          S::step(acc[c][g][u][m], lines + u * kStepBytes, partial ? S::x_partial(row, step) : S::x_at(row, step));
+          S::step(acc[g][u][m], lines + u * kStepBytes, partial ? S::x_partial(row, step) : S::x_at(row, step));
         }
       }
     }
   };
   const int64_t full_end = std::min(range.end, p.k / S::kKPerStep);
-  int64_t s = range.begin;
-  for (; s + kSets <= full_end; s += kSets) {
-#pragma GCC unroll 2
-    for (int c = 0; c < kSets; ++c) accumulate(c, s + c, false);
-  }
-  for (; s < full_end; ++s) accumulate(0, s, false);
-  if (full_end < range.end) accumulate(0, full_end, true);  // bf16, odd K: (x[K-1], 0) x zero pad
+  for (int64_t s = range.begin; s < full_end; ++s) accumulate(s, false);
+  if (full_end < range.end) accumulate(full_end, true);  // bf16, odd K: (x[K-1], 0) x zero pad
 #pragma GCC unroll 32
   for (int g = 0; g < G; ++g) {
 #pragma GCC unroll 32
     for (int u = 0; u < kUnits; ++u) {
 #pragma GCC unroll 32
-      for (int m = 0; m < M; ++m) {
-        typename S::Acc total = acc[0][g][u][m];
-        if constexpr (kSets == 2) total = S::add(total, acc[1][g][u][m]);
-        S::store(total, sums + ((g * kUnits + u) * M + m) * kTileRows);
-      }
+      for (int m = 0; m < M; ++m) S::store(acc[g][u][m], at(g, u, m));
     }
   }
 }
 
 // Rows [row0, row0 + rows) of x against G tiles: picks the instantiation for `rows`.
-template <class S, int kUnits, int G, int... Ms>
+template <class S, int kUnits, int G, bool kIntoL1, int... Ms>
 inline void group_block(const Problem& p, const uint8_t* first, int64_t stream_stride, int64_t row0, int64_t rows,
-                        float* sums, BlockPlan plan, StepRange range, std::integer_sequence<int, Ms...>) {
+                        float* sums, bool resume, BlockPlan plan, StepRange range,
+                        std::integer_sequence<int, Ms...>) {
   const auto* x = static_cast<const typename S::Elem*>(p.x) + row0 * p.x_stride;
-  ((rows == Ms + 1 ? (group_rows<S, kUnits, Ms + 1, G>(p, first, stream_stride, x, sums, plan, range), true)
+  ((rows == Ms + 1 ? (group_rows<S, kUnits, Ms + 1, G, kIntoL1>(p, first, stream_stride, x, sums, resume, plan, range), true)
                    : false) ||
    ...);
 }
@@ -183,8 +171,8 @@ inline void for_tile_streams(const Problem& p, int64_t begin, int64_t end, Epilo
     if (!chunked) {
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t row0 = b * block_rows, rows = std::min<int64_t>(block_rows, p.rows - row0);
-        group_block<S, kUnits, Gn>(p, first, stride, row0, rows, sums, BlockPlan{b, ahead_blocks, false}, all_steps,
-                                   row_counts);
+        group_block<S, kUnits, Gn, false>(p, first, stride, row0, rows, sums, false, BlockPlan{b, ahead_blocks},
+                                          all_steps, row_counts);
         epilogue(ids, Gn, row0, rows, sums);
       }
       return;
@@ -193,13 +181,10 @@ inline void for_tile_streams(const Problem& p, int64_t begin, int64_t end, Epilo
       const StepRange chunk{s0, std::min(p.steps, s0 + chunk_steps)};
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t row0 = b * block_rows, rows = std::min<int64_t>(block_rows, p.rows - row0);
-        float* total = block_sums + b * kBlockFloats;
-        group_block<S, kUnits, Gn>(p, first, stride, row0, rows, s0 == 0 ? total : sums,
-                                   BlockPlan{b, ahead_blocks, true}, chunk, row_counts);
-        if (s0 == 0) continue;
-        for (int64_t i = 0; i < Gn * kUnits * rows * kTileRows; i += kTileRows) {
-          cpu::store(total + i, cpu::load(total + i) + cpu::load(sums + i));
-        }
+        // Each chunk takes up the block's sums where the chunk before left them: the same chain
+        // of adds as one pass over K.
+        group_block<S, kUnits, Gn, true>(p, first, stride, row0, rows, block_sums + b * kBlockFloats, s0 > 0,
+                                         BlockPlan{b, ahead_blocks}, chunk, row_counts);
       }
     }
     for (int64_t b = 0; b < blocks; ++b) {

@@ -6,7 +6,7 @@
 //                in one task, so each cached token's K and V rows (all heads, contiguous) stream
 //                through once and are widened to fp32 as they load. Scores are dot products reduced
 //                four rows at a time. In a batch too small to go round the threads a sequence is
-//                split by kv head, and a long one also by key range over several tasks whose
+//                split by kv head, and a long one always by key range over several tasks whose
 //                partial softmax states are merged at the end, so one decode keeps every core busy.
 //   prefill-like (many queries): one kv head and a run of about kTargetRows rows per task. Each tile
 //                of K/V is widened once into scratch and reused by every row; scores come from an
@@ -48,7 +48,10 @@ constexpr int64_t kTargetRows = 64;     // rows of a prefill-like task
 constexpr int64_t kRowBlock = 4;        // query rows held in registers at once
 constexpr int64_t kKeyBlock = 4;        // keys held in registers at once (outer-product scores)
 constexpr int64_t kVectorBlock = 4;     // 16-lane vectors held in registers per row or key
-constexpr int64_t kMinSplitKeys = 256;  // fewest keys worth a task of their own
+// A decode-like task's keys go in parts of this many, each its own task, their partial softmax
+// states merged in order: whatever the batch, so a query's result never depends on what else is in
+// it (the engine's seeded sampling relies on that).
+constexpr int64_t kSplitKeys = 512;
 constexpr int64_t kTasksPerThread = 2;  // enough tasks to even out the threads' shares
 constexpr int64_t kCacheLine = 64;      // bytes the prefetches ask for at a time
 
@@ -76,6 +79,9 @@ struct Task {
   int64_t seq, kv_head_begin, num_kv_heads, first_query, num_queries, key_begin, key_end;
   int64_t partial;  // offset of its slot in the partials buffer when split by keys, else -1
   int64_t cost;
+  // Prefill-like: outer-product (or AMX) scores for all its rows, even a run of a few queries at a
+  // chunk's end, so a query's result does not depend on where its prompt was cut into chunks.
+  bool prefill;
 
   int64_t rows(int64_t group) const { return num_kv_heads * num_queries * group; }
   int64_t row_query(int64_t r, int64_t group) const { return first_query + r / group % num_queries; }
@@ -293,7 +299,7 @@ MG_ALWAYS_INLINE void fold_tile(const Problem<T>& p, const Task& task, Scratch& 
   const int64_t group = p.group, padded_dim = p.padded_dim, head_dim = p.head_dim;
   const int64_t rows_per_head = task.num_queries * group, rows = task.rows(group);
   const int64_t padded_rows = cpu::round_up_to_lanes(rows);
-  if (rows_per_head >= kLanes) {  // a prefill-like task: a single kv head
+  if (task.prefill) {  // a single kv head
     next_tile.rest();  // its outer products load each key element alone: no loop to spread over
     const int64_t row_vectors = padded_rows / kLanes;
     for (int64_t j0 = 0; j0 < kt; j0 += kKeyBlock) {
@@ -386,7 +392,7 @@ template <typename T>
 MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s, float* partials) {
   const int64_t group = p.group, head_dim = p.head_dim, padded_dim = p.padded_dim, heads = task.num_kv_heads;
   const int64_t rows = task.rows(group), padded_rows = cpu::round_up_to_lanes(rows);
-  const bool outer_product = task.num_queries * group >= kLanes;
+  const bool outer_product = task.prefill;
   const bool amx = outer_product && p.amx_prefill;
   // Staging pays off when many rows reuse each K/V row, or when rows need zero padding.
   const bool stage = outer_product ? !std::is_same_v<T, float> || head_dim != padded_dim : head_dim % kLanes != 0;
@@ -546,12 +552,12 @@ int64_t queries_per_task(int64_t group) { return std::max<int64_t>(1, kTargetRow
 
 bool decode_like(int64_t q_len, int64_t group) { return q_len * group < kLanes; }
 
-// One decode-like task, or its split by key range into `splits_wanted` parts at most (each of at
-// least kMinSplitKeys keys) whose partial softmax states merge_splits combines.
-void add_decode_task(Plan& plan, const Task& whole, int64_t splits_wanted, int64_t group, int64_t padded_dim) {
+// One decode-like task, or its split by key range into parts of kSplitKeys keys whose partial
+// softmax states merge_splits combines.
+void add_decode_task(Plan& plan, const Task& whole, int64_t group, int64_t padded_dim) {
   const int64_t rows = whole.rows(group), keys = whole.key_end - whole.key_begin;
   plan.max_rows = std::max(plan.max_rows, rows);
-  const int64_t splits = std::max<int64_t>(1, std::min(splits_wanted, keys / kMinSplitKeys));
+  const int64_t splits = std::max<int64_t>(1, (keys + kSplitKeys - 1) / kSplitKeys);
   if (splits == 1) {
     plan.tasks.push_back(whole);
     plan.tasks.back().cost = rows * keys;
@@ -561,8 +567,8 @@ void add_decode_task(Plan& plan, const Task& whole, int64_t splits_wanted, int64
   group_of_splits.whole.partial = plan.partial_floats;
   for (int64_t i = 0; i < splits; ++i) {
     Task part = whole;
-    part.key_begin = whole.key_begin + keys * i / splits;
-    part.key_end = whole.key_begin + keys * (i + 1) / splits;
+    part.key_begin = whole.key_begin + i * kSplitKeys;
+    part.key_end = std::min(whole.key_end, part.key_begin + kSplitKeys);
     part.partial = plan.partial_floats + i * group_of_splits.slot_floats;
     part.cost = rows * (part.key_end - part.key_begin);
     plan.tasks.push_back(part);
@@ -586,9 +592,10 @@ Plan plan_tasks(const int32_t* seq_lens, const int32_t* query_start_loc, int64_t
       plan.prefill_like = true;
     }
   }
-  // Split decodes by key range only while there are too few tasks to go round the threads.
+  // Split decodes by kv head (independent parts, nothing to merge, the same arithmetic) only while
+  // there are too few tasks to go round the threads.
   const int64_t wanted_tasks = threads * kTasksPerThread;
-  const int64_t splits_wanted =
+  const int64_t head_splits_wanted =
       decode_seqs > 0 && decode_seqs + other_tasks < wanted_tasks
           ? (wanted_tasks - other_tasks + decode_seqs - 1) / decode_seqs
           : 1;
@@ -602,20 +609,19 @@ Plan plan_tasks(const int32_t* seq_lens, const int32_t* query_start_loc, int64_t
         const int64_t first_pos = query_position(seq_lens[b], q_len, i0);
         const int64_t key_begin = first_visible_key(first_pos, sliding_window), key_end = first_pos + n;
         for (int64_t h = 0; h < num_kv_heads; ++h) {
-          plan.tasks.push_back({b, h, 1, i0, n, key_begin, key_end, -1, n * group * (key_end - key_begin)});
+          plan.tasks.push_back({b, h, 1, i0, n, key_begin, key_end, -1, n * group * (key_end - key_begin), true});
         }
         plan.max_rows = std::max(plan.max_rows, n * group);
       }
       continue;
     }
-    // Split first by kv head (independent parts, nothing to merge), then by key range.
-    const int64_t head_splits = std::min(splits_wanted, num_kv_heads);
+    const int64_t head_splits = std::min(head_splits_wanted, num_kv_heads);
     const int64_t first_pos = query_position(seq_lens[b], q_len, 0);
     for (int64_t hs = 0; hs < head_splits; ++hs) {
       const int64_t head_begin = num_kv_heads * hs / head_splits, head_end = num_kv_heads * (hs + 1) / head_splits;
       const Task whole{b, head_begin, head_end - head_begin, 0, q_len, first_visible_key(first_pos, sliding_window),
-                       seq_lens[b], -1, 0};
-      add_decode_task(plan, whole, (splits_wanted + head_splits - 1) / head_splits, group, padded_dim);
+                       seq_lens[b], -1, 0, false};
+      add_decode_task(plan, whole, group, padded_dim);
     }
   }
   std::stable_sort(plan.tasks.begin(), plan.tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });

@@ -36,7 +36,7 @@ void decoder_layer_cpu(at::Tensor& hidden, at::Tensor& residual, const at::Tenso
                        at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& positions,
                        const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                        const at::Tensor& query_start_loc, const at::Tensor& cos_sin_cache, double eps, double scale,
-                       int64_t sliding_window) {
+                       int64_t sliding_window, int64_t prompt_rows) {
   TORCH_CHECK(hidden.dim() == 2, "decoder_layer: hidden must be [T, hidden_size], got ", hidden.sizes());
   TORCH_CHECK(key_cache.dim() == 4, "decoder_layer: key_cache must be [num_blocks, block_size, Hkv, D], got ",
               key_cache.sizes());
@@ -71,17 +71,19 @@ void decoder_layer_cpu(at::Tensor& hidden, at::Tensor& residual, const at::Tenso
   check_paged_attention_args(attention, q, key_cache, value_cache, block_tables, seq_lens, query_start_loc);
   check_attention_metadata(block_tables, seq_lens, query_start_loc, tokens, key_cache.size(0), key_cache.size(1),
                            sliding_window);
+  TORCH_CHECK(prompt_rows >= -1 && prompt_rows <= tokens, "decoder_layer: prompt_rows must be -1 or in [0, ", tokens,
+              "], got ", prompt_rows);
 
   fused_add_rms_norm_cpu(hidden, residual, input_norm, eps);
-  linear_cpu(qkv, hidden, qkv_weight);
+  linear_cpu(qkv, hidden, qkv_weight, prompt_rows);
   rotary_embedding_cpu(positions, q, k, cos_sin_cache);
   reshape_and_cache_cpu(k, v, key_cache, value_cache, slot_mapping);
   paged_attention_cpu(attention, q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
                       sliding_window);
-  linear_cpu(attended, attention.view({tokens, q_size}), o_weight);
+  linear_cpu(attended, attention.view({tokens, q_size}), o_weight, prompt_rows);
   fused_add_rms_norm_cpu(attended, residual, post_attention_norm, eps);
-  linear_silu_mul_cpu(activated, attended, gate_up_weight);
-  linear_cpu(hidden, activated, down_weight);
+  linear_silu_mul_cpu(activated, attended, gate_up_weight, prompt_rows);
+  linear_cpu(hidden, activated, down_weight, prompt_rows);
 }
 
 }  // namespace

@@ -257,10 +257,6 @@ constexpr int64_t kMinBytesPerThread = 128 * 1024;
 // 10: 1.22 vs 0.98, and at 32 rows 3.3 vs 1.2.
 constexpr int64_t kAmxMinRows = 7;
 
-bool use_amx(const PackedHeader& header, int64_t rows) {
-  return header.dtype == WeightDtype::kBFloat16 && rows >= kAmxMinRows && header.k % kAmxKBlock == 0 &&
-         cpu_amx_selected();
-}
 
 // fp32 batches go to AMX (kAmxFp32) from this many rows (prefill chunks; decode batches stay on
 // the vector kernels). Below it the weight stream decides, and the vector kernel streams better:
@@ -271,10 +267,6 @@ constexpr int64_t kAmxFp32MinRows = 80;
 // The most bytes of x's parts one fp32 AMX call splits and reads at a time (run_tiles).
 constexpr int64_t kFp32SegmentBytes = 3 << 20;
 
-bool use_amx_fp32(const PackedHeader& header, int64_t rows) {
-  return header.dtype == WeightDtype::kFloat32 && rows >= kAmxFp32MinRows && header.k % kAmxKBlock == 0 &&
-         cpu_amx_selected();
-}
 
 // x as the AMX kernels read it: whole blocks of `block` rows, the rows past T zero.
 at::Tensor amx_rows(const at::Tensor& x, int64_t block) {
@@ -287,7 +279,36 @@ at::Tensor amx_rows(const at::Tensor& x, int64_t block) {
 }
 #endif
 
-void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, PackKind kind) {
+// The kernels that compute a set of rows. Each gives a row the same result in any batch of rows it
+// runs (tests/ops/test_linear.py checks it), but the AMX and vector kernels differ in rounding.
+enum class Kernels { kVector, kAmxBf16, kAmxFp32 };
+
+Kernels amx_kernels(const PackedHeader& header) {
+#if MG_LINEAR_X86_KERNELS
+  if (header.k % kAmxKBlock == 0 && cpu_amx_selected()) {
+    return header.dtype == WeightDtype::kFloat32 ? Kernels::kAmxFp32 : Kernels::kAmxBf16;
+  }
+#endif
+  return Kernels::kVector;
+}
+
+// By the call's rows: the fastest kernels for that many.
+Kernels kernels_for_rows(const PackedHeader& header, int64_t rows) {
+#if MG_LINEAR_X86_KERNELS
+  const int64_t min_rows = header.dtype == WeightDtype::kFloat32 ? kAmxFp32MinRows : kAmxMinRows;
+  if (rows >= min_rows) return amx_kernels(header);
+#endif
+  return Kernels::kVector;
+}
+
+void run_kernels(Kernels choice, const PackedHeader& header, at::Tensor out, const at::Tensor& x,
+                 const at::Tensor& packed, PackKind kind);
+
+// prompt_rows < 0: the kernels go by x's rows. Else rows [0, prompt_rows) (a prompt's) run on AMX
+// where the CPU has it and the others (decode rows) on the kernels for one row, so that a row's
+// result depends on its values and its side only, never on what else is in the batch.
+void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, PackKind kind,
+               int64_t prompt_rows) {
   const PackedHeader header = read_header(packed, op);
   TORCH_CHECK(header.kind == kind, op, ": got a ",
               header.kind == PackKind::kGateUp ? "gate_up weight (from pack_gate_up_weight); use linear_silu_mul"
@@ -302,8 +323,26 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
               op, ": out must be [", x.size(0), ", ", header.n, "] ", dtype,
               " with unit stride along N, got shape ", out.sizes(), " ", out.scalar_type(), " strides ",
               out.strides());
-  if (x.size(0) == 0) return;
+  const int64_t rows = x.size(0);
+  TORCH_CHECK(prompt_rows >= -1 && prompt_rows <= rows, op, ": prompt_rows must be -1 or in [0, ", rows, "], got ",
+              prompt_rows);
+  if (prompt_rows < 0) {
+    run_kernels(kernels_for_rows(header, rows), header, out, x, packed, kind);
+    return;
+  }
+  if (prompt_rows > 0) {
+    run_kernels(amx_kernels(header), header, out.narrow(0, 0, prompt_rows), x.narrow(0, 0, prompt_rows), packed,
+                kind);
+  }
+  if (prompt_rows < rows) {
+    run_kernels(kernels_for_rows(header, 1), header, out.narrow(0, prompt_rows, rows - prompt_rows),
+                x.narrow(0, prompt_rows, rows - prompt_rows), packed, kind);
+  }
+}
 
+void run_kernels(Kernels choice, const PackedHeader& header, at::Tensor out, const at::Tensor& x,
+                 const at::Tensor& packed, PackKind kind) {
+  if (x.size(0) == 0) return;
   const int64_t steps = steps_per_tile(header.dtype, header.k);
   Problem problem{.tiles = packed.data_ptr<uint8_t>() + kHeaderBytes,
                   .steps = steps,
@@ -316,7 +355,7 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
                   .n = header.n};
   const bool gate_up = kind == PackKind::kGateUp;
 #if MG_LINEAR_X86_KERNELS
-  if (use_amx_fp32(header, x.size(0))) {
+  if (choice == Kernels::kAmxFp32) {
     // x as its three bf16 parts, split by both threads into a buffer kept per calling thread (to
     // spare the allocation). Where the parts outgrow kFp32SegmentBytes and the sums of all rows
     // and outputs (the C carried between segments) do not, K goes in segments of about that many
@@ -355,7 +394,7 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
     }
     return;
   }
-  if (use_amx(header, x.size(0))) {
+  if (choice == Kernels::kAmxBf16) {
     const bool small = x.size(0) <= kAmxSmallRows;
     const at::Tensor rows = amx_rows(x, small ? kAmxSmallRows : kAmxRowBlock);
     problem.x = rows.data_ptr();
@@ -402,12 +441,13 @@ double read_bandwidth_cpu(const at::Tensor& buffer, int64_t repeats) {
 
 bool cpu_amx_selected() { return active_isa().load(std::memory_order_relaxed) == Isa::kAmx; }
 
-void linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_weight) {
-  run_tiles("linear", out, x, packed_weight, PackKind::kLinear);
+void linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_weight, int64_t prompt_rows) {
+  run_tiles("linear", out, x, packed_weight, PackKind::kLinear, prompt_rows);
 }
 
-void linear_silu_mul_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_gate_up) {
-  run_tiles("linear_silu_mul", out, x, packed_gate_up, PackKind::kGateUp);
+void linear_silu_mul_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_gate_up,
+                         int64_t prompt_rows) {
+  run_tiles("linear_silu_mul", out, x, packed_gate_up, PackKind::kGateUp, prompt_rows);
 }
 
 PackedWeightShape packed_weight_shape(const at::Tensor& packed, const char* op) {

@@ -21,6 +21,7 @@ struct VectorPart {
   static constexpr int kAccumulators = 6;
   static Acc zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
   static Acc add(Acc a, Acc b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+  static Acc load(const float* src) { return {_mm256_loadu_ps(src), _mm256_loadu_ps(src + 8)}; }
   static void store(Acc a, float* dst) {
     _mm256_storeu_ps(dst, a.lo);
     _mm256_storeu_ps(dst + 8, a.hi);

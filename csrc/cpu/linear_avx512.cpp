@@ -19,6 +19,7 @@ struct VectorPart {
   static constexpr int kAccumulators = 24;
   static Acc zero() { return _mm512_setzero_ps(); }
   static Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
+  static Acc load(const float* src) { return _mm512_loadu_ps(src); }
   static void store(Acc a, float* dst) { _mm512_storeu_ps(dst, a); }
 };
 

@@ -19,6 +19,11 @@ struct VectorPart {
     for (int j = 0; j < kTileRows; ++j) a.v[j] += b.v[j];
     return a;
   }
+  static Acc load(const float* src) {
+    Acc a;
+    std::memcpy(a.v, src, sizeof a.v);
+    return a;
+  }
   static void store(const Acc& a, float* dst) { std::memcpy(dst, a.v, sizeof a.v); }
 };
 

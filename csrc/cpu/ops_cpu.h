@@ -13,8 +13,9 @@ void reshape_and_cache_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor&
 void paged_attention_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& block_tables, const at::Tensor& seq_lens,
                          const at::Tensor& query_start_loc, double scale, int64_t sliding_window);
-void linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_weight);
-void linear_silu_mul_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_gate_up);
+void linear_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_weight, int64_t prompt_rows);
+void linear_silu_mul_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed_gate_up,
+                         int64_t prompt_rows);
 // Whether the CPU kernels may use AMX: the CPU and OS allow it and linear_cpu_isa has not lowered the
 // level below "amx". Prefill attention's AMX path follows the linear layers' level, so tests that
 // lower it reach attention's vector path too.

@@ -79,15 +79,19 @@ def unpack_linear_weight(packed: torch.Tensor) -> torch.Tensor:
     return _ops.unpack_linear_weight(packed)
 
 
-def linear(out: torch.Tensor, x: torch.Tensor, packed_weight: torch.Tensor) -> None:
+def linear(out: torch.Tensor, x: torch.Tensor, packed_weight: torch.Tensor, prompt_rows: int = -1) -> None:
     """out [T, N] = x [T, K] @ W.T on the CPU, fp32 accumulation; x, out in the weight's dtype.
-    Streams the weight for small T; bf16 batches of 7 rows and more run on AMX where the CPU has it."""
-    _ops.linear(out, x, packed_weight)
+    prompt_rows -1: the kernels go by T (the weight streamed for small T; batches of 7 rows and more in
+    bf16, 80 in fp32, on AMX where the CPU has it). prompt_rows >= 0: rows [0, prompt_rows) run on AMX
+    (where the CPU has it) and the others stream, so each row's result depends only on its own values
+    and side, never on the rest of the batch."""
+    _ops.linear(out, x, packed_weight, prompt_rows)
 
 
-def linear_silu_mul(out: torch.Tensor, x: torch.Tensor, packed_gate_up: torch.Tensor) -> None:
-    """out [T, F] = silu(x @ gate.T) * (x @ up.T) in one pass over the packed gate_up weight."""
-    _ops.linear_silu_mul(out, x, packed_gate_up)
+def linear_silu_mul(out: torch.Tensor, x: torch.Tensor, packed_gate_up: torch.Tensor, prompt_rows: int = -1) -> None:
+    """out [T, F] = silu(x @ gate.T) * (x @ up.T) in one pass over the packed gate_up weight; prompt_rows
+    as for `linear`."""
+    _ops.linear_silu_mul(out, x, packed_gate_up, prompt_rows)
 
 
 def decoder_layer(hidden: torch.Tensor, residual: torch.Tensor, input_norm: torch.Tensor,
@@ -95,13 +99,14 @@ def decoder_layer(hidden: torch.Tensor, residual: torch.Tensor, input_norm: torc
                   gate_up_weight: torch.Tensor, down_weight: torch.Tensor, key_cache: torch.Tensor,
                   value_cache: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                   block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                  cos_sin_cache: torch.Tensor, eps: float, scale: float, sliding_window: int) -> None:
+                  cos_sin_cache: torch.Tensor, eps: float, scale: float, sliding_window: int,
+                  prompt_rows: int = -1) -> None:
     """One decoder layer on CPU packed weights (pack_linear_weight: qkv, o, down; pack_gate_up_weight),
     in place: residual += hidden; hidden = the layer's MLP output; the new k/v go into the caches.
-    The ops above chained in C++, without a Python round trip between them."""
+    The ops above chained in C++, without a Python round trip between them; prompt_rows as for `linear`."""
     _ops.decoder_layer(hidden, residual, input_norm, post_attention_norm, qkv_weight, o_weight, gate_up_weight,
                        down_weight, key_cache, value_cache, positions, slot_mapping, block_tables, seq_lens,
-                       query_start_loc, cos_sin_cache, eps, scale, sliding_window)
+                       query_start_loc, cos_sin_cache, eps, scale, sliding_window, prompt_rows)
 
 
 def read_bandwidth(buffer: torch.Tensor, repeats: int) -> float:

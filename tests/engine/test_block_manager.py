@@ -36,6 +36,17 @@ def test_prefix_blocks_are_shared_but_never_the_last_tokens_block() -> None:
     assert bm.num_used_blocks == 0
 
 
+def test_a_prefix_hit_leaves_at_least_min_computed_tokens_to_compute() -> None:
+    bm = BlockManager(num_blocks=32, block_size=4)
+    first = BlockTable()
+    prompt = list(range(100, 140))  # 10 full blocks
+    bm.allocate(first, prompt)
+    bm.register_full_blocks(first, prompt, num_computed=40)
+    assert bm.allocate(BlockTable(), prompt, min_computed=16) == 24
+    assert bm.allocate(BlockTable(), prompt, min_computed=40) == 0
+    assert bm.allocate(BlockTable(), prompt + [1, 2], min_computed=16) == 24
+
+
 def test_cached_blocks_nobody_holds_count_as_free_and_are_evicted_oldest_first() -> None:
     bm = BlockManager(num_blocks=4, block_size=2)
     table = BlockTable()

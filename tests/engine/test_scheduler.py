@@ -2,7 +2,7 @@
 
 from mistral_grpc.engine.block_manager import BlockManager
 from mistral_grpc.engine.sampling_params import SamplingParams
-from mistral_grpc.engine.scheduler import Scheduler
+from mistral_grpc.engine.scheduler import MIN_PROMPT_CHUNK, Scheduler
 from mistral_grpc.engine.sequence import Sequence, SequenceStatus
 
 _ids = iter(range(10**6))
@@ -35,9 +35,10 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode() -> None:
     assert run_step(sched) == [(short, 3)]
     long = make_seq(20)
     sched.add(long)
-    assert run_step(sched) == [(short, 1), (long, 8)]  # decodes, then the prompt-token budget
-    assert run_step(sched) == [(short, 1), (long, 8)]
-    assert run_step(sched) == [(short, 1), (long, 4)]
+    # The prompt-token budget beside the decodes, prompt chunks listed first (the decoder's prompt rows).
+    assert run_step(sched) == [(long, 8), (short, 1)]
+    assert run_step(sched) == [(long, 8), (short, 1)]
+    assert run_step(sched) == [(long, 4), (short, 1)]
     assert long.num_output == 1 and run_step(sched) == [(short, 1), (long, 1)]
 
 
@@ -49,7 +50,7 @@ def test_batch_size_bounds_admission() -> None:
     assert [s for s, _ in run_step(sched)] == seqs[:2]
     assert seqs[2].status is SequenceStatus.WAITING
     sched.finish(seqs[0], "stop")
-    assert [s for s, _ in run_step(sched)] == [seqs[1], seqs[2]]
+    assert [s for s, _ in run_step(sched)] == [seqs[2], seqs[1]]  # the admitted prompt, then the decode
 
 
 def test_running_out_of_blocks_preempts_the_newest_and_recomputes_it() -> None:
@@ -69,13 +70,14 @@ def test_running_out_of_blocks_preempts_the_newest_and_recomputes_it() -> None:
 
 def test_sibling_choices_wait_for_the_first_and_share_its_prompt_blocks() -> None:
     sched = Scheduler(BlockManager(64, 4), max_batch_size=8, max_prefill_tokens=100)
-    first, second = make_seq(10, "n", 0, first_token=1), make_seq(10, "n", 1, first_token=1)
+    first, second = make_seq(40, "n", 0, first_token=1), make_seq(40, "n", 1, first_token=1)
     second.waits_for = first
     sched.add(first)
     sched.add(second)
-    assert run_step(sched) == [(first, 10)]
-    assert run_step(sched) == [(first, 1), (second, 2)]  # 8 prompt tokens come from first's blocks
-    assert second.blocks.block_ids[:2] == first.blocks.block_ids[:2]
+    assert run_step(sched) == [(first, 40)]
+    # 24 prompt tokens come from first's blocks; the last MIN_PROMPT_CHUNK are computed again.
+    assert run_step(sched) == [(second, MIN_PROMPT_CHUNK), (first, 1)]
+    assert second.blocks.block_ids[:6] == first.blocks.block_ids[:6]
 
 
 def test_finish_frees_everything() -> None:
@@ -87,3 +89,36 @@ def test_finish_frees_everything() -> None:
     for s in seqs:
         sched.finish(s, None)
     assert sched.blocks.num_used_blocks == 0 and not sched.has_work
+
+
+def test_a_prompt_is_split_only_into_chunks_attention_treats_as_prefill() -> None:
+    """Chunks of MIN_PROMPT_CHUNK tokens or more (a shorter one only as a whole prompt), so a prompt
+    token's attention rounds the same whatever split the other requests' budget use made."""
+    sched = Scheduler(BlockManager(256, 16), max_batch_size=8, max_prefill_tokens=64)
+    early, late = make_seq(50), make_seq(70)
+    sched.add(early)
+    sched.add(late)
+    # 64 tokens: early's 50, then 14 left would make a 14-token chunk of late: late waits instead.
+    assert run_step(sched) == [(early, 50)]
+    # 64 of late's 70 would leave 6: it takes 54, then the last 16.
+    assert run_step(sched) == [(late, 54), (early, 1)]
+    assert run_step(sched) == [(late, 16), (early, 1)]
+    short = make_seq(5)
+    sched.add(short)
+    assert run_step(sched) == [(short, 5), (early, 1), (late, 1)]  # a whole short prompt
+
+
+def test_a_recomputed_sequence_chunks_its_prompt_apart_from_its_output() -> None:
+    sched = Scheduler(BlockManager(64, 4), max_batch_size=8, max_prefill_tokens=100)
+    seq = make_seq(20)
+    sched.add(seq)
+    run_step(sched)
+    for _ in range(5):
+        run_step(sched)
+    sched._preempt(seq, sched.schedule())  # as when blocks run out
+    assert seq.num_computed == 0 and len(seq.token_ids) == 26
+    plan = sched.schedule()  # readmitted: the prefix cache may hold some of its prompt's blocks
+    assert [(c.seq, c.num_tokens, c.is_prompt) for c in plan.chunks] == [(seq, 20 - seq.num_computed, True)]
+    seq.num_computed = 20
+    plan = sched.schedule()
+    assert [(c.seq, c.num_tokens, c.is_prompt) for c in plan.chunks] == [(seq, 6, False)]

@@ -147,6 +147,44 @@ def test_result_does_not_depend_on_the_thread_count(threads: int, sliding_window
                                rtol=TOL[torch.bfloat16])
 
 
+def _sub_batch(batch: Batch, parts: list[tuple[int, int, int]]) -> tuple[Batch, list[int]]:
+    """A batch of (sequence b, first query i, queries n) parts of `batch` over the same caches: part
+    (b, i, n) is sequence b's queries i..i+n with the cache filled up to the last of them. Returns it
+    and the rows of batch.q its queries are."""
+    rows, tables, seq_lens, starts = [], [], [], [0]
+    for b, i, n in parts:
+        first, q_len = int(batch.query_start_loc[b]), int(batch.query_start_loc[b + 1] - batch.query_start_loc[b])
+        rows += range(first + i, first + i + n)
+        tables.append(batch.block_tables[b])
+        seq_lens.append(int(batch.seq_lens[b]) - q_len + i + n)
+        starts.append(starts[-1] + n)
+    sub = Batch(batch.q[rows].contiguous(), batch.k_cache, batch.v_cache, torch.stack(tables),
+                torch.tensor(seq_lens, dtype=torch.int32), torch.tensor(starts, dtype=torch.int32))
+    return sub, rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sliding_window", [0, 1000])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_querys_result_does_not_depend_on_the_rest_of_the_batch(dtype: torch.dtype, sliding_window: int,
+                                                                 threads: int) -> None:
+    """Bit for bit: a decode alone or among others (long ones split by key range), a prompt chunk
+    whole or in parts of 16 queries or more, however many threads. The engine's seeds rely on it."""
+    batch = make_batch([(1500, 1), (700, 1), (40, 1), (600, 40), (1100, 1), (90, 90)], 8, 2, 128, 16, dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        whole = batch.run(0.1, sliding_window)
+        splits = [[(b, 0, 1)] for b in (0, 1, 2, 4)]  # each decode alone
+        splits += [[(3, 0, 16), (3, 16, 24)], [(3, 0, 20)], [(3, 20, 20), (0, 0, 1)], [(5, 0, 50), (5, 50, 40)]]
+        splits += [[(0, 0, 1), (1, 0, 1)], [(5, 0, 90), (4, 0, 1), (2, 0, 1)]]
+        for parts in splits:
+            sub, rows = _sub_batch(batch, parts)
+            assert torch.equal(sub.run(0.1, sliding_window), whole[rows]), parts
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_q_and_out_may_be_token_strided(device: str) -> None:
     """q sliced from a fused qkv projection and out written into a wider buffer, without copies."""

@@ -133,6 +133,48 @@ def test_long_k_large_batch(level: str) -> None:
     assert_close(out, F.silu(F.linear(x, gate)) * F.linear(x, up))
 
 
+# Batches that cross every blocking: 1-6 rows (one register block), 7-48 (chunked K over 2-8 blocks),
+# 49 (whole K per block), 7-16 and 17+ (AMX's 16- and 32-row kernels), 80+ (fp32 AMX by size).
+SIDE_BATCHES = [1, 2, 5, 6, 7, 13, 16, 17, 33, 48, 49, 80, 95]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(300, 520), (40, 777)])
+@pytest.mark.parametrize("gate_up", [False, True], ids=["linear", "silu_mul"])
+def test_a_rows_result_depends_on_its_side_only(level: str, dtype: torch.dtype, shape: tuple[int, int],
+                                                gate_up: bool) -> None:
+    """With prompt_rows >= 0 a row's output is bit for bit the same in every batch: alone, among more
+    prompt rows or more decode rows, or after any number of the other side's (the engine's seeds rely
+    on it). By the batch's size (prompt_rows -1) the kernels, and so the rounding, may differ."""
+    n, k = shape
+    if gate_up:
+        packed, op = ops.pack_gate_up_weight(random_weight(n, k, dtype), random_weight(n, k, dtype)), ops.linear_silu_mul
+    else:
+        packed, op = ops.pack_linear_weight(random_weight(n, k, dtype)), ops.linear
+    x = torch.randn(max(SIDE_BATCHES), k).to(dtype)
+
+    def run(rows: torch.Tensor, prompt_rows: int) -> torch.Tensor:
+        out = torch.empty(rows.shape[0], n, dtype=dtype)
+        op(out, rows, packed, prompt_rows)
+        return out
+
+    alone = {side: torch.cat([run(x[i : i + 1], side) for i in range(x.shape[0])]) for side in (0, 1)}
+    for t in SIDE_BATCHES:
+        assert torch.equal(run(x[:t], 0), alone[0][:t]), f"{t} decode rows"
+        assert torch.equal(run(x[:t], t), alone[1][:t]), f"{t} prompt rows"
+        for p in {1, t // 2, t - 1} - {0}:
+            mixed = run(x[:t], p)
+            assert torch.equal(mixed[:p], alone[1][:p]) and torch.equal(mixed[p:], alone[0][p:t]), f"{p} of {t}"
+
+
+def test_prompt_rows_out_of_range_is_an_error(packed_fp32: torch.Tensor) -> None:
+    x, out = torch.randn(3, 32), torch.zeros(3, 16)
+    for bad in (-2, 4):
+        with pytest.raises(RuntimeError, match="prompt_rows must be -1 or in"):
+            ops.linear(out, x, packed_fp32, bad)
+    assert not out.any()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("t", "k"), [(9, 71), (32, 96)])
 def test_linear_reads_and_writes_strided_rows(dtype: torch.dtype, t: int, k: int) -> None:

@@ -57,17 +57,17 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate(self, table: BlockTable, token_ids: list[int]) -> int:
+    def allocate(self, table: BlockTable, token_ids: list[int], min_computed: int = 1) -> int:
         """Gives an empty table blocks for `token_ids`, reusing cached prefix blocks.
 
-        Returns how many leading tokens are already in the cache. The block holding the last token
-        is never taken from the cache: its logits are needed, so it is computed (into a fresh block).
+        Returns how many leading tokens are already in the cache. At least `min_computed` tokens (and
+        always the last one, whose logits are needed) are left to compute, into fresh blocks.
         """
         assert not table.block_ids, "allocate() takes an empty block table"
         needed = self.blocks_needed(len(token_ids))
         reusable: list[int] = []
         prev_hash: int | None = None
-        for i in range((len(token_ids) - 1) // self.block_size):
+        for i in range(max(0, len(token_ids) - max(1, min_computed)) // self.block_size):
             chunk = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
             h = chain_hash(prev_hash, chunk)
             block_id = self._cache.get(h)

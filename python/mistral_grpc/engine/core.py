@@ -116,7 +116,10 @@ class EngineCore:
         sampling = [(i, c) for i, c in enumerate(plan.chunks) if c.samples]
         for chunk in plan.chunks:
             chunk.seq.num_computed += chunk.num_tokens
-            self.blocks.register_full_blocks(chunk.seq.blocks, chunk.seq.token_ids, chunk.seq.num_computed)
+            # Prompt blocks only: a generated token's KV comes from the decode kernels, a prompt's from
+            # the prompt ones, and a later prompt that shared it would not get what it computes itself.
+            self.blocks.register_full_blocks(chunk.seq.blocks, chunk.seq.token_ids,
+                                             min(chunk.seq.num_computed, chunk.seq.prompt_len))
         if not sampling:
             return
         if len(sampling) < len(plan.chunks):  # some chunks end mid-prompt: their logits are not used

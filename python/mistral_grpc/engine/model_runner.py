@@ -38,6 +38,7 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            prompt_rows=sum(c.num_tokens for c in chunks if c.is_prompt),
         )
 
     @torch.inference_mode()

@@ -4,6 +4,13 @@ Each step decodes every running sequence (one token each), then spends a prompt-
 prefill chunks (sequences already part-way first, then newcomers in arrival order), so a long
 prompt never stalls the running streams. When the cache runs out of blocks for a decode, the
 newest sequence is preempted: its blocks are freed and it is recomputed later.
+
+What else is batched never changes a sequence's numbers (the seed contract): the decoder computes
+prompt tokens and decode tokens each with kernels whose result for a row does not depend on the
+other rows (ops.linear's prompt_rows), the step lists prompt chunks first so they form one block
+of rows, and a prompt chunk is never so short that attention would take its decode path instead
+(MIN_PROMPT_CHUNK). The one exception is a preempted sequence: its generated tokens are recomputed
+as a prompt chunk, whose attention rounds differently from the decode steps that first made them.
 """
 
 from collections import deque
@@ -12,11 +19,22 @@ from dataclasses import dataclass, field
 from mistral_grpc.engine.block_manager import BlockManager, NoFreeBlocksError
 from mistral_grpc.engine.sequence import Sequence, SequenceStatus
 
+# paged_attention treats a sequence's chunk of q_len queries as a decode when q_len * group < 16; a
+# prompt chunk at least this long is a prefill for any GQA group, so its rows round as in any other
+# split of the same prompt. Shorter prompt chunks are only ever a whole prompt. (A prefill budget
+# under twice this, which only tests set, lowers it to half the budget so prompts still progress.)
+MIN_PROMPT_CHUNK = 16
+
 
 @dataclass(frozen=True)
 class ScheduledChunk:
     seq: Sequence
     num_tokens: int  # tokens computed this step, from seq.num_computed on
+
+    @property
+    def is_prompt(self) -> bool:
+        """True for a chunk of the prompt (never mixed with generated tokens: see prefill_chunk)."""
+        return self.seq.num_computed < self.seq.prompt_len
 
     @property
     def samples(self) -> bool:
@@ -39,6 +57,7 @@ class Scheduler:
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
+        self.min_prompt_chunk = max(1, min(MIN_PROMPT_CHUNK, max_prefill_tokens // 2))
         # Admission keeps this many blocks spare so running sequences can grow without thrashing.
         self.watermark = max(1, blocks.num_blocks // 100)
         self.waiting: deque[Sequence] = deque()
@@ -69,11 +88,18 @@ class Scheduler:
         budget = self.max_prefill_tokens
         for seq in self.running:
             if seq.in_prefill and budget > 0:
-                n = min(seq.num_uncomputed, budget)
-                out.chunks.append(ScheduledChunk(seq, n))
-                budget -= n
+                budget -= self._add_prefill_chunk(out, seq, budget)
         self._admit(out, budget)
+        # Prompt chunks first: the decoder runs rows [0, prompt rows) on the prompt kernels.
+        out.chunks.sort(key=lambda c: not c.is_prompt)
         return out
+
+    def _add_prefill_chunk(self, out: SchedulerOutput, seq: Sequence, budget: int) -> int:
+        """Schedules what `budget` allows of the sequence's uncomputed tokens; returns how many."""
+        n = prefill_chunk(seq, budget, self.min_prompt_chunk)
+        if n:
+            out.chunks.append(ScheduledChunk(seq, n))
+        return n
 
     def _schedule_decodes(self, out: SchedulerOutput) -> None:
         for seq in list(self.running):
@@ -111,13 +137,24 @@ class Scheduler:
             if not self.blocks.can_allocate(len(seq.token_ids), reserve=self.watermark) and self.running:
                 return  # first come, first served: nobody overtakes a request that does not fit yet
             try:
-                seq.num_computed = self.blocks.allocate(seq.blocks, seq.token_ids)
+                seq.num_computed = self.blocks.allocate(seq.blocks, seq.token_ids, self.min_prompt_chunk)
             except NoFreeBlocksError:
                 return
             self.prefix_hit_tokens += seq.num_computed
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            n = min(seq.num_uncomputed, budget)
-            out.chunks.append(ScheduledChunk(seq, n))
-            budget -= n
+            budget -= self._add_prefill_chunk(out, seq, budget)
+
+
+def prefill_chunk(seq: Sequence, budget: int, min_chunk: int) -> int:
+    """Tokens of the sequence's next prefill chunk within `budget`, 0 for none this step. A chunk stays
+    on one side of the prompt's end (after a preemption the generated tokens are recomputed too), and
+    a prompt is split only into chunks of `min_chunk` tokens or more."""
+    if seq.num_computed >= seq.prompt_len:
+        return min(seq.num_uncomputed, budget)
+    left = seq.prompt_len - seq.num_computed
+    if left <= budget:
+        return left
+    n = min(budget, left - min_chunk)
+    return n if n >= min_chunk else 0

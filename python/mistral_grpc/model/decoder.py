@@ -29,6 +29,9 @@ class BatchInput:
     block_tables: torch.Tensor  # int32 [B, max_blocks]: each sequence's cache blocks, in order, padded
     seq_lens: torch.Tensor  # int32 [B]: tokens in the cache after this step, this step's included
     query_start_loc: torch.Tensor  # int32 [B + 1]: sequence b owns tokens query_start_loc[b]:[b + 1]; >= 1 each
+    # Tokens [0, prompt_rows) are prompt tokens, the rest decode tokens, each side on kernels that give
+    # a row the same result whatever else is in the batch (ops.linear); -1: kernels by the batch's size.
+    prompt_rows: int = -1
 
 @dataclass
 class KVCache:
@@ -104,7 +107,7 @@ class MistralDecoder:
                                   layer.qkv_proj.packed, layer.o_proj.packed, layer.gate_up_silu.packed,
                                   layer.down_proj.packed, key_cache, value_cache, batch.positions,
                                   batch.slot_mapping, batch.block_tables, batch.seq_lens, batch.query_start_loc,
-                                  self.cos_sin_cache, eps, self.scale, self.sliding_window)
+                                  self.cos_sin_cache, eps, self.scale, self.sliding_window, batch.prompt_rows)
             else:
                 hidden = self._layer(layer, hidden, residual, batch, key_cache, value_cache)
 
@@ -114,7 +117,7 @@ class MistralDecoder:
             last = (batch.query_start_loc[1:] - 1).long()
             hidden, residual = hidden[last], residual[last]
         ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
-        return self.lm_head(hidden).float()
+        return self.lm_head(hidden, prompt_rows=min(batch.prompt_rows, 0)).float()
 
     def _layer(self, layer: _Layer, hidden: torch.Tensor, residual: torch.Tensor, batch: BatchInput,
                key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:

@@ -34,15 +34,15 @@ class _PackedLayer:
         self.packed = packed  # CPU: the only copy of the weight
         self.weight = weight  # CUDA: the dense weight, for cuBLAS
 
-    def _kernel(self, out: torch.Tensor, x: torch.Tensor) -> None:
+    def _kernel(self, out: torch.Tensor, x: torch.Tensor, prompt_rows: int) -> None:
         raise NotImplementedError
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, prompt_rows: int = -1) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype (which must be the weight's),
-        written into `out` if given."""
+        written into `out` if given; prompt_rows as for ops.linear (CPU only)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected x [..., {self.in_features}], got {tuple(x.shape)}")
         # 2-D x (the decoder's [T, K], some 30 calls a decode step) goes through without reshapes or
@@ -54,7 +54,7 @@ class _PackedLayer:
             return y if out is None else out.copy_(y)
         out = torch.empty(shape, dtype=x.dtype) if out is None else out
         self._kernel(out if out.dim() == 2 else out.view(-1, self.out_features),
-                     rows if rows.stride(-1) == 1 else rows.contiguous())
+                     rows if rows.stride(-1) == 1 else rows.contiguous(), prompt_rows)
         return out
 
 
@@ -69,8 +69,8 @@ class PackedLinear(_PackedLayer):
             return cls(n, k, packed=ops.pack_linear_weight(weight))
         return cls(n, k, weight=weight)
 
-    def _kernel(self, out: torch.Tensor, x: torch.Tensor) -> None:
-        ops.linear(out, x, self.packed)
+    def _kernel(self, out: torch.Tensor, x: torch.Tensor, prompt_rows: int) -> None:
+        ops.linear(out, x, self.packed, prompt_rows)
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
@@ -89,8 +89,8 @@ class PackedGateUpSilu(_PackedLayer):
             return cls(f, k, packed=ops.pack_gate_up_weight(gate, up))
         return cls(f, k, weight=torch.cat([gate, up]))
 
-    def _kernel(self, out: torch.Tensor, x: torch.Tensor) -> None:
-        ops.linear_silu_mul(out, x, self.packed)
+    def _kernel(self, out: torch.Tensor, x: torch.Tensor, prompt_rows: int) -> None:
+        ops.linear_silu_mul(out, x, self.packed, prompt_rows)
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = F.linear(x, self.weight)
