@@ -38,13 +38,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
+
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "presence_penalty",
                   "frequency_penalty", "repetition_penalty")
 
 
 def run(args: argparse.Namespace) -> int:
-    api_key = Path(args.api_key_file).read_text().strip() if args.api_key_file else os.environ.get("MISTRAL_GRPC_API_KEY")
-    root_certificates = Path(args.ca_cert).read_bytes() if args.ca_cert else None
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C: leaving the client's `with` cancelled the call; no traceback
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        api_key = (Path(args.api_key_file).read_text().strip() if args.api_key_file
+                   else os.environ.get("MISTRAL_GRPC_API_KEY"))
+        root_certificates = Path(args.ca_cert).read_bytes() if args.ca_cert else None
+    except OSError as error:
+        print(f"error: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
+        return 1
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.message}]
     fields = {name: getattr(args, name) for name in SAMPLING_FLAGS} | {"model": args.model}

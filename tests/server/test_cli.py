@@ -1,11 +1,21 @@
 """`mistral-grpc chat` against a live server, and `mistral-grpc serve` flags -> engine and server settings."""
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
 
 from fake_engine import FakeEngine, choice_text
 from mistral_grpc import cli
 from mistral_grpc.engine.args import EngineArgs
 from mistral_grpc.server import cli as serve_cli
+
+LONG = tuple(f" w{i}" for i in range(2000))
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))  # the child imports what this process does
 
 
 def test_chat_streams_the_reply_to_stdout(serve_fake, capsys):
@@ -58,12 +68,15 @@ def test_serve_flags_build_the_engine_and_the_server(monkeypatch, tmp_path):
     (tmp_path / "key").write_text("s3cret\n")
     (tmp_path / "cert.pem").write_bytes(b"CERT")
     (tmp_path / "key.pem").write_bytes(b"KEY")
-    assert cli.main(["serve", "--model", "/models/Mistral-7B-Instruct-v0.3", "--port", "6000", "--host", "127.0.0.1",
+    model = tmp_path / "Mistral-7B-Instruct-v0.3"
+    model.mkdir()
+    assert cli.main(["serve", "--model", str(model), "--port", "6000", "--host", "127.0.0.1",
                      "--device", "cpu", "--dtype", "bfloat16", "--served-model-name", "mistral",
-                     "--max-batch-size", "8", "--max-queue", "16", "--kv-cache-memory", "2GiB", "--metrics-port", "9100",
+                     "--max-batch-size", "8", "--max-queue", "16", "--kv-cache-memory", "2GiB",
+                     "--metrics-port", "9100",
                      "--api-key-file", str(tmp_path / "key"), "--tls-cert", str(tmp_path / "cert.pem"),
                      "--tls-key", str(tmp_path / "key.pem"), "--grace-period", "5"]) == 0
-    assert built["engine_args"] == EngineArgs(model="/models/Mistral-7B-Instruct-v0.3", device="cpu", dtype="bfloat16",
+    assert built["engine_args"] == EngineArgs(model=str(model), device="cpu", dtype="bfloat16",
                                               served_model_name="mistral", max_batch_size=8, max_queue=16,
                                               kv_cache_memory=2 * 2**30)
     options = built["options"]
@@ -77,13 +90,102 @@ def test_serve_defaults_to_the_demo_model_on_50051(monkeypatch):
         "demo", 50051, "auto", "auto", None, None)
 
 
-@pytest.mark.parametrize("flags", [["--tls-cert", "c.pem"], ["--tls-key", "k.pem"]])
-def test_serve_wants_both_tls_files(flags):
-    with pytest.raises(SystemExit, match="go together"):
+def _usage_error(flags: list[str], capsys) -> str:
+    """The one-line error of `serve FLAGS` rejected as argparse rejects a flag (usage, then the line, exit 2)."""
+    with pytest.raises(SystemExit) as raised:
         cli.main(["serve", *flags])
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: mistral-grpc serve") and "Traceback" not in err
+    return err.splitlines()[-1]
 
 
-def test_serve_rejects_a_bad_size():
-    with pytest.raises(SystemExit):
-        cli.main(["serve", "--kv-cache-memory", "lots"])
+@pytest.mark.parametrize("flags", [["--tls-cert", "c.pem"], ["--tls-key", "k.pem"]])
+def test_serve_wants_both_tls_files(flags, capsys):
+    assert "go together" in _usage_error(flags, capsys)
 
+
+@pytest.mark.parametrize("flags, message", [
+    (["--kv-cache-memory", "lots"], "argument --kv-cache-memory: not a size: 'lots'"),
+    (["--kv-cache-memory", "0"], "argument --kv-cache-memory: must be a positive size"),
+    (["--kv-cache-memory=-1GiB"], "argument --kv-cache-memory: must be a positive size"),
+    (["--max-batch-size", "0"], "argument --max-batch-size: must be at least 1 (got 0)"),
+    (["--max-batch-size", "two"], "argument --max-batch-size: not a whole number: 'two'"),
+    (["--max-queue", "-1"], "argument --max-queue: must be at least 0 (got -1)"),
+    (["--port", "65536"], "argument --port: must be between 0 and 65535 (got 65536)"),
+    (["--port", "-1"], "argument --port: must be between 0 and 65535 (got -1)"),
+    (["--metrics-port", "70000"], "argument --metrics-port: must be between 0 and 65535 (got 70000)"),
+    (["--grace-period", "-5"], "argument --grace-period: must be 0 or more seconds (got -5)"),
+    (["--model", "/no/such/model"], "argument --model: no such directory: '/no/such/model'"),
+])
+def test_serve_rejects_bad_values_at_startup(flags, message, capsys):
+    assert _usage_error(flags, capsys).startswith(f"mistral-grpc serve: error: {message}")
+
+
+def test_serve_rejects_a_missing_or_empty_api_key_file(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    assert _usage_error(["--api-key-file", str(missing)], capsys) == (
+        f"mistral-grpc serve: error: argument --api-key-file: No such file or directory: '{missing}'")
+    (tmp_path / "empty").write_text("\n")
+    assert _usage_error(["--api-key-file", str(tmp_path / "empty")], capsys).endswith("is empty")
+
+
+def test_serve_accepts_an_empty_queue(monkeypatch):
+    built = {}
+    monkeypatch.setattr(serve_cli, "LLMEngine", type("Engine", (FakeEngine,), {
+        "from_args": classmethod(lambda cls, args: built.setdefault("args", args) and cls())}))
+    monkeypatch.setattr(serve_cli, "serve", lambda engine, options: _nothing())
+    assert cli.main(["serve", "--max-queue", "0", "--max-batch-size", "1"]) == 0
+    assert (built["args"].max_queue, built["args"].max_batch_size) == (0, 1)
+
+
+async def _nothing() -> None:
+    pass
+
+
+def _serve_fails(flags: list[str]) -> str:
+    """`mistral-grpc serve FLAGS` in its own process: it must exit 1 with one line and no traceback."""
+    done = subprocess.run([sys.executable, "-m", "mistral_grpc.cli", "serve", "--device", "cpu", "--log-level",
+                           "WARNING", *flags], capture_output=True, text=True, timeout=120, env=ENV)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_serve_start_failures_are_one_line(serve_fake):
+    taken = serve_fake().server.port
+    assert _serve_fails(["--host", "localhost", "--port", str(taken)]) == (
+        f"mistral-grpc serve: error: cannot listen on localhost:{taken} (--host, --port): Address already in use")
+    with socket.socket() as metrics:
+        metrics.bind(("", 0))
+        metrics.listen()
+        port = metrics.getsockname()[1]
+        assert _serve_fails(["--port", "0", "--metrics-port", str(port)]) == (
+            f"mistral-grpc serve: error: cannot serve metrics on port {port} (--metrics-port): Address already in use")
+    assert _serve_fails(["--port", "0", "--kv-cache-memory", "1KiB"]).startswith(
+        "mistral-grpc serve: error: --kv-cache-memory 1024 bytes holds no KV block")
+
+
+def test_chat_exits_130_without_a_traceback_on_ctrl_c(serve_fake):
+    server = serve_fake(step_delay=0.02, pieces=LONG)
+    chat = subprocess.Popen([sys.executable, "-m", "mistral_grpc.cli", "chat", "Hi", "--target", server.target],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert chat.stdout.read(4) == " w0 "  # the reply is streaming
+        chat.send_signal(signal.SIGINT)
+        out, err = chat.communicate(timeout=30)
+    finally:
+        if chat.poll() is None:
+            chat.kill()
+    assert chat.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    deadline = time.monotonic() + 15
+    while server.engine.running and time.monotonic() < deadline:  # the call was cancelled
+        time.sleep(0.01)
+    assert server.engine.running == 0
+
+
+
+def test_chat_reports_an_unreadable_key_file_in_one_line(tmp_path, capsys):
+    assert cli.main(["chat", "Hi", "--api-key-file", str(tmp_path / "missing")]) == 1
+    assert capsys.readouterr().err == f"error: cannot read {tmp_path / 'missing'}: No such file or directory\n"

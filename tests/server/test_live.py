@@ -13,10 +13,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fake_engine import choice_text
+from fake_engine import FakeEngine, choice_text
+from harness import LiveServer
 from mistral_grpc.client import ChatClient, field_violations
 from mistral_grpc.metrics import REGISTRY
-from mistral_grpc.server.app import ServeOptions
+from mistral_grpc.proto.mistral.chat.v1 import chat_pb2, chat_pb2_grpc
+from mistral_grpc.server.app import ServeOptions, StartupError
 from mistral_grpc.tokenizer import ChatMessage
 
 LONG = tuple(f" w{i}" for i in range(400))  # a completion that outlives the calls that cancel it
@@ -59,6 +61,20 @@ def test_a_deadline_stops_generation_and_frees_its_kv_blocks(serve_fake, rpc):
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_for(lambda: server.engine.kv_blocks_used() == 0 and server.engine.running == 0)
     wait_for(lambda: count(rpc, "DEADLINE_EXCEEDED") == before + 1)
+
+
+def test_a_deadline_the_client_enforces_first_still_counts_as_deadline_exceeded(serve_fake):
+    # grpc-timeout rounds what is left at sending (~1.012 s) up to 1.02 s: the client's deadline fires a few ms
+    # before the server's copy, whose time_remaining() is still positive when the cancel arrives (timing
+    # dependent; test_servicer's test_a_cancel_at_the_deadline_counts_as_deadline_exceeded is exact).
+    server = serve_fake(step_delay=0.02, pieces=LONG)
+    before = count("Chat", "DEADLINE_EXCEEDED"), count("Chat", "CANCELLED")
+    with ChatClient(server.target) as client, pytest.raises(grpc.RpcError) as raised:
+        client.chat("Hello!", timeout=1.0175)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: server.engine.running == 0)
+    wait_for(lambda: count("Chat", "DEADLINE_EXCEEDED") == before[0] + 1)
+    assert count("Chat", "CANCELLED") == before[1]
 
 
 def test_a_client_that_stops_reading_cancels_its_generation(serve_fake):
@@ -184,6 +200,21 @@ def test_api_key_guards_chat_but_not_health(serve_fake, tmp_path):
         assert "".join(client.stream_text("Hi")) == choice_text(0)
 
 
+def test_the_bearer_scheme_is_case_insensitive(serve_fake):
+    server = serve_fake(ServeOptions(host="localhost", port=0, api_key="s3cret-key"))
+    with grpc.insecure_channel(server.target) as channel:
+        chat = channel.unary_unary("/mistral.chat.v1.ChatService/Chat",
+                                   request_serializer=chat_pb2.ChatRequest.SerializeToString,
+                                   response_deserializer=chat_pb2.ChatResponse.FromString)
+        hi = chat_pb2.ChatRequest(messages=[chat_pb2.ChatMessage(role="user", content="Hi")])
+        for value in ("bearer s3cret-key", "BEARER s3cret-key", "bEaReR  s3cret-key"):  # RFC 6750 / 7235
+            assert chat(hi, metadata=(("authorization", value),), timeout=10).choices[0].message.content
+        for value in ("Basic s3cret-key", "Bearers3cret-key", "s3cret-key", "Bearer S3CRET-KEY"):
+            with pytest.raises(grpc.RpcError) as raised:
+                chat(hi, metadata=(("authorization", value),), timeout=10)
+            assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED, value
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 def test_tls(serve_fake, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -240,7 +271,7 @@ def test_garbage_and_hostile_requests_do_not_disturb_a_running_stream(serve_fake
         for payload in (b"\xff" * 64, b"\x12\x03\x0a\x01", bytes(range(256)) * 4):
             with pytest.raises(grpc.RpcError) as raised:
                 raw_chat(payload, timeout=10)
-            assert raised.value.code() == grpc.StatusCode.UNKNOWN  # grpc's answer to undecodable bytes
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         hostile = [{"max_tokens": 2**31 - 1}, {"top_logprobs": 10**9, "logprobs": True}, {"n": -(2**31)},
                    {"temperature": 1e308}]
         for fields in hostile:
@@ -252,3 +283,58 @@ def test_garbage_and_hostile_requests_do_not_disturb_a_running_stream(serve_fake
         rest = list(stream)
     assert [first, *rest][-1].choices[0].finish_reason == "stop"
     wait_for(lambda: server.engine.kv_blocks_used() == 0)
+
+
+def _nested_schema_request(levels: int) -> chat_pb2.ChatRequest:
+    """A json_schema `levels` objects deep: ordinary JSON Schema, but each level is 6 protobuf levels
+    (Struct, its map entry, Value; again for "properties"), so 16 pass protobuf's decode limit of 100."""
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    request = chat_pb2.ChatRequest(messages=[chat_pb2.ChatMessage(role="user", content="Hi")])
+    request.response_format.type = "json_schema"
+    request.response_format.json_schema.name = "deep"
+    request.response_format.json_schema.schema.update(schema)
+    return request
+
+
+@pytest.mark.parametrize("rpc", ["Chat", "StreamChat"])
+def test_undecodable_requests_are_invalid_argument_with_a_reason_and_counted(serve_fake, rpc):
+    server = serve_fake()
+    before = count(rpc, "INVALID_ARGUMENT")
+    cases = [(b"\x12\xff\xff\xff\xff\x0f", "not a valid protobuf encoding"),
+             (_nested_schema_request(25).SerializeToString(), "nested too deeply")]
+    with grpc.insecure_channel(server.target) as channel:
+        call = (channel.unary_unary if rpc == "Chat" else channel.unary_stream)(f"/mistral.chat.v1.ChatService/{rpc}")
+        for payload, reason in cases:
+            with pytest.raises(grpc.RpcError) as raised:
+                list(call(payload, timeout=10)) if rpc == "StreamChat" else call(payload, timeout=10)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            details = raised.value.details()
+            assert details.startswith("the request is not a valid mistral.chat.v1.ChatRequest: ") and reason in details
+            assert "<class" not in details and "Error" not in details and "upb" not in details
+    assert count(rpc, "INVALID_ARGUMENT") == before + 2
+    shallow = _nested_schema_request(5)
+    shallow.n = 9
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as raised:
+        chat_pb2_grpc.ChatServiceStub(channel).Chat(shallow, timeout=10)  # decodes; validation names the bad field
+    assert [field for field, _ in field_violations(raised.value)] == ["n"]
+
+
+def test_a_port_in_use_fails_the_second_server(serve_fake, loop):
+    first = serve_fake()
+    with pytest.raises(StartupError, match=rf"cannot listen on localhost:{first.server.port} .*already in use"):
+        LiveServer(FakeEngine(model_name="impostor"), loop, ServeOptions(host="localhost", port=first.server.port))
+    with ChatClient(first.target) as client:
+        assert {client.chat("Hi", max_tokens=1).model for _ in range(8)} == {"demo"}
+
+
+def test_a_metrics_port_in_use_fails_the_start(serve_fake):
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = serve_fake(ServeOptions(host="localhost", port=0, metrics_port=port), start=False)
+        server.start(wait_for_engine=False)
+        with pytest.raises(StartupError, match=rf"cannot serve metrics on port {port} .*already in use"):
+            server.starting.result(timeout=30)

@@ -254,6 +254,20 @@ BAD_FIELDS = [
      "response_format.json_schema.name"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "answer"}}},
      "response_format.json_schema.schema"),
+    # OpenAI's rules too:
+    ({"response_format": {"type": "json_object", "json_schema": {"name": "a", "schema": {"type": "object"}}}},
+     "response_format.json_schema"),
+    ({"response_format": {"type": "text", "json_schema": {"name": "a"}}}, "response_format.json_schema"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tool_choice": "none"}, "tool_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "bad name!", "schema": {"type": "object"}}}},
+     "response_format.json_schema.name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n" * 65, "schema": {"type": "object"}}}},
+     "response_format.json_schema.name"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+        {"id": "abcDEF123", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "content": "b", "tool_call_id": "XYZ987654"}]},
+     "messages[2].tool_call_id"),
 ]
 
 
@@ -266,6 +280,68 @@ def test_each_bad_field_is_invalid_argument_naming_it(make, fields, field, rpc):
     assert {name for name, _ in bad} == {field}
     assert field in details
     assert not harness.engine.requests
+
+
+@pytest.mark.parametrize("fields", [{"tools": [WEATHER_TOOL]}, {"tools": [WEATHER_TOOL], "tool_choice": "auto"},
+                                    {"tools": [WEATHER_TOOL], "tool_choice": "none"}])
+def test_tools_on_a_model_without_tool_calls_are_invalid_argument(make, fields):
+    harness = make(template="v1")  # Mistral-7B-Instruct v0.1/v0.2: no tool calls in the chat format
+    _, code, _, bad = harness.chat(hello(**fields))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    [(field, description)] = bad
+    assert field == "tools" and "v0.1/v0.2" in description and "no tool calls" in description
+    assert not harness.engine.requests
+    assert harness.chat(hello())[1] == grpc.StatusCode.OK
+
+
+def test_a_tool_result_answering_an_earlier_call_is_fine(make):
+    call = {"id": "abcDEF123", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    _, code, _, bad = make().chat(request({"tools": [WEATHER_TOOL], "messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "content": "b", "tool_call_id": "abcDEF123"}]}))
+    assert (code, bad) == (grpc.StatusCode.OK, [])
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "frequency_penalty",
+                                   "repetition_penalty"])
+def test_nan_is_one_violation_saying_it_is_not_a_number(make, field):
+    _, code, _, bad = make().chat(hello(**{field: "NaN"}))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad == [(field, "must be a number (got NaN)")]
+
+
+def test_a_long_stop_list_is_counted_not_repeated(make):
+    _, code, details, bad = make().chat(hello(stop=[f"stop string number {i} " * 50 for i in range(17)]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad == [("stop", "allows at most 16 strings (got 17)")]
+    assert len(details) < 200
+    _, _, _, bad = make().chat(hello(stop=["a", "", "b"]))
+    assert bad == [("stop", "must not contain empty strings (stop[1] is empty)")]
+
+
+def test_a_prompt_that_fills_the_context_says_no_room_is_left(make):
+    harness = make(max_model_len=64)
+    words = " ".join(["word"] * 61)
+    prompt = len(harness.engine.tokenizer.encode_chat([ChatMessage(role="user", content=words)]))
+    assert prompt == 64  # exactly the context: nothing left for the answer
+    for fields in ({}, {"max_tokens": 1}):
+        _, code, _, bad = harness.chat(request({"messages": [{"role": "user", "content": words}], **fields}))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        [(field, description)] = bad
+        assert field == "messages" and "no room is left for the answer" in description
+        assert f"{prompt} tokens" in description and "64" in description
+
+
+def test_a_full_queue_says_retry_once(make, monkeypatch):
+    harness = make()
+
+    def refuse(request):
+        raise QueueFullError("the queue is full (4 requests in flight); retry later")  # the engine's words
+
+    monkeypatch.setattr(harness.engine, "generate", refuse)
+    _, code, details, _ = harness.chat(hello())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details == "the server is at capacity: the queue is full (4 requests in flight); retry with backoff"
 
 
 def test_all_bad_fields_are_reported_at_once(make):
@@ -369,6 +445,43 @@ def test_requests_are_counted_by_rpc_and_code(make):
     harness.chat(hello(model="nope"))
     after = count("Chat", "OK"), count("StreamChat", "INVALID_ARGUMENT"), count("Chat", "NOT_FOUND")
     assert [a - b for a, b in zip(after, before)] == [1, 1, 1]
+
+
+class _DeadlineContext:
+    """An aio ServicerContext whose remaining time the test sets."""
+
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+    async def abort(self, code, details="", trailing_metadata=()) -> None:
+        raise AssertionError(f"unexpected abort: {code} {details}")
+
+
+@pytest.mark.parametrize("budget,left,code", [
+    (15.0, 0.1, "DEADLINE_EXCEEDED"),  # the client's deadline fired first: its cancel came 100 ms early
+    (40.0, 0.3, "DEADLINE_EXCEEDED"),
+    (15.0, 0.0, "DEADLINE_EXCEEDED"),
+    (15.0, 10.0, "CANCELLED"),  # the client gave up long before its deadline
+    (None, None, "CANCELLED"),  # no deadline at all
+])
+def test_a_cancel_at_the_deadline_counts_as_deadline_exceeded(loop, budget, left, code):
+    def count(name: str) -> float:
+        return REGISTRY.get_sample_value("mistral_grpc_requests_total", {"rpc": "Chat", "code": name}) or 0.0
+
+    engine = FakeEngine(step_delay=0.02, pieces=tuple(f" w{i}" for i in range(500)))
+    loop.run(engine.start())
+    servicer = ChatServicer(engine)
+    context = _DeadlineContext(budget)
+    before = count(code)
+    call = loop.submit(servicer.Chat(hello(), context))
+    _wait_for(lambda: engine.kv_blocks_used() > 0)
+    context.remaining = left
+    call.cancel()  # grpc.aio cancels the handler's task when the client's cancel arrives
+    _wait_for(lambda: count(code) == before + 1)
+    _wait_for(lambda: engine.kv_blocks_used() == 0)
 
 
 def _wait_for(condition, timeout: float = 10.0) -> None:

@@ -9,6 +9,7 @@ then the process exits 0. The health service "liveness" stays SERVING throughout
 import asyncio
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,9 +19,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from mistral_grpc.metrics import REGISTRY
-from mistral_grpc.proto.mistral.chat.v1 import chat_pb2, chat_pb2_grpc
+from mistral_grpc.proto.mistral.chat.v1 import chat_pb2
 from mistral_grpc.server.auth import ApiKeyInterceptor
-from mistral_grpc.server.servicer import ChatServicer, Engine
+from mistral_grpc.server.servicer import ChatServicer, Engine, add_to_server
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ _MiB = 1 << 20
 _STOP_GRACE_S = 1.0
 
 CHANNEL_OPTIONS = (
+    # grpc sets SO_REUSEPORT by default, which lets a second server bind the same port and silently take
+    # a share of its connections: a port in use must fail the second server's startup instead.
+    ("grpc.so_reuseport", 0),
     # A 32K-token prompt is well under 1 MiB of text; 16 MiB leaves room for long tool schemas.
     ("grpc.max_receive_message_length", 16 * _MiB),
     # A whole completion with top_logprobs=20 runs to about 1 KiB per token.
@@ -47,6 +51,10 @@ CHANNEL_OPTIONS = (
     # every ~5 minutes lets them find replicas added since. Running streams are not cut (no age grace).
     ("grpc.max_connection_age_ms", 300_000),
 )
+
+
+class StartupError(Exception):
+    """The server cannot start (a port in use, ...): `serve` prints the message as one line."""
 
 
 class LivenessHealth(health.aio.HealthServicer):
@@ -95,24 +103,32 @@ class ChatServer:
         interceptors = [ApiKeyInterceptor(options.api_key)] if options.api_key else []
         # gzip-compressed requests are always accepted; responses go uncompressed unless asked (low latency).
         self._server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(self.servicer, self._server)
+        add_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((CHAT_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server)
         address = f"{options.host}:{options.port}"
-        if options.tls_cert is not None and options.tls_key is not None:
-            credentials = grpc.ssl_server_credentials([(options.tls_key, options.tls_cert)])
-            self.port = self._server.add_secure_port(address, credentials)
-        else:
-            self.port = self._server.add_insecure_port(address)
+        try:
+            if options.tls_cert is not None and options.tls_key is not None:
+                credentials = grpc.ssl_server_credentials([(options.tls_key, options.tls_cert)])
+                self.port = self._server.add_secure_port(address, credentials)
+            else:
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError:  # grpc says only "Failed to bind": find out why
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
+            reason = _bind_error(options.host, options.port) or "the address is in use or not available here"
+            raise StartupError(f"cannot listen on {address} (--host, --port): {reason}")
         self._metrics_server = None
 
     async def start(self) -> None:
         """Opens the port (health NOT_SERVING), loads the engine, then turns health SERVING."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.options.metrics_port is not None:
-            self._metrics_server, _ = start_http_server(self.options.metrics_port, registry=REGISTRY)
+            try:
+                self._metrics_server, _ = start_http_server(self.options.metrics_port, registry=REGISTRY)
+            except OSError as error:
+                raise StartupError(f"cannot serve metrics on port {self.options.metrics_port} (--metrics-port): "
+                                   f"{error.strerror or error}") from error
             logger.info("metrics on port %d at /metrics", self._metrics_server.server_port)
         await self._server.start()
         scheme = "TLS" if self.options.tls_cert else "plaintext"
@@ -143,6 +159,22 @@ class ChatServer:
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for service in ("", CHAT_SERVICE):
             await self.health.set(service, status)
+
+
+def _bind_error(host: str, port: int) -> str | None:
+    """Why binding host:port fails ("Address already in use", ...), or None if a plain socket can bind it."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        return f"cannot resolve {host!r}: {error.strerror}"
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no conflict
+            try:
+                probe.bind(address)
+            except OSError as error:
+                return error.strerror or str(error)
+    return None
 
 
 async def serve(engine: ServableEngine, options: ServeOptions) -> None:

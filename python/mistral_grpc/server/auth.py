@@ -25,7 +25,7 @@ def read_api_key(path: str) -> str:
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, api_key: str) -> None:
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
 
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -40,7 +40,11 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if len(sent) != 1:
             return False
         value = sent[0].encode() if isinstance(sent[0], str) else sent[0]
-        return hmac.compare_digest(value, self._expected)  # constant time: no timing hints about the key
+        scheme, _, key = value.partition(b" ")
+        # RFC 6750 (via RFC 7235): the scheme is case-insensitive, "bearer" and "BEARER" included.
+        if scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(key.lstrip(b" "), self._expected)  # constant time: no timing hints about the key
 
 
 def _denying(handler: grpc.RpcMethodHandler, rpc: str) -> grpc.RpcMethodHandler:

@@ -1,13 +1,60 @@
-"""`mistral-grpc serve`: build the engine from the flags and serve it until SIGTERM."""
+"""`mistral-grpc serve`: build the engine from the flags and serve it until SIGTERM.
+
+A bad flag is an argparse error (usage, then one line, exit 2); a failure to start (a port in use, a
+model that does not load) is one line on stderr and exit 1, its traceback only with --log-level DEBUG.
+"""
 
 import argparse
 import asyncio
 import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from mistral_grpc.engine.args import EngineArgs, parse_bytes
 from mistral_grpc.engine.engine import LLMEngine
-from mistral_grpc.server.app import ServeOptions, serve
+from mistral_grpc.server.app import ServeOptions, StartupError, serve
 from mistral_grpc.server.auth import read_api_key
+
+logger = logging.getLogger(__name__)
+PROG = "mistral-grpc serve"
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            allowed = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {allowed} (got {value})")
+        return value
+    return parse
+
+
+def _size(text: str) -> int:
+    try:
+        value = parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive size, e.g. 512MiB or 4GiB (got {text!r})")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds (got {text})")
+    return value
+
+
+_port = _integer(0, 65535)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -22,38 +69,72 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--max-batch-size", type=int, default=EngineArgs.max_batch_size,
-                        help="sequences decoded together in one step (default %(default)s)")
-    engine.add_argument("--max-queue", type=int, default=EngineArgs.max_queue,
-                        help="waiting requests beyond this get RESOURCE_EXHAUSTED (default %(default)s)")
-    engine.add_argument("--kv-cache-memory", type=parse_bytes,
+    engine.add_argument("--max-batch-size", type=_integer(1), default=EngineArgs.max_batch_size,
+                        help="sequences decoded together in one step, at least 1 (default %(default)s)")
+    # The engine admits max-batch-size + max-queue requests: 0 = none waits beyond a full batch.
+    engine.add_argument("--max-queue", type=_integer(0), default=EngineArgs.max_queue,
+                        help="requests that may wait for a place in the batch; beyond this they get "
+                             "RESOURCE_EXHAUSTED (default %(default)s; 0 = none wait)")
+    engine.add_argument("--kv-cache-memory", type=_size,
                         help="memory for the KV cache, e.g. 4GiB (default: 85%% of the GPU memory free after "
                              "loading; on CPU 2GiB, or half the available memory if less)")
     network = parser.add_argument_group("network")
     network.add_argument("--host", default="[::]", help="address to listen on (default: all, IPv4 and IPv6)")
-    network.add_argument("--port", type=int, default=50051, help="gRPC port (default %(default)s; 0 = any free)")
-    network.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port at /metrics")
+    network.add_argument("--port", type=_port, default=50051, help="gRPC port (default %(default)s; 0 = any free)")
+    network.add_argument("--metrics-port", type=_port, help="serve Prometheus metrics on this port at /metrics")
     network.add_argument("--api-key-file", help="require `authorization: Bearer <key>` with the key in this file")
     network.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     network.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    network.add_argument("--grace-period", type=float, default=ServeOptions.grace_period,
+    network.add_argument("--grace-period", type=_seconds, default=ServeOptions.grace_period,
                          help="seconds running calls get to finish after SIGTERM (default %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, serve_parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser | None = getattr(args, "serve_parser", None)
+
+    def usage_error(message: str) -> NoReturn:
+        if parser is None:
+            raise SystemExit(f"{PROG}: error: {message}")
+        parser.error(message)  # exits 2
+
     if (args.tls_cert is None) != (args.tls_key is None):
-        raise SystemExit("mistral-grpc serve: --tls-cert and --tls-key go together")
+        usage_error("--tls-cert and --tls-key go together")
+    if args.model != "demo" and not os.path.isdir(args.model):
+        usage_error(f"argument --model: no such directory: {args.model!r} (or 'demo' for the demo model)")
+    try:
+        api_key = read_api_key(args.api_key_file) if args.api_key_file else None
+    except (OSError, ValueError) as error:
+        usage_error(f"argument --api-key-file: {_reason(error)}")
+    try:
+        tls_cert, tls_key = _read(args.tls_cert), _read(args.tls_key)
+    except OSError as error:
+        usage_error(f"argument --tls-cert/--tls-key: {_reason(error)}")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = LLMEngine.from_args(EngineArgs(
         model=args.model, device=args.device, dtype=args.dtype, served_model_name=args.served_model_name,
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory))
-    options = ServeOptions(host=args.host, port=args.port, metrics_port=args.metrics_port,
-                           api_key=read_api_key(args.api_key_file) if args.api_key_file else None,
-                           tls_cert=_read(args.tls_cert), tls_key=_read(args.tls_key), grace_period=args.grace_period)
-    asyncio.run(serve(engine, options))
+    options = ServeOptions(host=args.host, port=args.port, metrics_port=args.metrics_port, api_key=api_key,
+                           tls_cert=tls_cert, tls_key=tls_key, grace_period=args.grace_period)
+    try:
+        asyncio.run(serve(engine, options))
+    except Exception as error:  # noqa: BLE001 (a failed start is one line for a person; DEBUG logs the rest)
+        logger.debug("startup failed", exc_info=error)
+        if isinstance(error, (StartupError, OSError, ValueError)):
+            message = _reason(error)
+        else:  # not foreseen: name it, and say where the traceback is
+            message = f"{type(error).__name__}: {error} (--log-level DEBUG shows the traceback)"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _reason(error: Exception) -> str:
+    """An OSError as "No such file or directory: 'x'" (no "[Errno 2]"); anything else as its message."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename!r}" if error.filename else error.strerror
+    return str(error)
 
 
 def _read(path: str | None) -> bytes | None:

@@ -54,8 +54,10 @@ def describe(error: Exception, *, max_tokens_given: bool) -> RequestError | None
         # The fix is a smaller max_tokens when one was asked for, else a shorter conversation.
         return invalid_argument([("max_tokens" if max_tokens_given else "messages", str(error))])
     if isinstance(error, QueueFullError):
-        return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"the server is at capacity, retry with backoff ({error})")
+        # The engine's reason may end in its own retry advice: say it once, at the end.
+        reason = str(error).removesuffix("; retry later").removesuffix(", retry later")
+        return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is at capacity: {reason}; "
+                                                                "retry with backoff")
     if isinstance(error, EngineUnavailableError):
         return RequestError(grpc.StatusCode.UNAVAILABLE, f"the model is not serving: {error}")
     return None

@@ -21,10 +21,16 @@ from mistral_grpc.engine.request import GenerationOutput, GenerationRequest
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2, chat_pb2_grpc
 from mistral_grpc.server import errors
 from mistral_grpc.server.responses import ChoiceState, CompletionHeader, usage
-from mistral_grpc.server.validation import compile_grammar, parse_request
+from mistral_grpc.server.validation import check_context, compile_grammar, decode_request, parse_request
 from mistral_grpc.tokenizer import MistralTokenizer
 
 logger = logging.getLogger(__name__)
+
+# A client's deadline reaches the server as grpc-timeout, rounded up (to 10 ms under 10 s, 100 ms under
+# 100 s, 1 s above: at most 1%) and counted from arrival, so the client's own expiry and its cancel arrive
+# a little before the server's copy runs out. A cancel this close to the deadline is the deadline.
+_DEADLINE_SLACK_S = 0.05
+_DEADLINE_SLACK_SHARE = 0.01
 
 
 class Engine(Protocol):
@@ -55,29 +61,33 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         """Returns once no Chat or StreamChat call is running."""
         await self._no_calls.wait()
 
-    async def Chat(self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:
-        started = time.monotonic()
+    async def Chat(self, request: bytes | chat_pb2.ChatRequest,
+                   context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:
+        """request: the call's raw bytes (as registered by add_to_server), or a ChatRequest."""
+        call = _Call(time.monotonic(), context.time_remaining())
         with self._running():
             try:
-                response = await self._chat(request)
+                call.request = decode_request(request)
+                response = await self._chat(call.request)
             except BaseException as error:  # noqa: BLE001 (every ending is classified and counted)
-                await self._fail("Chat", error, request, context, started)
+                await self._fail("Chat", error, call, context)
                 raise
-        _count("Chat", grpc.StatusCode.OK, started)
+        _count("Chat", grpc.StatusCode.OK, call.started)
         return response
 
-    async def StreamChat(self, request: chat_pb2.ChatRequest,
+    async def StreamChat(self, request: bytes | chat_pb2.ChatRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[chat_pb2.ChatChunk]:
-        started = time.monotonic()
+        call = _Call(time.monotonic(), context.time_remaining())
         with self._running():
             try:
-                async with contextlib.aclosing(self._stream(request)) as chunks:
+                call.request = decode_request(request)
+                async with contextlib.aclosing(self._stream(call.request)) as chunks:
                     async for chunk in chunks:
                         yield chunk
             except BaseException as error:  # noqa: BLE001
-                await self._fail("StreamChat", error, request, context, started)
+                await self._fail("StreamChat", error, call, context)
                 raise
-        _count("StreamChat", grpc.StatusCode.OK, started)
+        _count("StreamChat", grpc.StatusCode.OK, call.started)
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
@@ -133,29 +143,60 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         # A 32K-token prompt takes a while to template and encode, a big schema to compile: keep the
         # event loop free for other calls.
         prompt = await asyncio.to_thread(tokenizer.encode_chat, parsed.messages, parsed.tools)
+        check_context(len(prompt), parsed.params.max_tokens, self._engine.max_model_len)
         if parsed.params.structured is not None:
             await asyncio.to_thread(compile_grammar, tokenizer, parsed.params.structured)
         choices = [ChoiceState(i, parsed.params.logprobs) for i in range(parsed.params.n)]
         return GenerationRequest(request_id=request_id, prompt_token_ids=prompt, params=parsed.params), choices
 
-    async def _fail(self, rpc: str, error: BaseException, request: chat_pb2.ChatRequest,
-                    context: grpc.aio.ServicerContext, started: float) -> None:
+    async def _fail(self, rpc: str, error: BaseException, call: "_Call", context: grpc.aio.ServicerContext) -> None:
         """Counts the call's ending; for a failure it can describe, aborts with that status (raises)."""
         if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            _count(rpc, grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED, started)
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if call.expired(context) else grpc.StatusCode.CANCELLED
+            _count(rpc, code, call.started)
             return
         if isinstance(error, grpc.aio.AbortError) or not isinstance(error, Exception):
             return
-        failure = errors.describe(error, max_tokens_given=request.HasField("max_tokens"))
+        max_tokens_given = call.request is not None and call.request.HasField("max_tokens")
+        failure = errors.describe(error, max_tokens_given=max_tokens_given)
         if failure is None:
             incident = uuid.uuid4().hex[:12]
             logger.error("%s failed (incident %s)", rpc, incident, exc_info=error)
             failure = errors.internal(incident)
-        _count(rpc, failure.code, started)
+        _count(rpc, failure.code, call.started)
         status = failure.to_status()
         await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class _Call:
+    """What the servicer knows about one call for counting how it ended."""
+
+    def __init__(self, started: float, deadline_budget: float | None) -> None:
+        self.started = started
+        self.deadline_budget = deadline_budget  # seconds left on arrival; None = no deadline
+        self.request: chat_pb2.ChatRequest | None = None  # once decoded
+
+    def expired(self, context: grpc.aio.ServicerContext) -> bool:
+        """Whether a cancel is the deadline running out (allowing for grpc-timeout's rounding)."""
+        remaining = context.time_remaining()
+        if remaining is None or self.deadline_budget is None:
+            return remaining is not None and remaining <= 0
+        return remaining <= _DEADLINE_SLACK_S + _DEADLINE_SLACK_SHARE * self.deadline_budget
+
+
+def add_to_server(servicer: ChatServicer, server: grpc.aio.Server) -> None:
+    """Registers ChatService with no request deserializer: the servicer decodes the bytes itself, so a
+    request protobuf cannot decode (malformed, or nested past its depth limit) is INVALID_ARGUMENT with
+    a reason, and counted, rather than grpc's UNKNOWN. Reflection serves the schema as before."""
+    service = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+    handlers = {
+        "Chat": grpc.unary_unary_rpc_method_handler(
+            servicer.Chat, response_serializer=chat_pb2.ChatResponse.SerializeToString),
+        "StreamChat": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamChat, response_serializer=chat_pb2.ChatChunk.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 def _count(rpc: str, code: grpc.StatusCode, started: float) -> None:

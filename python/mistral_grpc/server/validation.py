@@ -9,13 +9,16 @@ schemas) is the template's call: its TemplateError names the field too.
 """
 
 import json
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import dataclass, fields
 
 import grpc
 import jsonschema
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
-from mistral_grpc.engine.sampling_params import SamplingParams, StructuredSpec
+from mistral_grpc.engine.sampling_params import MAX_STOP_STRINGS, SamplingParams, StructuredSpec
 from mistral_grpc.engine.structured import InvalidSchemaError, grammar_compiler
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2
 from mistral_grpc.server.errors import RequestError, invalid_argument
@@ -24,6 +27,9 @@ from mistral_grpc.tokenizer.messages import ROLES
 
 TOOL_CHOICES = ("none", "auto", "any")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for json_schema.name
+NO_TOOLS_IN_V1 = ("this model's chat format (Mistral-7B-Instruct v0.1/v0.2) has no tool calls; leave tools out, "
+                  "or serve a v0.3 model")
 # The ChatRequest fields that map one to one onto SamplingParams (same names).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "n", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "seed", "logprobs", "top_logprobs")
@@ -35,6 +41,25 @@ class ParsedRequest:
     # None when none are given or tool_choice is "none"; with "any", params.structured forces a call.
     tools: list[ToolDefinition] | None
     params: SamplingParams
+
+
+def decode_request(request: bytes | chat_pb2.ChatRequest) -> chat_pb2.ChatRequest:
+    """The ChatRequest in a call's raw bytes (the service is registered without a deserializer, so bad
+    bytes become INVALID_ARGUMENT here instead of grpc's UNKNOWN naming a Python exception)."""
+    if isinstance(request, chat_pb2.ChatRequest):
+        return request
+    try:
+        return chat_pb2.ChatRequest.FromString(request)
+    except DecodeError as error:
+        text = str(error)
+        if any(word in text.lower() for word in ("depth", "nest", "recursion")):
+            reason = ("it is nested too deeply (protobuf decodes at most 100 levels, and each level of JSON in a "
+                      "google.protobuf.Struct such as response_format.json_schema.schema or "
+                      "tools[].function.parameters takes 3): flatten the schema, e.g. with $defs and $ref")
+        else:
+            reason = f"the bytes are not a valid protobuf encoding ({text.rpartition(': ')[2] or 'unreadable'})"
+        name = chat_pb2.ChatRequest.DESCRIPTOR.full_name
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {name}: {reason}") from None
 
 
 def parse_request(request: chat_pb2.ChatRequest, served_model: str, has_tool_calls: bool = True) -> ParsedRequest:
@@ -50,12 +75,27 @@ def parse_request(request: chat_pb2.ChatRequest, served_model: str, has_tool_cal
     messages = _messages(request, violations)
     tools = _tools(request, violations)
     tool_choice = _tool_choice(request, violations, has_tool_calls)
+    if request.tools and not has_tool_calls and tool_choice != "any":  # "any" is reported on tool_choice
+        violations.append(("tools", NO_TOOLS_IN_V1))
     structured = _structured_output(request, tools, tool_choice, violations)
     params = _sampling_params(request, structured)
-    violations += params.violations()
+    violations += _sampling_violations(params)
     if violations:
         raise invalid_argument(violations)
     return ParsedRequest(messages=messages, tools=tools if tool_choice != "none" else None, params=params)
+
+
+def check_context(prompt_tokens: int, max_tokens: int | None, context: int) -> None:
+    """INVALID_ARGUMENT when the prompt (+ max_tokens) leaves the answer no room in the context; the
+    engine checks the same, this says what to change."""
+    room = context - prompt_tokens
+    if room < 1:
+        raise invalid_argument([("messages", f"the prompt has {prompt_tokens} tokens and the context holds {context}: "
+                                             "no room is left for the answer; shorten the conversation")])
+    if max_tokens is not None and max_tokens > room:
+        raise invalid_argument([("max_tokens", f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
+                                               f"the context of {context} tokens; at most {room} tokens are left for "
+                                               "the answer")])
 
 
 def compile_grammar(tokenizer: MistralTokenizer, spec: StructuredSpec) -> None:
@@ -72,13 +112,20 @@ def _messages(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) 
     if not request.messages:
         violations.append(("messages", "must hold at least one message"))
     messages = []
+    call_ids: set[str] = set()  # of the tool calls made so far, for the tool results to answer
     for i, message in enumerate(request.messages):
         where = f"messages[{i}]"
         if message.role not in ROLES:
-            violations.append((f"{where}.role", f"must be one of {', '.join(ROLES)} (got {message.role!r})"))
+            violations.append((f"{where}.role", f"must be one of {', '.join(ROLES)} (got {_shown(message.role)})"))
         if message.tool_calls and message.role != "assistant":
             violations.append((f"{where}.tool_calls", "only assistant messages carry tool_calls"))
+        # The template checks an id's form; whether it answers a call is OpenAI's rule, checked here.
+        if message.role == "tool" and message.tool_call_id and message.tool_call_id not in call_ids:
+            violations.append((f"{where}.tool_call_id", f"{_shown(message.tool_call_id)} matches no tool call of an "
+                                                        "earlier assistant message"))
         calls = [_tool_call(call, f"{where}.tool_calls[{j}]", violations) for j, call in enumerate(message.tool_calls)]
+        if message.role == "assistant":
+            call_ids.update(call.id for call in calls if call.id)
         messages.append(ChatMessage(role=message.role, content=message.content, name=message.name or None,
                                     tool_calls=calls, tool_call_id=message.tool_call_id or None))
     return messages
@@ -117,9 +164,9 @@ def _tool_choice(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]
         return "auto" if request.tools else "none"
     choice = request.tool_choice
     if choice not in TOOL_CHOICES:
-        violations.append(("tool_choice", f"must be one of {', '.join(TOOL_CHOICES)} (got {choice!r})"))
-    elif choice == "any" and not request.tools:
-        violations.append(("tool_choice", "'any' needs at least one tool in tools"))
+        violations.append(("tool_choice", f"must be one of {', '.join(TOOL_CHOICES)} (got {_shown(choice)})"))
+    elif not request.tools:  # as OpenAI: tool_choice only goes with tools
+        violations.append(("tool_choice", f"{choice!r} needs at least one tool in tools (or leave tool_choice out)"))
     elif choice == "any" and not has_tool_calls:
         violations.append(("tool_choice", "'any' needs a model with tool calls (Mistral-7B-Instruct v0.3); this "
                                           "model's chat format (v0.1/v0.2) has none"))
@@ -132,8 +179,11 @@ def _structured_output(request: chat_pb2.ChatRequest, tools: list[ToolDefinition
     response_format = request.response_format
     kind = response_format.type if request.HasField("response_format") else "text"
     if kind not in RESPONSE_FORMATS:
-        violations.append(("response_format.type", f"must be one of {', '.join(RESPONSE_FORMATS)} (got {kind!r})"))
+        violations.append(("response_format.type",
+                           f"must be one of {', '.join(RESPONSE_FORMATS)} (got {_shown(kind)})"))
         return None
+    if kind != "json_schema" and response_format.HasField("json_schema"):
+        violations.append(("response_format.json_schema", f"goes only with type 'json_schema' (type is {kind!r})"))
     if tool_choice == "any":
         if kind != "text":
             violations.append(("response_format.type", "must be 'text' with tool_choice 'any' (the answer is then "
@@ -157,8 +207,12 @@ def _tool_calls(tools: list[ToolDefinition] | None, violations: list[tuple[str, 
 
 
 def _json_schema(json_schema: chat_pb2.JsonSchema, violations: list[tuple[str, str]]) -> StructuredSpec | None:
-    if not json_schema.name:
+    name = json_schema.name
+    if not name:
         violations.append(("response_format.json_schema.name", "type 'json_schema' needs json_schema with a name"))
+    elif not SCHEMA_NAME.fullmatch(name):
+        violations.append(("response_format.json_schema.name", "must be 1 to 64 letters, digits, underscores or "
+                                                               f"dashes (got {_shown(name)})"))
     if not json_schema.HasField("schema"):
         violations.append(("response_format.json_schema.schema", "type 'json_schema' needs a schema"))
         return None
@@ -174,6 +228,38 @@ def _json_schema(json_schema: chat_pb2.JsonSchema, violations: list[tuple[str, s
 def _sampling_params(request: chat_pb2.ChatRequest, structured: StructuredSpec | None) -> SamplingParams:
     given = {name: getattr(request, name) for name in SAMPLING_FIELDS if request.HasField(name)}
     return SamplingParams(stop=tuple(request.stop), structured=structured, **given)
+
+
+def _sampling_violations(params: SamplingParams) -> list[tuple[str, str]]:
+    """SamplingParams' violations, one per field: NaN is just "must be a number", and stop says how many
+    strings there are and which is empty, never the whole list (it can be megabytes)."""
+    by_field: dict[str, list[str]] = {}
+    for name, description in params.violations():
+        by_field.setdefault(name, []).append(description)
+    nan = {f.name for f in fields(params) if isinstance(value := getattr(params, f.name), float) and math.isnan(value)}
+    merged = []
+    for name, descriptions in by_field.items():
+        if name in nan:
+            descriptions = ["must be a number (got NaN)"]
+        elif name == "stop":
+            descriptions = _stop_problems(params.stop) or descriptions
+        merged.append((name, "; ".join(dict.fromkeys(descriptions))))
+    return merged
+
+
+def _stop_problems(stop: tuple[str, ...]) -> list[str]:
+    problems = []
+    if len(stop) > MAX_STOP_STRINGS:
+        problems.append(f"allows at most {MAX_STOP_STRINGS} strings (got {len(stop)})")
+    empty = [i for i, text in enumerate(stop) if not text]
+    if empty:
+        problems.append(f"must not contain empty strings (stop[{empty[0]}] is empty)")
+    return problems
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """A client's string for a message: quoted, and cut short (a field may be megabytes long)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def struct_to_dict(struct) -> dict:
