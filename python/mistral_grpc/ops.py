@@ -83,8 +83,8 @@ def linear(out: torch.Tensor, x: torch.Tensor, packed_weight: torch.Tensor, prom
     """out [T, N] = x [T, K] @ W.T on the CPU, fp32 accumulation; x, out in the weight's dtype.
     prompt_rows -1: the kernels go by T (the weight streamed for small T; batches of 7 rows and more in
     bf16, 80 in fp32, on AMX where the CPU has it). prompt_rows >= 0: rows [0, prompt_rows) run on AMX
-    (where the CPU has it) and the others stream, so each row's result depends only on its own values
-    and side, never on the rest of the batch."""
+    where the CPU has it, the others (decode rows) on the vector kernels in fp32 and on AMX in bf16, so
+    each row's result depends only on its own values and side, never on the rest of the batch."""
     _ops.linear(out, x, packed_weight, prompt_rows)
 
 
