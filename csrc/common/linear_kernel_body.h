@@ -122,8 +122,9 @@ inline void group_block(const Problem& p, const uint8_t* first, int64_t stream_s
                         float* sums, bool resume, BlockPlan plan, StepRange range,
                         std::integer_sequence<int, Ms...>) {
   const auto* x = static_cast<const typename S::Elem*>(p.x) + row0 * p.x_stride;
-  ((rows == Ms + 1 ? (group_rows<S, kUnits, Ms + 1, G, kIntoL1>(p, first, stream_stride, x, sums, resume, plan, range), true)
-                   : false) ||
+  ((rows == Ms + 1
+        ? (group_rows<S, kUnits, Ms + 1, G, kIntoL1>(p, first, stream_stride, x, sums, resume, plan, range), true)
+        : false) ||
    ...);
 }
 

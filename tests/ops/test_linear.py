@@ -148,7 +148,8 @@ def test_a_rows_result_depends_on_its_side_only(level: str, dtype: torch.dtype, 
     on it). By the batch's size (prompt_rows -1) the kernels, and so the rounding, may differ."""
     n, k = shape
     if gate_up:
-        packed, op = ops.pack_gate_up_weight(random_weight(n, k, dtype), random_weight(n, k, dtype)), ops.linear_silu_mul
+        gate, up = random_weight(n, k, dtype), random_weight(n, k, dtype)
+        packed, op = ops.pack_gate_up_weight(gate, up), ops.linear_silu_mul
     else:
         packed, op = ops.pack_linear_weight(random_weight(n, k, dtype)), ops.linear
     x = torch.randn(max(SIDE_BATCHES), k).to(dtype)

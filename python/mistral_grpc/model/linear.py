@@ -5,10 +5,10 @@ the cores: ops.linear reads a weight packed once at load time at close to the ma
 bandwidth (benchmarks/bench_linear.py). On CPU every batch size goes to our ops, which switch
 to AMX for bf16 batches of 7 rows and more and for fp32 batches of 80 and more (through exact bf16
 parts); the engine's decoder picks the kernels per row instead (prompt_rows), so that a row's result
-never depends on the rest of the batch. Large fp32 batches were tried on MKL too: its batched GEMM reads the packed fp32 tiles in
-place (each is a row-major [K, 16] slice of W^T, no second copy), but a 512-token prefill of the
-175M benchmark model took 447 ms that way against 440 ms on our FMA kernels (298 ms on AMX). On
-CUDA the weight is kept as is for cuBLAS.
+never depends on the rest of the batch. Large fp32 batches were tried on MKL too: its batched GEMM
+reads the packed fp32 tiles in place (each is a row-major [K, 16] slice of W^T, no second copy), but
+a 512-token prefill of the 175M benchmark model took 447 ms that way against 440 ms on our FMA
+kernels (298 ms on AMX). On CUDA the weight is kept as is for cuBLAS.
 """
 
 import torch
