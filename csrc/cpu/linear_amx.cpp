@@ -236,7 +236,8 @@ MG_ALWAYS_INLINE void split_weights(const uint8_t* lines, int64_t stride, uint8_
     split3(_mm512_loadu_si512(even + stride), o[0], o[1], o[2]);
     for (int i = 0; i < 3; ++i) {
       // dword j = (w[j, 2 pair] in the low half, w[j, 2 pair + 1] in the high half), as VNNI pairs them.
-      _mm512_store_si512(out + i * 1024 + pair * 64, _mm512_or_si512(o[i], _mm512_srli_epi32(e[i], 16)));
+      // (maskz: the plain _mm512_srli_epi32 trips a false -Wmaybe-uninitialized in GCC 12)
+      _mm512_store_si512(out + i * 1024 + pair * 64, _mm512_or_si512(o[i], _mm512_maskz_srli_epi32(0xffff, e[i], 16)));
     }
   }
 }
