@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator
 from functools import cache
 
 from mistral_grpc.engine.request import (ChoiceDelta, EngineUnavailableError, GenerationOutput, GenerationRequest,
-                                         PromptTooLongError, QueueFullError, TokenLogprob, TopLogprob)
+                                         QueueFullError, TokenLogprob, TopLogprob, generation_budget)
 from mistral_grpc.tokenizer import MistralTokenizer, ToolCall
 from mistral_grpc.tokenizer.vocab import SHIPPED_DIR
 
@@ -56,20 +56,14 @@ class FakeEngine:
             raise EngineUnavailableError("draining" if self._draining else "loading")
         if self.running >= self.max_queue:
             raise QueueFullError(f"{self.running} requests in flight")
-        prompt = len(request.prompt_token_ids)
-        max_tokens = request.params.max_tokens
-        if max_tokens is None and prompt >= self.max_model_len:
-            raise PromptTooLongError(f"the prompt has {prompt} tokens; the context holds {self.max_model_len}")
-        if max_tokens is not None and prompt + max_tokens > self.max_model_len:
-            raise PromptTooLongError(f"prompt ({prompt} tokens) + max_tokens ({max_tokens}) exceeds the context of "
-                                     f"{self.max_model_len} tokens")
+        budget = generation_budget(request.params.max_tokens, len(request.prompt_token_ids), self.max_model_len)
         self.requests.append(request)
-        return self._run(request)
+        return self._run(request, budget)
 
-    async def _run(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
+    async def _run(self, request: GenerationRequest, budget: int) -> AsyncGenerator[GenerationOutput, None]:
         params = request.params
         prompt = len(request.prompt_token_ids)
-        steps = min(len(self.pieces), params.max_tokens or self.max_model_len - prompt)
+        steps = min(len(self.pieces), budget)
         self.running += 1
         generated = 0
         try:

@@ -20,7 +20,7 @@ import torch
 from mistral_grpc.engine.args import EngineArgs
 from mistral_grpc.engine.core import EngineCore
 from mistral_grpc.engine.request import (EngineInternalError, EngineUnavailableError, GenerationOutput,
-                                         GenerationRequest, PromptTooLongError, QueueFullError)
+                                         GenerationRequest, QueueFullError, generation_budget)
 from mistral_grpc.engine.sampling_params import SamplingParams
 from mistral_grpc.metrics import (KV_CACHE_BLOCKS_TOTAL, KV_CACHE_BLOCKS_USED, RUNNING_REQUESTS,
                                   WAITING_REQUESTS)
@@ -157,15 +157,7 @@ class LLMEngine:
 
     def resolve_max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
         """The generated-token budget, or PromptTooLongError when prompt + max_tokens exceed the context."""
-        room = self.max_model_len - prompt_len
-        if params.max_tokens is None:
-            if room < 1:
-                raise PromptTooLongError(f"the prompt has {prompt_len} tokens; the context holds {self.max_model_len}")
-            return room
-        if params.max_tokens > room:
-            raise PromptTooLongError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                                     f"context of {self.max_model_len} tokens")
-        return params.max_tokens
+        return generation_budget(params.max_tokens, prompt_len, self.max_model_len)
 
     async def _submit(self, request: GenerationRequest, max_tokens: int) -> AsyncIterator[GenerationOutput]:
         outputs: asyncio.Queue[GenerationOutput | Exception] = asyncio.Queue()

@@ -76,4 +76,23 @@ class EngineInternalError(EngineError):
 
 
 class PromptTooLongError(EngineError):
-    """prompt + max_tokens exceeds the context: INVALID_ARGUMENT naming both numbers."""
+    """prompt + max_tokens exceeds the context: INVALID_ARGUMENT on `field`, naming both numbers."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field  # what to change: "messages" (a shorter conversation) or "max_tokens"
+
+
+def generation_budget(max_tokens: int | None, prompt_len: int, context: int) -> int:
+    """The tokens a request may generate (max_tokens, or all the context leaves), or PromptTooLongError
+    when the prompt leaves the answer no room or max_tokens does not fit."""
+    room = context - prompt_len
+    if room < 1:
+        raise PromptTooLongError(f"the prompt has {prompt_len} tokens and the context holds {context}: no room is "
+                                 "left for the answer; shorten the conversation", "messages")
+    if max_tokens is None:
+        return room
+    if max_tokens > room:
+        raise PromptTooLongError(f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context of "
+                                 f"{context} tokens; at most {room} tokens are left for the answer", "max_tokens")
+    return max_tokens

@@ -43,7 +43,7 @@ def invalid_argument(violations: list[tuple[str, str]]) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {summary}", violations)
 
 
-def describe(error: Exception, *, max_tokens_given: bool) -> RequestError | None:
+def describe(error: Exception) -> RequestError | None:
     """The status for an error the servicer, the template or the engine raised; None for a failure
     nobody foresaw (INTERNAL)."""
     if isinstance(error, RequestError):
@@ -51,8 +51,7 @@ def describe(error: Exception, *, max_tokens_given: bool) -> RequestError | None
     if isinstance(error, TemplateError):
         return invalid_argument([(error.field or "messages", str(error))])
     if isinstance(error, PromptTooLongError):
-        # The fix is a smaller max_tokens when one was asked for, else a shorter conversation.
-        return invalid_argument([("max_tokens" if max_tokens_given else "messages", str(error))])
+        return invalid_argument([(error.field, str(error))])
     if isinstance(error, QueueFullError):
         # The engine's reason may end in its own retry advice: say it once, at the end.
         reason = str(error).removesuffix("; retry later").removesuffix(", retry later")

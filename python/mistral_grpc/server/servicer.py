@@ -21,7 +21,7 @@ from mistral_grpc.engine.request import GenerationOutput, GenerationRequest
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2, chat_pb2_grpc
 from mistral_grpc.server import errors
 from mistral_grpc.server.responses import ChoiceState, CompletionHeader, usage
-from mistral_grpc.server.validation import check_context, compile_grammar, decode_request, parse_request
+from mistral_grpc.server.validation import compile_grammar, decode_request, parse_request
 from mistral_grpc.tokenizer import MistralTokenizer
 
 logger = logging.getLogger(__name__)
@@ -67,8 +67,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         call = _Call(time.monotonic(), context.time_remaining())
         with self._running():
             try:
-                call.request = decode_request(request)
-                response = await self._chat(call.request)
+                response = await self._chat(decode_request(request))
             except BaseException as error:  # noqa: BLE001 (every ending is classified and counted)
                 await self._fail("Chat", error, call, context)
                 raise
@@ -80,8 +79,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         call = _Call(time.monotonic(), context.time_remaining())
         with self._running():
             try:
-                call.request = decode_request(request)
-                async with contextlib.aclosing(self._stream(call.request)) as chunks:
+                async with contextlib.aclosing(self._stream(decode_request(request))) as chunks:
                     async for chunk in chunks:
                         yield chunk
             except BaseException as error:  # noqa: BLE001
@@ -143,7 +141,6 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         # A 32K-token prompt takes a while to template and encode, a big schema to compile: keep the
         # event loop free for other calls.
         prompt = await asyncio.to_thread(tokenizer.encode_chat, parsed.messages, parsed.tools)
-        check_context(len(prompt), parsed.params.max_tokens, self._engine.max_model_len)
         if parsed.params.structured is not None:
             await asyncio.to_thread(compile_grammar, tokenizer, parsed.params.structured)
         choices = [ChoiceState(i, parsed.params.logprobs) for i in range(parsed.params.n)]
@@ -157,8 +154,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             return
         if isinstance(error, grpc.aio.AbortError) or not isinstance(error, Exception):
             return
-        max_tokens_given = call.request is not None and call.request.HasField("max_tokens")
-        failure = errors.describe(error, max_tokens_given=max_tokens_given)
+        failure = errors.describe(error)
         if failure is None:
             incident = uuid.uuid4().hex[:12]
             logger.error("%s failed (incident %s)", rpc, incident, exc_info=error)
@@ -174,7 +170,6 @@ class _Call:
     def __init__(self, started: float, deadline_budget: float | None) -> None:
         self.started = started
         self.deadline_budget = deadline_budget  # seconds left on arrival; None = no deadline
-        self.request: chat_pb2.ChatRequest | None = None  # once decoded
 
     def expired(self, context: grpc.aio.ServicerContext) -> bool:
         """Whether a cancel is the deadline running out (allowing for grpc-timeout's rounding)."""

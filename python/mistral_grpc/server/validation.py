@@ -85,19 +85,6 @@ def parse_request(request: chat_pb2.ChatRequest, served_model: str, has_tool_cal
     return ParsedRequest(messages=messages, tools=tools if tool_choice != "none" else None, params=params)
 
 
-def check_context(prompt_tokens: int, max_tokens: int | None, context: int) -> None:
-    """INVALID_ARGUMENT when the prompt (+ max_tokens) leaves the answer no room in the context; the
-    engine checks the same, this says what to change."""
-    room = context - prompt_tokens
-    if room < 1:
-        raise invalid_argument([("messages", f"the prompt has {prompt_tokens} tokens and the context holds {context}: "
-                                             "no room is left for the answer; shorten the conversation")])
-    if max_tokens is not None and max_tokens > room:
-        raise invalid_argument([("max_tokens", f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
-                                               f"the context of {context} tokens; at most {room} tokens are left for "
-                                               "the answer")])
-
-
 def compile_grammar(tokenizer: MistralTokenizer, spec: StructuredSpec) -> None:
     """Compiles a request's grammar, slow for a big schema (call it off the event loop); the engine then
     finds it in the cache. A schema xgrammar cannot compile is INVALID_ARGUMENT naming the field."""
