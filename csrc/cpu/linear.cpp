@@ -2,6 +2,7 @@
 // turns an [N, K] weight into the tile stream of common/linear_pack.h; each call checks the
 // operands against the packed header, picks the kernels for the CPU, the weight dtype and the
 // batch (AMX for bf16 batches of kAmxMinRows and more and fp32 ones of kAmxFp32MinRows and more),
+// or, given prompt_rows, for each side of the batch (prompt rows, decode rows) whatever its size,
 // and splits the output tiles across torch's intra-op threads, so each thread streams one
 // contiguous share of the weights.
 #include <ATen/Parallel.h>
@@ -257,7 +258,6 @@ constexpr int64_t kMinBytesPerThread = 128 * 1024;
 // 10: 1.22 vs 0.98, and at 32 rows 3.3 vs 1.2.
 constexpr int64_t kAmxMinRows = 7;
 
-
 // fp32 batches go to AMX (kAmxFp32) from this many rows (prefill chunks; decode batches stay on
 // the vector kernels). Below it the weight stream decides, and the vector kernel streams better:
 // the 33 linear calls of a 175M decode step at R rows, weights cold, both threads, ms vector vs
@@ -266,7 +266,6 @@ constexpr int64_t kAmxFp32MinRows = 80;
 
 // The most bytes of x's parts one fp32 AMX call splits and reads at a time (run_tiles).
 constexpr int64_t kFp32SegmentBytes = 3 << 20;
-
 
 // x as the AMX kernels read it: whole blocks of `block` rows, the rows past T zero.
 at::Tensor amx_rows(const at::Tensor& x, int64_t block) {
