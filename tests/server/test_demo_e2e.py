@@ -95,6 +95,19 @@ def test_n_choices_and_logprobs(client):
         assert all(e.logprob <= 0 and len(e.top_logprobs) == 3 for e in choice.logprobs.content)
 
 
+def test_logprob_tokens_concatenate_to_the_content(client):
+    """The first token's leading space is dropped from content, so its logprob entry (and the
+    alternatives at that place) drop it too."""
+    response = client.chat("Tell me a story", n=4, max_tokens=12, temperature=1.0, seed=11, logprobs=True, top_logprobs=2)
+    for choice in response.choices:
+        entries = choice.logprobs.content
+        content = choice.message.content
+        assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", "replace") == content
+        if "\ufffd" not in content:
+            assert "".join(e.token for e in entries) == content
+        assert not any(t.token.startswith(" ") for t in entries[0].top_logprobs)
+
+
 def test_a_stop_string_cuts_the_reply_before_it(client):
     text = client.chat("Count with me", temperature=0, max_tokens=16).choices[0].message.content
     stop = text[3:6]

@@ -77,6 +77,7 @@ def test_leading_space_of_the_first_generated_token(ours, reference, version) ->
 def test_token_bytes(ours, version) -> None:
     tokenizer = ours[version]
     assert tokenizer.token_bytes(tokenizer.encode("Hello")[0]) == b" Hello"
+    assert tokenizer.token_bytes(tokenizer.encode("Hello")[0], at_start=True) == b"Hello"
     assert tokenizer.token_bytes(byte_id(tokenizer, 0xF0)) == b"\xf0"
     assert tokenizer.token_bytes(tokenizer.eos_id) == b""
 

@@ -132,9 +132,10 @@ class EngineCore:
         for row, seq in enumerate(seqs):
             state = self._requests[seq.request_id]
             choice = state.choices[seq.index]
+            at_start = choice.detokenizer.at_start
             delta = self._append_token(choice, result.tokens[row], now)
             if seq.params.logprobs:
-                delta.logprobs.append(self._logprob(result, row))
+                delta.logprobs.append(self._logprob(result, row, at_start))
             touched.setdefault(seq.request_id, []).append(delta)
             if state.first_token_time is None:
                 state.first_token_time = now
@@ -192,11 +193,13 @@ class EngineCore:
             released += choice.stop.flush()
         return released
 
-    def _logprob(self, result: SamplerOutput, row: int) -> TokenLogprob:
-        top = [TopLogprob(**self._token_surface(t), logprob=lp) for t, lp in result.top[row]]
-        return TokenLogprob(**self._token_surface(result.tokens[row]), logprob=result.logprobs[row], top_logprobs=top)
+    def _logprob(self, result: SamplerOutput, row: int, at_start: bool) -> TokenLogprob:
+        top = [TopLogprob(**self._token_surface(t, at_start), logprob=lp) for t, lp in result.top[row]]
+        return TokenLogprob(**self._token_surface(result.tokens[row], at_start), logprob=result.logprobs[row],
+                            top_logprobs=top)
 
-    def _token_surface(self, token: int) -> dict:
-        """A token's own text and UTF-8 bytes for logprobs (a byte-fallback token may be part of a character)."""
-        raw = self.tokenizer.token_bytes(token)
+    def _token_surface(self, token: int, at_start: bool) -> dict:
+        """A token's text and UTF-8 bytes for logprobs as the reply's text has them (a byte-fallback
+        token may be part of a character; the first token's leading space is dropped, as in content)."""
+        raw = self.tokenizer.token_bytes(token, at_start)
         return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}

@@ -42,6 +42,11 @@ class IncrementalDetokenizer:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(_ERRORS)
         self._at_start = True
 
+    @property
+    def at_start(self) -> bool:
+        """No text yet: the next token's leading space is dropped (SentencePiece's rule)."""
+        return self._at_start
+
     def push(self, token_id: int) -> str:
         surface = self._vocab.surface(token_id, self._at_start)
         if surface is None:

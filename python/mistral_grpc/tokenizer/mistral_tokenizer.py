@@ -99,9 +99,13 @@ class MistralTokenizer:
         """A streaming decode of generated ids: its pieces concatenate to `decode` of the same ids."""
         return IncrementalDetokenizer(self._vocab)
 
-    def token_bytes(self, token_id: int) -> bytes:
-        """The bytes one token stands for on its own (for logprobs); control tokens give b""."""
-        return self._vocab.surface(token_id, at_start=False) or b""
+    def token_bytes(self, token_id: int, at_start: bool = False) -> bytes:
+        """The bytes a token adds to the text (for logprobs); control tokens give b"".
+
+        at_start: no text came before it, so its leading space is dropped as `decode` drops it, and
+        the logprob tokens of a reply concatenate to its content.
+        """
+        return self._vocab.surface(token_id, at_start) or b""
 
     def parse_tool_calls(self, text: str) -> tuple[str, list[ToolCall]]:
         """(content, tool_calls) from a v3 tool-call payload; (text, []) when it is not one.
