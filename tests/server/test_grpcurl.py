@@ -23,11 +23,14 @@ def test_reflection_lists_and_describes_the_services(target):
     listed = grpcurl(target, "list")
     assert listed.returncode == 0, listed.stderr
     assert set(listed.stdout.split()) == {"mistral.chat.v1.ChatService", "grpc.health.v1.Health",
+                                          "grpc.reflection.v1.ServerReflection",
                                           "grpc.reflection.v1alpha.ServerReflection"}
     described = grpcurl(target, "describe", "mistral.chat.v1.ChatService")
     assert "rpc StreamChat ( .mistral.chat.v1.ChatRequest ) returns ( stream .mistral.chat.v1.ChatChunk )" in (
         described.stdout)
     assert "optional double temperature = 3" in grpcurl(target, "describe", "mistral.chat.v1.ChatRequest").stdout
+    v1 = grpcurl(target, "describe", "grpc.reflection.v1.ServerReflection")
+    assert "rpc ServerReflectionInfo ( stream .grpc.reflection.v1.ServerReflectionRequest )" in v1.stdout, v1.stderr
 
 
 def test_health_check(target):

@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from fake_engine import FakeEngine, choice_text
 from harness import LiveServer
@@ -338,3 +340,29 @@ def test_a_metrics_port_in_use_fails_the_start(serve_fake):
         server.start(wait_for_engine=False)
         with pytest.raises(StartupError, match=rf"cannot serve metrics on port {port} .*already in use"):
             server.starting.result(timeout=30)
+
+
+def test_reflection_answers_under_v1_as_under_v1alpha(serve_fake):
+    """grpcio-reflection serves only v1alpha; newer clients ask grpc.reflection.v1 (same messages, same
+    bytes). Through v1, with an API key set (reflection stays open): list the services, then fetch
+    ChatService's file with its dependencies and build it into a fresh pool, as a client would."""
+    server = serve_fake(options=ServeOptions(port=0, api_key="k"))
+    with grpc.insecure_channel(server.target) as channel:
+        info = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                     request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                     response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        listed, chat, v1 = info(iter([
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="mistral.chat.v1.ChatService"),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+        ]), timeout=10)
+    assert {s.name for s in listed.list_services_response.service} == {
+        "mistral.chat.v1.ChatService", "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
+    pool = descriptor_pool.DescriptorPool()
+    for serialized in reversed(chat.file_descriptor_response.file_descriptor_proto):  # dependencies last
+        pool.Add(descriptor_pb2.FileDescriptorProto.FromString(serialized))
+    assert "temperature" in pool.FindMessageTypeByName("mistral.chat.v1.ChatRequest").fields_by_name
+    [v1_file] = [descriptor_pb2.FileDescriptorProto.FromString(f) for f in v1.file_descriptor_response.file_descriptor_proto]
+    assert v1_file.package == "grpc.reflection.v1"
+    assert {m.input_type for m in v1_file.service[0].method} == {".grpc.reflection.v1.ServerReflectionRequest"}

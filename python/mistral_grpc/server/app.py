@@ -15,12 +15,12 @@ from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from mistral_grpc.metrics import REGISTRY
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2
 from mistral_grpc.server.auth import ApiKeyInterceptor
+from mistral_grpc.server.reflection import enable_reflection
 from mistral_grpc.server.servicer import ChatServicer, Engine, add_to_server
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class ChatServer:
         self._server = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
         add_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection((CHAT_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self._server)
+        enable_reflection((CHAT_SERVICE, HEALTH_SERVICE), self._server)
         address = f"{options.host}:{options.port}"
         try:
             if options.tls_cert is not None and options.tls_key is not None:
