@@ -1,5 +1,5 @@
-// The AMX tile configuration the AMX kernels load (cpu/linear_amx.cpp, cpu/attention_amx.cpp):
-// palette 1, all eight tiles 16 rows of 64 bytes.
+// The AMX tile configurations the AMX kernels load (cpu/linear_amx.cpp, cpu/attention_amx.cpp):
+// palette 1, tiles of 64-byte rows, all eight 16 rows high or the first few shorter.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +21,15 @@ constexpr TileConfig full_tiles() {
     config.bytes_per_row[t] = 64;
     config.rows[t] = 16;
   }
+  return config;
+}
+
+// Tiles 0 .. count - 1 `rows` rows high (1 to 16), the others 16: a batch of fewer than 16 rows
+// loads, multiplies and stores only its own rows. TDPBF16PS computes each row of C the same way
+// whatever the tile's height, so a row's result does not change.
+constexpr TileConfig short_tiles(int count, int rows) {
+  TileConfig config = full_tiles();
+  for (int t = 0; t < count; ++t) config.rows[t] = static_cast<uint8_t>(rows);
   return config;
 }
 

@@ -402,8 +402,9 @@ void run_kernels(Kernels choice, const PackedHeader& header, at::Tensor out, con
     return;
   }
   if (choice == Kernels::kAmxBf16) {
+    // A small batch's tiles are as high as its rows; larger ones go in whole blocks of 32.
     const bool small = x.size(0) <= kAmxSmallRows;
-    const at::Tensor rows = amx_rows(x, small ? kAmxSmallRows : kAmxRowBlock);
+    const at::Tensor rows = small ? x : amx_rows(x, kAmxRowBlock);
     problem.x = rows.data_ptr();
     problem.x_stride = rows.stride(0);
     const KernelSet& amx = small ? kAmxBf16Rows16 : kAmxBf16;

@@ -46,13 +46,12 @@ struct AmxOperands {
   static constexpr int64_t kBStride = kUnits * kStepBytes;  // a sub-tile's consecutive lines
   static constexpr int64_t kBBlock = kTileRows * kBStride;   // 16 lines = 32 K
 
-  explicit AmxOperands(const Problem& p)
+  AmxOperands(const Problem& p, const TileConfig& config)
       : x(static_cast<const uint8_t*>(p.x)),
         tile_bytes(p.steps * kUnits * kStepBytes),
         a_stride(p.x_stride * static_cast<int64_t>(sizeof(c10::BFloat16))),
         k_blocks(p.k / kAmxKBlock) {
-    static constexpr TileConfig kConfig = full_tiles();
-    _tile_loadconfig(&kConfig);
+    _tile_loadconfig(&config);
   }
   ~AmxOperands() { _tile_release(); }
 
@@ -83,7 +82,8 @@ MG_ALWAYS_INLINE void store_sums(const Problem& p, const int64_t* ids, int tiles
 template <int kUnits>
 void amx_tiles(const Problem& p, int64_t begin, int64_t end) {
   using O = AmxOperands<kUnits>;
-  const O o(p);
+  static constexpr TileConfig kConfig = full_tiles();
+  const O o(p, kConfig);
   alignas(64) float sums[2 * kAmxRowBlock * kTileRows];
   constexpr int64_t kTilesPerItem = kUnits == 1 ? 2 : 1;
   for (int64_t t = begin; t < end; t += kTilesPerItem) {
@@ -123,13 +123,17 @@ void amx_tiles(const Problem& p, int64_t begin, int64_t end) {
 // 0.93 -> 0.63 ms). Each k-block prefetches the B tiles two blocks ahead in every stream: with decode
 // steps' rows here too (the seed contract puts bf16 decode rows on AMX), the 33 linear calls of a
 // 175M bf16 step, weights cold, 1 row 17.7-18.8 -> 16.4-18.0 ms, 16 rows 17.7-18.7 -> 16.4-17.3 (an
-// earlier, denser prefetch cost gate_up at 16 rows 0.63 -> 0.72 ms).
-// tmm0..3: C, tmm4: A, tmm5..7: B, tmm5 reused for the fourth set once its product is issued.
+// earlier, denser prefetch cost gate_up at 16 rows 0.63 -> 0.72 ms). The C and A tiles are as high
+// as the batch: a decode batch of one row loaded, multiplied and stored 16 (of zeros padded in by a
+// copy of x) before; the 33 linear calls of a 175M bf16 step at 1 row, cold, medians of 8 runs
+// alternated, 19.3 -> 17.9 ms (qkv, o and down -17-20%), batch-1 decode +5%.
+// tmm0..3: C, tmm4: A (rows high), tmm5..7: B, tmm5 reused for the fourth set once its product is issued.
 template <int kUnits>
 void amx_tiles_16(const Problem& p, int64_t begin, int64_t end) {
   using O = AmxOperands<kUnits>;
   constexpr int64_t kPrefetchBlocks = 2;
-  const O o(p);
+  const TileConfig config = cpu::short_tiles(5, static_cast<int>(p.rows));
+  const O o(p, config);
   alignas(64) float sums[4 * kTileRows * kTileRows];
   constexpr int64_t kTilesPerItem = kUnits == 1 ? 4 : 2;
   for (int64_t t = begin; t < end; t += kTilesPerItem) {
