@@ -24,6 +24,12 @@ GENERATION_TOKENS = Counter("mistral_grpc_generation_tokens", "Tokens generated"
 RUNNING_REQUESTS = Gauge("mistral_grpc_running_requests", "Requests with sequences in the running batch",
                          registry=REGISTRY)
 WAITING_REQUESTS = Gauge("mistral_grpc_waiting_requests", "Requests queued, not yet running", registry=REGISTRY)
+# Beyond DESIGN.md's names: what an operator needs to read the ones above.
+HELD_REQUESTS = Gauge("mistral_grpc_held_requests",
+                      "Streams paused because their client stopped reading (not counted as running or waiting)",
+                      registry=REGISTRY)
+PREEMPTIONS = Counter("mistral_grpc_preemptions",
+                      "Sequences preempted for lack of KV blocks (recomputed later)", registry=REGISTRY)
 KV_CACHE_BLOCKS_USED = Gauge("mistral_grpc_kv_cache_blocks_used",
                              "KV cache blocks held by live sequences (unheld prefix-cached blocks count as free)",
                              registry=REGISTRY)

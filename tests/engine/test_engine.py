@@ -8,9 +8,10 @@ from collections.abc import Iterator
 import pytest
 
 from mistral_grpc.engine.args import EngineArgs
-from mistral_grpc.engine.engine import LLMEngine, default_cpu_kv_bytes
+from mistral_grpc.engine.engine import MAX_BACKLOG, LLMEngine, default_cpu_kv_bytes
 from mistral_grpc.engine.request import GenerationOutput, GenerationRequest, PromptTooLongError, QueueFullError
 from mistral_grpc.engine.sampling_params import SamplingParams
+from mistral_grpc.metrics import REGISTRY
 from mistral_grpc.tokenizer import ChatMessage
 
 
@@ -224,11 +225,69 @@ def test_preemption_under_a_tiny_cache_changes_no_greedy_result() -> None:
         async def together():
             return await asyncio.gather(*(small.collect(p, temperature=0.0, max_tokens=40) for p in prompts))
 
+        preempted = REGISTRY.get_sample_value("mistral_grpc_preemptions_total")
         assert [tokens_of(o) for o in small.run(together())] == alone
         assert small.engine._core.scheduler.num_preemptions > 0
+        assert REGISTRY.get_sample_value("mistral_grpc_preemptions_total") - preempted == (
+            small.engine._core.scheduler.num_preemptions)
         assert small.engine.kv_blocks_used() == 0
     finally:
         small.close()
+
+
+def test_a_caller_that_stops_taking_outputs_pauses_its_request_not_the_others(h: Harness) -> None:
+    """A stream whose reader stops reading stops taking outputs: past MAX_BACKLOG untaken ones its
+    request sits out the steps (no compute, no growing buffer) while others run; once the caller
+    reads again it resumes, and its tokens are the ones it would have had without the pause."""
+    p = h.prompt("a long answer, read slowly")
+    params = dict(temperature=1.0, seed=5, max_tokens=3 * MAX_BACKLOG)
+    reference = tokens_of(h.run(h.collect(p, **params)))
+    core = h.engine._core
+    steps = 0
+    step = core.step
+
+    def counting_step() -> bool:
+        nonlocal steps
+        steps += 1
+        return step()
+
+    async def stall_then_read():
+        stalled = h.engine.generate(GenerationRequest("stalled", p, SamplingParams(**params)))
+        outputs = [await anext(stalled)]
+        other = await h.collect(h.prompt("meanwhile"), temperature=0.0, max_tokens=2 * MAX_BACKLOG)
+        await asyncio.sleep(0.2)
+        [seq] = [c.seq for c in core._requests["stalled"].choices]
+        generated, steps_before = seq.num_output, steps
+        await asyncio.sleep(0.3)
+        idle = (seq.num_output, steps) == (generated, steps_before)
+        gauges = [REGISTRY.get_sample_value(f"mistral_grpc_{name}_requests") for name in ("held", "running")]
+        outputs += [out async for out in stalled]
+        return outputs, other, generated, idle, gauges
+
+    core.step = counting_step
+    try:
+        outputs, other, generated, idle, gauges = h.run(stall_then_read())
+    finally:
+        del core.step
+    assert MAX_BACKLOG <= generated <= MAX_BACKLOG + 1  # one taken, MAX_BACKLOG untaken
+    assert idle  # the worker waits: no step, no token while the caller holds back
+    assert gauges == [1, 0]  # held, not running
+    assert len(tokens_of(other)) == 2 * MAX_BACKLOG and finish_of(other) == "length"
+    assert tokens_of(outputs) == reference and finish_of(outputs) == "length"
+    assert h.engine.kv_blocks_used() == 0
+
+
+def test_the_warm_up_counts_in_no_metric() -> None:
+    """The engine's own warm-up request at startup is not traffic: the token counters and latency
+    histograms start at what callers asked for."""
+    names = ["mistral_grpc_prompt_tokens_total", "mistral_grpc_generation_tokens_total",
+             "mistral_grpc_time_to_first_token_seconds_count", "mistral_grpc_inter_token_latency_seconds_count"]
+    before = [REGISTRY.get_sample_value(name) for name in names]
+    fresh = Harness(kv_cache_memory=8 * 2**20)
+    try:
+        assert [REGISTRY.get_sample_value(name) for name in names] == before
+    finally:
+        fresh.close()
 
 
 def test_the_queue_bound_refuses_the_excess_at_once() -> None:

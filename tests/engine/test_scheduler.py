@@ -16,9 +16,9 @@ def make_seq(prompt_len: int, request_id: str = "r", index: int = 0, first_token
                     seed=0, max_tokens=100, arrival_time=0.0)
 
 
-def run_step(sched: Scheduler, new_token: int = 7) -> list[tuple[Sequence, int]]:
+def run_step(sched: Scheduler, new_token: int = 7, held: frozenset[str] = frozenset()) -> list[tuple[Sequence, int]]:
     """Applies a step as the engine would: computed tokens advance, sampling chunks append a token."""
-    plan = sched.schedule()
+    plan = sched.schedule(held)
     done = [(c.seq, c.num_tokens, c.samples) for c in plan.chunks]
     for seq, n, samples in done:
         seq.num_computed += n
@@ -122,3 +122,35 @@ def test_a_recomputed_sequence_chunks_its_prompt_apart_from_its_output() -> None
     seq.num_computed = 20
     plan = sched.schedule()
     assert [(c.seq, c.num_tokens, c.is_prompt) for c in plan.chunks] == [(seq, 6, False)]
+
+
+def test_a_held_request_sits_out_and_leaves_its_place_in_the_batch() -> None:
+    """A request whose caller stopped taking its outputs (engine.py's _Backlog) computes nothing,
+    keeps its blocks, and does not count against max_batch_size; it resumes where it stopped."""
+    sched = Scheduler(BlockManager(64, 4), max_batch_size=2, max_prefill_tokens=100)
+    stalled, busy, newcomer = make_seq(3, "stalled"), make_seq(3, "busy"), make_seq(3, "newcomer")
+    for s in (stalled, busy, newcomer):
+        sched.add(s)
+    assert [s for s, _ in run_step(sched)] == [stalled, busy]
+    blocks = list(stalled.blocks.block_ids)
+    held = frozenset({"stalled"})
+    assert run_step(sched, held=held) == [(newcomer, 3), (busy, 1)]
+    assert run_step(sched, held=held) == [(busy, 1), (newcomer, 1)]
+    assert stalled.status is SequenceStatus.RUNNING and stalled.blocks.block_ids == blocks
+    assert stalled.num_output == 1 and stalled.num_computed == 3
+    assert run_step(sched) == [(stalled, 1), (busy, 1), (newcomer, 1)]  # caught up: all three decode
+
+
+def test_running_out_of_blocks_preempts_a_held_sequence_first() -> None:
+    sched = Scheduler(BlockManager(5, 2), max_batch_size=4, max_prefill_tokens=100)
+    stalled, busy = make_seq(3, "stalled"), make_seq(3, "busy")
+    sched.add(stalled)
+    run_step(sched)
+    sched.add(busy)
+    run_step(sched)
+    run_step(sched)  # stalled grows into the spare block: all 5 used
+    assert sched.blocks.num_free_blocks == 0
+    plan = sched.schedule(frozenset({"stalled"}))  # busy needs a 3rd block: the held one gives way, not busy
+    assert plan.preempted == [stalled] and [c.seq for c in plan.chunks] == [busy]
+    assert run_step(sched, held=frozenset({"stalled"})) == [(busy, 1)]  # not readmitted while held
+    assert list(sched.waiting) == [stalled]

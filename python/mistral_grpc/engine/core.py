@@ -16,11 +16,13 @@ from mistral_grpc.engine.sampler import Sampler, SamplerOutput
 from mistral_grpc.engine.scheduler import Scheduler
 from mistral_grpc.engine.sequence import Sequence, SequenceStatus
 from mistral_grpc.engine.structured import GrammarState, InvalidSchemaError, grammar_compiler
-from mistral_grpc.metrics import GENERATION_TOKENS, INTER_TOKEN_LATENCY, PROMPT_TOKENS, TIME_TO_FIRST_TOKEN
+from mistral_grpc.metrics import (GENERATION_TOKENS, INTER_TOKEN_LATENCY, PREEMPTIONS, PROMPT_TOKENS,
+                                  TIME_TO_FIRST_TOKEN)
 from mistral_grpc.model.decoder import MistralDecoder
 from mistral_grpc.tokenizer import IncrementalDetokenizer, MistralTokenizer
 
 Emit = Callable[[GenerationOutput | Exception], None]
+Held = Callable[[], bool]  # True while the caller has not taken enough of what was emitted
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads the choices of one request over unrelated Philox keys
 
 
@@ -39,6 +41,7 @@ class _Choice:
 class _Request:
     request: GenerationRequest
     emit: Emit
+    held: Held
     choices: list[_Choice] = field(default_factory=list)
     first_token_time: float | None = None
 
@@ -67,10 +70,18 @@ class EngineCore:
     def num_requests(self) -> int:
         return len(self._requests)
 
-    def num_running_requests(self) -> int:
-        return len({s.request_id for s in self.scheduler.running})
+    def held_requests(self) -> set[str]:
+        """The requests whose callers have not taken enough of their outputs (see add_request)."""
+        return {request_id for request_id, state in self._requests.items() if state.held()}
 
-    def add_request(self, request: GenerationRequest, max_tokens: int, emit: Emit) -> None:
+    def num_running_requests(self, held: set[str]) -> int:
+        """Requests with sequences in the running batch, not counting the held ones."""
+        return len({s.request_id for s in self.scheduler.running} - held)
+
+    def add_request(self, request: GenerationRequest, max_tokens: int, emit: Emit,
+                    held: Held = lambda: False) -> None:
+        """Queues a request; `emit` receives its outputs. While `held()` is true its sequences sit out
+        the steps (a stream whose reader stopped reading: see engine.py's _Backlog)."""
         params = request.params
         try:
             grammars = (self.grammars.new_states(params.structured, params.n) if params.structured is not None
@@ -79,7 +90,7 @@ class EngineCore:
             emit(error)
             return
         base_seed = params.seed if params.seed is not None else secrets.randbits(63)
-        state = _Request(request, emit)
+        state = _Request(request, emit, held)
         now = time.monotonic()
         for index in range(params.n):
             seq = Sequence(self._next_seq_id, request.request_id, index, list(request.prompt_token_ids),
@@ -92,7 +103,8 @@ class EngineCore:
             state.choices.append(_Choice(seq, self.tokenizer.detokenizer(), stop, grammar=grammars[index]))
             self.scheduler.add(seq)
         self._requests[request.request_id] = state
-        PROMPT_TOKENS.inc(len(request.prompt_token_ids))
+        if request.metered:
+            PROMPT_TOKENS.inc(len(request.prompt_token_ids))
 
     def abort_request(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)
@@ -108,10 +120,13 @@ class EngineCore:
             self.abort_request(request_id)
             state.emit(error)
 
-    def step(self) -> None:
-        plan = self.scheduler.schedule()
+    def step(self) -> bool:
+        """One step of the model; False when there was nothing it could run (every request with work
+        left is held, or waits for blocks that held requests keep)."""
+        plan = self.scheduler.schedule(self.held_requests())
+        PREEMPTIONS.inc(len(plan.preempted))
         if not plan.chunks:
-            return
+            return False
         logits = self.runner.run(plan.chunks)
         sampling = [(i, c) for i, c in enumerate(plan.chunks) if c.samples]
         for chunk in plan.chunks:
@@ -120,27 +135,37 @@ class EngineCore:
             # the prompt ones, and a later prompt that shared it would not get what it computes itself.
             self.blocks.register_full_blocks(chunk.seq.blocks, chunk.seq.token_ids,
                                              min(chunk.seq.num_computed, chunk.seq.prompt_len))
-        if not sampling:
-            return
-        if len(sampling) < len(plan.chunks):  # some chunks end mid-prompt: their logits are not used
-            logits = logits.index_select(0, torch.tensor([i for i, _ in sampling], device=logits.device))
-        seqs = [c.seq for _, c in sampling]
+        if sampling:
+            if len(sampling) < len(plan.chunks):  # some chunks end mid-prompt: their logits are not used
+                logits = logits.index_select(0, torch.tensor([i for i, _ in sampling], device=logits.device))
+            self._sample_and_emit(logits, [c.seq for _, c in sampling])
+        return True
+
+    def _sample_and_emit(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Picks each sequence's next token from its row of logits and emits what each request gained."""
         allowed = self.grammars.bitmask([self._requests[s.request_id].choices[s.index].grammar for s in seqs])
         result = self.sampler.sample(logits, seqs, allowed)
         now = time.monotonic()
         touched: dict[str, list[ChoiceDelta]] = {}
+        metered = 0
         for row, seq in enumerate(seqs):
             state = self._requests[seq.request_id]
             choice = state.choices[seq.index]
+            if state.request.metered:
+                metered += 1
+                if state.first_token_time is None:
+                    TIME_TO_FIRST_TOKEN.observe(now - seq.arrival_time)
+                if choice.last_token_time is not None:
+                    INTER_TOKEN_LATENCY.observe(now - choice.last_token_time)
+            if state.first_token_time is None:
+                state.first_token_time = now
+            choice.last_token_time = now
             at_start = choice.detokenizer.at_start
-            delta = self._append_token(choice, result.tokens[row], now)
+            delta = self._append_token(choice, result.tokens[row])
             if seq.params.logprobs:
                 delta.logprobs.append(self._logprob(result, row, at_start))
             touched.setdefault(seq.request_id, []).append(delta)
-            if state.first_token_time is None:
-                state.first_token_time = now
-                TIME_TO_FIRST_TOKEN.observe(now - seq.arrival_time)
-        GENERATION_TOKENS.inc(len(seqs))
+        GENERATION_TOKENS.inc(metered)
         for request_id, deltas in touched.items():
             state = self._requests[request_id]
             completion = sum(c.seq.num_output for c in state.choices)
@@ -148,15 +173,12 @@ class EngineCore:
             if state.finished:
                 del self._requests[request_id]
 
-    def _append_token(self, choice: _Choice, token: int, now: float) -> ChoiceDelta:
+    def _append_token(self, choice: _Choice, token: int) -> ChoiceDelta:
         seq = choice.seq
         seq.token_ids.append(token)
         # EOS ends the choice, so the grammar never needs it; any other token was allowed by the mask.
         if choice.grammar is not None and token != self.tokenizer.eos_id and not choice.grammar.accept(token):
             raise RuntimeError(f"sampled token {token}, which request {seq.request_id}'s grammar forbids")
-        if choice.last_token_time is not None:
-            INTER_TOKEN_LATENCY.observe(now - choice.last_token_time)
-        choice.last_token_time = now
         delta = ChoiceDelta(seq.index, token_ids=[token])
         reason = None
         if token == self.tokenizer.eos_id:

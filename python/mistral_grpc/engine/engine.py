@@ -22,7 +22,7 @@ from mistral_grpc.engine.core import EngineCore
 from mistral_grpc.engine.request import (EngineInternalError, EngineUnavailableError, GenerationOutput,
                                          GenerationRequest, QueueFullError, generation_budget)
 from mistral_grpc.engine.sampling_params import SamplingParams
-from mistral_grpc.metrics import (KV_CACHE_BLOCKS_TOTAL, KV_CACHE_BLOCKS_USED, RUNNING_REQUESTS,
+from mistral_grpc.metrics import (HELD_REQUESTS, KV_CACHE_BLOCKS_TOTAL, KV_CACHE_BLOCKS_USED, RUNNING_REQUESTS,
                                   WAITING_REQUESTS)
 from mistral_grpc.model.decoder import MistralDecoder
 from mistral_grpc.model.demo import write_demo_model
@@ -34,11 +34,38 @@ _DEFAULT_CPU_KV_BYTES = 2 * 2**30  # unless half the memory available at startup
 _CUDA_KV_SHARE = 0.85  # of the GPU memory left free once the weights are loaded
 
 
+# Outputs a caller may leave untaken before its request sits out the steps (see _Backlog).
+MAX_BACKLOG = 32
+
+
+class _Backlog:
+    """Outputs emitted to one caller and not yet taken. A stream whose client stops reading stops
+    taking them (gRPC flow control holds the handler's writes); past MAX_BACKLOG its sequences sit out
+    the steps, keeping their blocks, until it catches up or goes away (cancel, deadline, keepalive), so
+    a stalled reader costs neither compute nor an ever-growing buffer. Each count has one writer: the
+    worker thread emits, the event loop takes."""
+
+    def __init__(self, wakeup: threading.Event) -> None:
+        self.emitted = 0
+        self.taken = 0
+        self._wakeup = wakeup
+
+    @property
+    def full(self) -> bool:
+        return self.emitted - self.taken >= MAX_BACKLOG
+
+    def take(self) -> None:
+        self.taken += 1
+        if self.emitted - self.taken == MAX_BACKLOG - 1:
+            self._wakeup.set()  # the worker may be idle, every request it has being held
+
+
 @dataclass(frozen=True)
 class _Add:
     request: GenerationRequest
     max_tokens: int
     emit: object
+    held: object
 
 
 @dataclass(frozen=True)
@@ -125,7 +152,7 @@ class LLMEngine:
     async def _warm_up(self) -> None:
         """One short greedy generation, so the first real request pays no first-call costs."""
         prompt = self.tokenizer.encode_chat([ChatMessage(role="user", content="warm up")])
-        request = GenerationRequest("warmup", prompt, SamplingParams(temperature=0.0, max_tokens=2))
+        request = GenerationRequest("warmup", prompt, SamplingParams(temperature=0.0, max_tokens=2), metered=False)
         async for _ in self._submit(request, self.resolve_max_tokens(request.params, len(prompt))):
             pass
 
@@ -161,13 +188,20 @@ class LLMEngine:
 
     async def _submit(self, request: GenerationRequest, max_tokens: int) -> AsyncIterator[GenerationOutput]:
         outputs: asyncio.Queue[GenerationOutput | Exception] = asyncio.Queue()
+        backlog = _Backlog(self._wakeup)
         finished = False
         self._in_flight += 1
         self._idle.clear()
+
+        def emit(out: GenerationOutput | Exception) -> None:  # on the worker thread
+            backlog.emitted += 1
+            self._outbox.append((outputs, out))
+
         try:
-            self._send(_Add(request, max_tokens, lambda out: self._outbox.append((outputs, out))))
+            self._send(_Add(request, max_tokens, emit, lambda: backlog.full))
             while not finished:
                 out = await outputs.get()
+                backlog.take()
                 if isinstance(out, Exception):
                     finished = True  # the worker already dropped the request
                     raise out
@@ -207,12 +241,16 @@ class LLMEngine:
                 self._wakeup.clear()
                 continue
             try:
-                core.step()
+                stepped = core.step()
             except Exception:  # a failed step must not kill the server: fail its requests, keep serving
                 log.exception("engine step failed; failing the requests in flight")
                 core.fail_all(EngineInternalError("the engine failed while generating; see the server log"))
+                stepped = True
             self._deliver(loop)
             self._update_gauges(core)
+            if not stepped:  # all held by callers that stopped reading: wait for one of them, or news
+                self._wakeup.wait()
+                self._wakeup.clear()
         self._update_gauges(core)
 
     def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -229,15 +267,17 @@ class LLMEngine:
             except queue.Empty:
                 return
             if isinstance(message, _Add):
-                core.add_request(message.request, message.max_tokens, message.emit)
+                core.add_request(message.request, message.max_tokens, message.emit, message.held)
             else:
                 core.abort_request(message.request_id)
             self._update_gauges(core)
 
     def _update_gauges(self, core: EngineCore) -> None:
-        running = core.num_running_requests()
+        held = core.held_requests()
+        running = core.num_running_requests(held)
         RUNNING_REQUESTS.set(running)
-        WAITING_REQUESTS.set(core.num_requests - running)
+        HELD_REQUESTS.set(len(held))
+        WAITING_REQUESTS.set(core.num_requests - running - len(held))
         KV_CACHE_BLOCKS_USED.set(core.blocks.num_used_blocks)
 
 

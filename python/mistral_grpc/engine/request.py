@@ -16,6 +16,7 @@ class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    metered: bool = True  # False: counted in no metric (the engine's own warm-up)
 
 
 @dataclass(frozen=True)

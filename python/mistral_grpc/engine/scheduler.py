@@ -5,6 +5,11 @@ prefill chunks (sequences already part-way first, then newcomers in arrival orde
 prompt never stalls the running streams. When the cache runs out of blocks for a decode, the
 newest sequence is preempted: its blocks are freed and it is recomputed later.
 
+A request is held while its caller has not taken enough of what it produced (a stream whose reader
+stopped reading; engine.py's _Backlog): its sequences sit out the steps and leave their place in the
+batch to others, keep their blocks unless the cache runs short (they are preempted first then), and
+resume where they stopped.
+
 What else is batched never changes a sequence's numbers (the seed contract): the decoder computes
 prompt tokens and decode tokens each with kernels whose result for a row does not depend on the
 other rows (ops.linear's prompt_rows), the step lists prompt chunks first so they form one block
@@ -14,6 +19,7 @@ as a prompt chunk, whose attention rounds differently from the decode steps that
 """
 
 from collections import deque
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from mistral_grpc.engine.block_manager import BlockManager, NoFreeBlocksError
@@ -82,14 +88,15 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, held: AbstractSet[str] = frozenset()) -> SchedulerOutput:
+        """The next step. Sequences of the requests in `held` sit it out, keeping their blocks."""
         out = SchedulerOutput()
-        self._schedule_decodes(out)
+        self._schedule_decodes(out, held)
         budget = self.max_prefill_tokens
         for seq in self.running:
-            if seq.in_prefill and budget > 0:
+            if seq.in_prefill and budget > 0 and seq.request_id not in held:
                 budget -= self._add_prefill_chunk(out, seq, budget)
-        self._admit(out, budget)
+        self._admit(out, budget, held)
         # Prompt chunks first: the decoder runs rows [0, prompt rows) on the prompt kernels.
         out.chunks.sort(key=lambda c: not c.is_prompt)
         return out
@@ -101,20 +108,24 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, n))
         return n
 
-    def _schedule_decodes(self, out: SchedulerOutput) -> None:
+    def _schedule_decodes(self, out: SchedulerOutput, held: AbstractSet[str]) -> None:
         for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING or seq.in_prefill:
-                continue  # preempted as a victim earlier in this loop, or still prefilling
+            if seq.status is not SequenceStatus.RUNNING or seq.in_prefill or seq.request_id in held:
+                continue  # preempted as a victim earlier in this loop, still prefilling, or held
             while True:
                 try:
                     self.blocks.append_slots(seq.blocks, len(seq.token_ids))
                     out.chunks.append(ScheduledChunk(seq, 1))
                     break
                 except NoFreeBlocksError:
-                    victim = self.running[-1]
+                    victim = self._victim(held)
                     self._preempt(victim, out)
                     if victim is seq:
                         break
+
+    def _victim(self, held: AbstractSet[str]) -> Sequence:
+        """The newest held sequence (it is idle anyway), else the newest running one."""
+        return next((s for s in reversed(self.running) if s.request_id in held), self.running[-1])
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.num_preemptions += 1
@@ -125,10 +136,14 @@ class Scheduler:
         out.chunks = [c for c in out.chunks if c.seq is not seq]
         out.preempted.append(seq)
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit(self, out: SchedulerOutput, budget: int, held: AbstractSet[str]) -> None:
+        # Held sequences compute nothing, so they leave their place in the batch to others.
+        active = sum(1 for s in self.running if s.request_id not in held)
         for seq in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.max_batch_size:
+            if budget <= 0 or active >= self.max_batch_size:
                 return
+            if seq.request_id in held:
+                continue  # preempted, and its caller has not taken what it made so far
             if seq.waits_for is not None:
                 parent = seq.waits_for
                 if parent.status is not SequenceStatus.FINISHED and parent.num_computed < parent.prompt_len:
@@ -144,6 +159,7 @@ class Scheduler:
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            active += 1
             budget -= self._add_prefill_chunk(out, seq, budget)
 
 
