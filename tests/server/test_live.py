@@ -1,6 +1,7 @@
 """The server through real gRPC channels (Python client) on the fake engine: deadlines, cancellation,
 concurrency, health, draining, API key, TLS, gzip, message sizes and the metrics port."""
 
+import logging
 import shutil
 import socket
 import subprocess
@@ -366,3 +367,14 @@ def test_reflection_answers_under_v1_as_under_v1alpha(serve_fake):
     [v1_file] = [descriptor_pb2.FileDescriptorProto.FromString(f) for f in v1.file_descriptor_response.file_descriptor_proto]
     assert v1_file.package == "grpc.reflection.v1"
     assert {m.input_type for m in v1_file.service[0].method} == {".grpc.reflection.v1.ServerReflectionRequest"}
+
+
+def test_a_write_to_a_client_that_went_away_is_not_logged_as_an_error(caplog):
+    """grpc logs a streaming write whose client had gone (ExecuteBatchError) at ERROR with a traceback;
+    the server keeps it to DEBUG, and lets grpc's other records through."""
+    grpc_logger = logging.getLogger("grpc._cython.cygrpc")
+    with caplog.at_level(logging.INFO):
+        grpc_logger.error("ExecuteBatchError raised in core by servicer method [%s]",
+                          "/mistral.chat.v1.ChatService/StreamChat")
+        grpc_logger.error("Unexpected error in the server")
+    assert [r.getMessage() for r in caplog.records] == ["Unexpected error in the server"]

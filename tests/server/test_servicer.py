@@ -332,6 +332,24 @@ def test_a_prompt_that_fills_the_context_says_no_room_is_left(make):
         assert f"{prompt} tokens" in description and "64" in description
 
 
+def test_a_conversation_too_long_by_its_characters_alone_is_refused_before_encoding(make, monkeypatch):
+    """No token spans more than max_token_chars characters, so more characters than the context times
+    that cannot fit: refused without the seconds of CPU encoding would take (a 15 MiB request: ~5 s)."""
+    harness = make(max_model_len=64)
+    tokenizer = harness.engine.tokenizer
+    limit = 64 * tokenizer.max_token_chars
+
+    def no_encoding(*args):
+        raise AssertionError("the conversation was encoded")
+
+    monkeypatch.setattr(tokenizer, "encode_chat", no_encoding)
+    _, code, _, bad = harness.chat(request({"messages": [{"role": "system", "content": "a" * (limit // 2)},
+                                                         {"role": "user", "content": "b" * (limit // 2 + 1)}]}))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad == [("messages", f"the messages hold {limit + 1} characters, more than a context of 64 tokens can "
+                                "take; shorten the conversation")]
+
+
 def test_a_full_queue_says_retry_once(make, monkeypatch):
     harness = make()
 

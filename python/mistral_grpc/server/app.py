@@ -25,6 +25,20 @@ from mistral_grpc.server.servicer import ChatServicer, Engine, add_to_server
 
 logger = logging.getLogger(__name__)
 
+
+class _PeerGoneWrites(logging.Filter):
+    """grpc logs a stream's write that failed because the client had gone (cancelled, deadline,
+    disconnected) as an ERROR with a traceback: noise that looks like a server fault to log alerts. The
+    call is already counted as CANCELLED or DEADLINE_EXCEEDED, so the record shows at DEBUG only."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.PREFIX) or logger.isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_PeerGoneWrites())
+
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LIVENESS_SERVICE = "liveness"
@@ -107,6 +121,9 @@ class ChatServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         enable_reflection((CHAT_SERVICE, HEALTH_SERVICE), self._server)
         address = f"{options.host}:{options.port}"
+        # Probe first: grpc's own failure also prints a C-core error line before ours.
+        if options.port and (reason := _bind_error(options.host, options.port)):
+            raise StartupError(f"cannot listen on {address} (--host, --port): {reason}")
         try:
             if options.tls_cert is not None and options.tls_key is not None:
                 credentials = grpc.ssl_server_credentials([(options.tls_key, options.tls_cert)])
@@ -156,6 +173,13 @@ class ChatServer:
             self._metrics_server.shutdown()
         logger.info("stopped")
 
+    async def close(self) -> None:
+        """Stops what a failed start() opened; no call ran (the engine never served), so none drains."""
+        await self._server.stop(grace=None)
+        await self.engine.shutdown()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for service in ("", CHAT_SERVICE):
             await self.health.set(service, status)
@@ -189,7 +213,7 @@ async def serve(engine: ServableEngine, options: ServeOptions) -> None:
     await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
     if starting.done() and starting.exception() is not None:
         stopping.cancel()
-        await server.drain_and_stop()
+        await server.close()
         raise starting.exception()
     await stopping
     if not starting.done():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from mistral_grpc.tokenizer import template as chat_template
@@ -98,6 +99,12 @@ class MistralTokenizer:
     def detokenizer(self) -> IncrementalDetokenizer:
         """A streaming decode of generated ids: its pieces concatenate to `decode` of the same ids."""
         return IncrementalDetokenizer(self._vocab)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (its bytes bound them): a text of c characters
+        encodes to at least c / max_token_chars tokens."""
+        return max(len(self._vocab.surface(i, at_start=False) or b"") for i in range(self.vocab_size))
 
     def token_bytes(self, token_id: int, at_start: bool = False) -> bytes:
         """The bytes a token adds to the text (for logprobs); control tokens give b"".
