@@ -277,6 +277,31 @@ def test_a_caller_that_stops_taking_outputs_pauses_its_request_not_the_others(h:
     assert h.engine.kv_blocks_used() == 0
 
 
+def test_preemption_changes_no_seeded_result_to_the_last_bit() -> None:
+    """A preempted sequence recomputes its prompt on the prompt kernels and its generated tokens each as
+    a decode (one attention entry per token): the same arithmetic that made them, so its tokens and
+    logprobs stay those it gets alone, bit for bit."""
+    block_bytes = 2 * 4 * 16 * 2 * 32 * 4  # k and v, 4 layers, 16 tokens, 2 KV heads, head_dim 32, fp32
+    small = Harness(kv_cache_memory=24 * block_bytes, max_batch_size=8, max_prefill_tokens=64)
+    try:
+        prompts = [small.prompt(f"preempt me {i} " + "pad " * 20) for i in range(6)]
+        params = [dict(temperature=0.9, seed=i, max_tokens=120, logprobs=True) for i in range(6)]
+
+        def trace(outputs):
+            return [(t, lp.logprob) for o in outputs for d in o.deltas for t, lp in zip(d.token_ids, d.logprobs)]
+
+        alone = [trace(small.run(small.collect(p, **k))) for p, k in zip(prompts, params)]
+        preempted = small.engine._core.scheduler.num_preemptions
+
+        async def together():
+            return await asyncio.gather(*(small.collect(p, **k) for p, k in zip(prompts, params)))
+
+        assert [trace(o) for o in small.run(together())] == alone
+        assert small.engine._core.scheduler.num_preemptions > preempted
+    finally:
+        small.close()
+
+
 def test_the_warm_up_counts_in_no_metric() -> None:
     """The engine's own warm-up request at startup is not traffic: the token counters and latency
     histograms start at what callers asked for."""

@@ -119,6 +119,9 @@ def test_a_recomputed_sequence_chunks_its_prompt_apart_from_its_output() -> None
     assert seq.num_computed == 0 and len(seq.token_ids) == 26
     plan = sched.schedule()  # readmitted: the prefix cache may hold some of its prompt's blocks
     assert [(c.seq, c.num_tokens, c.is_prompt) for c in plan.chunks] == [(seq, 20 - seq.num_computed, True)]
+    # ... but leaves a prefill's worth of the prompt to compute, not a decode-sized rest (12 tokens of 20
+    # when the rule counted the generated tokens in).
+    assert seq.num_computed > 0 and 20 - seq.num_computed >= MIN_PROMPT_CHUNK
     seq.num_computed = 20
     plan = sched.schedule()
     assert [(c.seq, c.num_tokens, c.is_prompt) for c in plan.chunks] == [(seq, 6, False)]

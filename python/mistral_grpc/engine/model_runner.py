@@ -13,10 +13,14 @@ class ModelRunner:
         self.block_size = block_size
 
     def prepare(self, chunks: list[ScheduledChunk]) -> BatchInput:
+        """The packed batch: one attention entry per chunk, except that a chunk of generated tokens
+        (recomputed after a preemption) is one entry per token, each a decode as when it was first
+        made, so its attention rounds as it did then and the sequence's results do not change."""
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         seq_lens: list[int] = []
+        tables: list[list[int]] = []
         starts = [0]
         bs = self.block_size
         for chunk in chunks:
@@ -26,10 +30,13 @@ class ModelRunner:
             token_ids.extend(seq.token_ids[begin:end])
             positions.extend(range(begin, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
-            seq_lens.append(end)
-            starts.append(starts[-1] + chunk.num_tokens)
-        width = max(len(c.seq.blocks.block_ids) for c in chunks)
-        tables = [c.seq.blocks.block_ids + [0] * (width - len(c.seq.blocks.block_ids)) for c in chunks]
+            ends = [end] if chunk.is_prompt else range(begin + 1, end + 1)
+            seq_lens.extend(ends)
+            tables.extend(table for _ in ends)
+            first = starts[-1]
+            starts.extend(first + e - begin for e in ends)
+        width = max(len(t) for t in tables)
+        tables = [t + [0] * (width - len(t)) for t in tables]
         device = self.model.device
         return BatchInput(
             token_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
@@ -44,4 +51,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits [len(chunks), V] (fp32) at each chunk's last token."""
-        return self.model.forward(self.prepare(chunks), self.kv_cache)
+        batch = self.prepare(chunks)
+        logits = self.model.forward(batch, self.kv_cache)
+        if logits.shape[0] == len(chunks):
+            return logits
+        # Chunks of generated tokens made one entry per token: keep each chunk's last entry.
+        entries = torch.tensor([0 if c.is_prompt else c.num_tokens - 1 for c in chunks]).add_(1).cumsum_(0).sub_(1)
+        return logits.index_select(0, entries.to(logits.device))

@@ -14,8 +14,9 @@ What else is batched never changes a sequence's numbers (the seed contract): the
 prompt tokens and decode tokens each with kernels whose result for a row does not depend on the
 other rows (ops.linear's prompt_rows), the step lists prompt chunks first so they form one block
 of rows, and a prompt chunk is never so short that attention would take its decode path instead
-(MIN_PROMPT_CHUNK). The one exception is a preempted sequence: its generated tokens are recomputed
-as a prompt chunk, whose attention rounds differently from the decode steps that first made them.
+(MIN_PROMPT_CHUNK; a prefix hit leaves at least that much of a prompt to compute). Preemption
+changes nothing either: a readmitted sequence recomputes its prompt as a prefill and its generated
+tokens as decode rows, each its own attention entry (model_runner.py), as they were first made.
 """
 
 from collections import deque
@@ -152,7 +153,10 @@ class Scheduler:
             if not self.blocks.can_allocate(len(seq.token_ids), reserve=self.watermark) and self.running:
                 return  # first come, first served: nobody overtakes a request that does not fit yet
             try:
-                seq.num_computed = self.blocks.allocate(seq.blocks, seq.token_ids, self.min_prompt_chunk)
+                # A prefix hit leaves at least min_prompt_chunk tokens of the prompt to compute (after a
+                # preemption the generated ones come on top), so the rest of the prompt is a prefill.
+                left = seq.num_output + self.min_prompt_chunk
+                seq.num_computed = self.blocks.allocate(seq.blocks, seq.token_ids, left)
             except NoFreeBlocksError:
                 return
             self.prefix_hit_tokens += seq.num_computed
