@@ -1,5 +1,7 @@
 """Turns a step's scheduled chunks into the decoder's packed batch and runs it."""
 
+import itertools
+
 import torch
 
 from mistral_grpc.engine.scheduler import ScheduledChunk
@@ -22,6 +24,7 @@ class ModelRunner:
         seq_lens: list[int] = []
         tables: list[list[int]] = []
         starts = [0]
+        split = False  # a chunk became several entries: logits only at each chunk's last token
         bs = self.block_size
         for chunk in chunks:
             seq = chunk.seq
@@ -31,6 +34,7 @@ class ModelRunner:
             positions.extend(range(begin, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
             ends = [end] if chunk.is_prompt else range(begin + 1, end + 1)
+            split = split or len(ends) > 1
             seq_lens.extend(ends)
             tables.extend(table for _ in ends)
             first = starts[-1]
@@ -46,15 +50,11 @@ class ModelRunner:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
             prompt_rows=sum(c.num_tokens for c in chunks if c.is_prompt),
+            logits_rows=(torch.tensor(list(itertools.accumulate(c.num_tokens for c in chunks)), device=device) - 1
+                         if split else None),
         )
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits [len(chunks), V] (fp32) at each chunk's last token."""
-        batch = self.prepare(chunks)
-        logits = self.model.forward(batch, self.kv_cache)
-        if logits.shape[0] == len(chunks):
-            return logits
-        # Chunks of generated tokens made one entry per token: keep each chunk's last entry.
-        entries = torch.tensor([0 if c.is_prompt else c.num_tokens - 1 for c in chunks]).add_(1).cumsum_(0).sub_(1)
-        return logits.index_select(0, entries.to(logits.device))
+        return self.model.forward(self.prepare(chunks), self.kv_cache)

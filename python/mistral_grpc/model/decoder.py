@@ -32,6 +32,8 @@ class BatchInput:
     # Tokens [0, prompt_rows) are prompt tokens, the rest decode tokens, each side on kernels that give
     # a row the same result whatever else is in the batch (ops.linear); -1: kernels by the batch's size.
     prompt_rows: int = -1
+    # int64 [R]: the token rows whose logits forward() returns; None: each sequence's last token.
+    logits_rows: torch.Tensor | None = None
 
 @dataclass
 class KVCache:
@@ -96,7 +98,8 @@ class MistralDecoder:
 
     @torch.inference_mode()
     def forward(self, batch: BatchInput, kv_cache: KVCache) -> torch.Tensor:
-        """Logits [B, V] in float32 for the last new token of each sequence of the batch."""
+        """Logits [B, V] in float32 for the last new token of each sequence of the batch (or [R, V] for
+        batch.logits_rows)."""
         eps = self.config.rms_norm_eps
         hidden = F.embedding(batch.token_ids, self.embed_tokens)
         # Each layer starts with residual += hidden: from zeros, the first leaves the embeddings exact.
@@ -111,9 +114,12 @@ class MistralDecoder:
             else:
                 hidden = self._layer(layer, hidden, residual, batch, key_cache, value_cache)
 
-        # Only each sequence's last token needs the last residual add, the final norm and the lm_head
-        # (in a batch of decode tokens alone, every token is one).
-        if hidden.shape[0] != batch.seq_lens.shape[0]:
+        # Only the rows whose logits are wanted (each sequence's last token unless the batch says) need
+        # the last residual add, the final norm and the lm_head (in a batch of decode tokens alone,
+        # every token is one).
+        if batch.logits_rows is not None:
+            hidden, residual = hidden[batch.logits_rows], residual[batch.logits_rows]
+        elif hidden.shape[0] != batch.seq_lens.shape[0]:
             last = (batch.query_start_loc[1:] - 1).long()
             hidden, residual = hidden[last], residual[last]
         ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
