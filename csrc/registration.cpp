@@ -25,6 +25,10 @@ TORCH_LIBRARY(mistral_grpc, m) {
   // row's result independent of the other rows; -1: the kernels go by the batch's size.
   m.def("linear(Tensor(a!) out, Tensor x, Tensor packed_weight, int prompt_rows=-1) -> ()");
   m.def("linear_silu_mul(Tensor(a!) out, Tensor x, Tensor packed_gate_up, int prompt_rows=-1) -> ()");
+  // Weight-only int8 / int4 quantization into the same ops' packed form (csrc/common/quant.h): `linear`,
+  // `linear_silu_mul` and `decoder_layer` take these packs as they take the float ones.
+  m.def("quantize_linear_weight(Tensor weight, str scheme, int group_size=0) -> Tensor");
+  m.def("quantize_gate_up_weight(Tensor gate, Tensor up, str scheme, int group_size=0) -> Tensor");
   m.def("read_bandwidth(Tensor buffer, int repeats) -> float");
   m.def("linear_cpu_isa(str isa=\"\") -> str");
   // A zeroed uint8 CPU tensor of nbytes, from 2 MiB on a 2 MiB-aligned mapping advised for huge pages

@@ -16,6 +16,9 @@
 // gate and 16 up outputs that silu(gate) * up pairs, without a [T, 2F] intermediate.
 // The header carries the logical shape and kind, so a raw weight, a weight of the wrong shape or
 // a gate_up weight given to the plain op is a clear error instead of a wrong answer.
+//
+// Quantized weights (int8, int4) share the header and the 16-row tiles but lay a tile out by groups
+// of K (common/quant.h); the header adds their group size and the dtype of x and out.
 #pragma once
 
 #include <cstdint>
@@ -27,20 +30,23 @@ constexpr int64_t kStepBytes = 64;
 constexpr int64_t kHeaderBytes = 64;
 constexpr uint32_t kPackedMagic = 0x574c474d;  // "MGLW"
 
-enum class WeightDtype : uint32_t { kFloat32 = 1, kBFloat16 = 2 };
+enum class WeightDtype : uint32_t { kFloat32 = 1, kBFloat16 = 2, kInt8 = 3, kInt4 = 4 };
 enum class PackKind : uint32_t { kLinear = 1, kGateUp = 2 };
 
 struct PackedHeader {
   uint32_t magic;
   WeightDtype dtype;
   PackKind kind;
-  uint32_t reserved;
+  uint32_t group_size;  // quantized: K values per scale (int8: the padded K); else 0
   int64_t n;  // output features: N for kLinear, F (per half) for kGateUp
   int64_t k;  // input features
+  WeightDtype activation;  // quantized: the dtype of x and out (kFloat32 / kBFloat16); else = dtype
 };
 static_assert(sizeof(PackedHeader) <= kHeaderBytes);
 
-// K elements of one output row per 64-byte step.
+constexpr bool is_quantized(WeightDtype dtype) { return dtype == WeightDtype::kInt8 || dtype == WeightDtype::kInt4; }
+
+// K elements of one output row per 64-byte step (the float dtypes).
 constexpr int64_t k_per_step(WeightDtype dtype) { return dtype == WeightDtype::kFloat32 ? 1 : 2; }
 
 constexpr int64_t steps_per_tile(WeightDtype dtype, int64_t k) {

@@ -20,9 +20,37 @@
 #include <vector>
 
 #include "common/linear_kernels.h"
+#include "cpu/linear_quant.h"
 #include "cpu/ops_cpu.h"
 
 namespace mistral_grpc {
+
+// Zeroed bytes, on 2 MiB pages where the kernel allows (transparent huge pages in "madvise" mode,
+// the usual default) and the weight fills one, so streaming a weight costs one TLB miss per 2 MiB
+// instead of per 4 KiB: a decode step reads every weight once (175M model, batch-1, runs
+// interleaved: bf16 75-77 -> 80-83 tok/s, fp32 43 -> 46-47 tok/s). The mapping starts on a 2 MiB
+// boundary and is advised before its first touch.
+at::Tensor zeroed_bytes(int64_t bytes) {
+#ifdef MADV_HUGEPAGE
+  constexpr int64_t kHugePage = 2 << 20, kPage = 4096;
+  if (bytes >= kHugePage) {
+    const int64_t length = (bytes + kPage - 1) / kPage * kPage;
+    const int64_t mapped = length + kHugePage;
+    void* raw = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw != MAP_FAILED) {
+      auto* base = static_cast<uint8_t*>(raw);
+      uint8_t* start = base + (kHugePage - reinterpret_cast<uintptr_t>(base) % kHugePage) % kHugePage;
+      if (start > base) munmap(base, start - base);
+      if (start + length < base + mapped) munmap(start + length, base + mapped - (start + length));
+      madvise(start, length, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
+      return at::from_blob(start, {bytes}, [length](void* data) { munmap(data, length); },
+                           at::TensorOptions().dtype(at::kByte));
+    }
+  }
+#endif
+  return at::zeros({bytes}, at::TensorOptions().dtype(at::kByte));
+}
+
 namespace {
 
 using namespace linear;
@@ -74,6 +102,24 @@ const KernelSet& kernels_for(WeightDtype dtype) {
 #endif
     default:
       return fp32 ? kPortableFp32 : kPortableBf16;
+  }
+}
+
+// The quantized kernels for the level in use: int8 dot products need AVX-512 VNNI (found beside
+// AVX512_BF16) or AVX2's vpmaddubsw; the "avx512" level (AVX-512F only) runs the AVX2 set.
+const QuantKernelSet& quant_kernels() {
+  switch (active_isa().load(std::memory_order_relaxed)) {
+#if MG_LINEAR_X86_KERNELS
+    case Isa::kAmx:
+    case Isa::kAvx512Bf16:
+      if (__builtin_cpu_supports("avx512vnni")) return kQuantAvx512Vnni;
+      return kQuantAvx2;
+    case Isa::kAvx512:
+    case Isa::kAvx2:
+      return kQuantAvx2;
+#endif
+    default:
+      return kQuantPortable;
   }
 }
 
@@ -154,32 +200,6 @@ void copy_matrix(uint8_t* tiles, const at::Tensor& matrix, int64_t units, int64_
   }
 }
 
-// Zeroed bytes, on 2 MiB pages where the kernel allows (transparent huge pages in "madvise" mode,
-// the usual default) and the weight fills one, so streaming a weight costs one TLB miss per 2 MiB
-// instead of per 4 KiB: a decode step reads every weight once (175M model, batch-1, runs
-// interleaved: bf16 75-77 -> 80-83 tok/s, fp32 43 -> 46-47 tok/s). The mapping starts on a 2 MiB
-// boundary and is advised before its first touch.
-at::Tensor zeroed_bytes(int64_t bytes) {
-#ifdef MADV_HUGEPAGE
-  constexpr int64_t kHugePage = 2 << 20, kPage = 4096;
-  if (bytes >= kHugePage) {
-    const int64_t length = (bytes + kPage - 1) / kPage * kPage;
-    const int64_t mapped = length + kHugePage;
-    void* raw = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (raw != MAP_FAILED) {
-      auto* base = static_cast<uint8_t*>(raw);
-      uint8_t* start = base + (kHugePage - reinterpret_cast<uintptr_t>(base) % kHugePage) % kHugePage;
-      if (start > base) munmap(base, start - base);
-      if (start + length < base + mapped) munmap(start + length, base + mapped - (start + length));
-      madvise(start, length, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
-      return at::from_blob(start, {bytes}, [length](void* data) { munmap(data, length); },
-                           at::TensorOptions().dtype(at::kByte));
-    }
-  }
-#endif
-  return at::zeros({bytes}, at::TensorOptions().dtype(at::kByte));
-}
-
 at::Tensor new_packed(WeightDtype dtype, PackKind kind, int64_t n, int64_t k) {
   at::Tensor packed = zeroed_bytes(packed_bytes(dtype, kind, n, k));
   PackedHeader header{};
@@ -188,6 +208,7 @@ at::Tensor new_packed(WeightDtype dtype, PackKind kind, int64_t n, int64_t k) {
   header.kind = kind;
   header.n = n;
   header.k = k;
+  header.activation = dtype;
   std::memcpy(packed.data_ptr<uint8_t>(), &header, sizeof header);
   return packed;
 }
@@ -221,17 +242,22 @@ PackedHeader read_header(const at::Tensor& packed, const char* op) {
               packed.device());
   PackedHeader header;
   std::memcpy(&header, packed.data_ptr<uint8_t>(), sizeof header);
-  const bool known = header.magic == kPackedMagic &&
-                     (header.dtype == WeightDtype::kFloat32 || header.dtype == WeightDtype::kBFloat16) &&
+  const bool dense = header.dtype == WeightDtype::kFloat32 || header.dtype == WeightDtype::kBFloat16;
+  const bool known = header.magic == kPackedMagic && (dense || is_quantized(header.dtype)) &&
                      (header.kind == PackKind::kLinear || header.kind == PackKind::kGateUp) && header.n > 0 &&
-                     header.k > 0;
-  TORCH_CHECK(known && packed.numel() == packed_bytes(header.dtype, header.kind, header.n, header.k), op,
-              ": the packed weight is corrupt or was not made by pack_linear_weight / pack_gate_up_weight");
+                     header.k > 0 && (dense ? header.activation == header.dtype : quant_header_valid(header));
+  const int64_t bytes = !known ? -1
+                        : dense ? packed_bytes(header.dtype, header.kind, header.n, header.k)
+                                : quant_packed_bytes(header);
+  TORCH_CHECK(known && packed.numel() == bytes, op,
+              ": the packed weight is corrupt or was not made by pack_linear_weight / pack_gate_up_weight / "
+              "quantize_linear_weight / quantize_gate_up_weight");
   return header;
 }
 
 at::Tensor unpack_linear_weight(const at::Tensor& packed) {
   const PackedHeader header = read_header(packed, "unpack_linear_weight");
+  if (is_quantized(header.dtype)) return dequantize_packed(header, packed);
   const bool gate_up = header.kind == PackKind::kGateUp;
   at::Tensor weight = at::empty({header.n * (gate_up ? 2 : 1), header.k},
                                 at::TensorOptions().dtype(scalar_type(header.dtype)));
@@ -320,7 +346,7 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
   TORCH_CHECK(header.kind == kind, op, ": got a ",
               header.kind == PackKind::kGateUp ? "gate_up weight (from pack_gate_up_weight); use linear_silu_mul"
                                                : "plain weight (from pack_linear_weight); use linear");
-  const at::ScalarType dtype = scalar_type(header.dtype);
+  const at::ScalarType dtype = scalar_type(header.activation);
   TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu(), op, ": x and out must be on the CPU");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == header.k && x.stride(1) == 1, op, ": x must be [T, ", header.k,
               "] with unit stride along K, got shape ", x.sizes(), " strides ", x.strides());
@@ -333,6 +359,11 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
   const int64_t rows = x.size(0);
   TORCH_CHECK(prompt_rows >= -1 && prompt_rows <= rows, op, ": prompt_rows must be -1 or in [0, ", rows, "], got ",
               prompt_rows);
+  if (is_quantized(header.dtype)) {
+    // One kernel family whatever the rows: each row's result is already independent of the batch.
+    run_quant(quant_kernels(), header, out, x, packed);
+    return;
+  }
   if (prompt_rows < 0) {
     run_kernels(kernels_for_rows(header, rows), header, out, x, packed, kind);
     return;
@@ -460,7 +491,7 @@ void linear_silu_mul_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor&
 
 PackedWeightShape packed_weight_shape(const at::Tensor& packed, const char* op) {
   const PackedHeader header = read_header(packed, op);
-  return {header.kind == PackKind::kGateUp, header.n, header.k, scalar_type(header.dtype)};
+  return {header.kind == PackKind::kGateUp, header.n, header.k, scalar_type(header.activation)};
 }
 
 TORCH_LIBRARY_IMPL(mistral_grpc, CPU, m) {

@@ -20,6 +20,8 @@ void linear_silu_mul_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor&
 // level below "amx". Prefill attention's AMX path follows the linear layers' level, so tests that
 // lower it reach attention's vector path too.
 bool cpu_amx_selected();
+// Zeroed bytes on 2 MiB pages where the kernel allows: the packed weights' allocation.
+at::Tensor zeroed_bytes(int64_t bytes);
 // What a packed weight's header says (after checking it): n is F for a gate_up pack.
 struct PackedWeightShape {
   bool gate_up;

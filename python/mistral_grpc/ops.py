@@ -75,8 +75,21 @@ def pack_gate_up_weight(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_linear_weight(packed: torch.Tensor) -> torch.Tensor:
-    """The [N, K] weight back from a packed one ([2F, K] = gate then up for a gate_up pack)."""
+    """The [N, K] weight back from a packed one ([2F, K] = gate then up for a gate_up pack); from a
+    quantized pack, float32 holding exactly the dequantized weights the kernels multiply."""
     return _ops.unpack_linear_weight(packed)
+
+
+def quantize_linear_weight(weight: torch.Tensor, scheme: str, group_size: int = 0) -> torch.Tensor:
+    """Quantizes and packs a CPU [N, K] fp32/bf16 weight for `linear` (csrc/common/quant.h): scheme "int8"
+    (symmetric, per output channel; group_size 0) or "int4" (asymmetric groups of group_size 32, 64 or 128
+    along K; 0 = 32). x and out keep the weight's dtype; the kernels quantize x per 32 values to int8."""
+    return _ops.quantize_linear_weight(weight, scheme, group_size)
+
+
+def quantize_gate_up_weight(gate: torch.Tensor, up: torch.Tensor, scheme: str, group_size: int = 0) -> torch.Tensor:
+    """quantize_linear_weight for the MLP's gate and up [F, K] side by side, for `linear_silu_mul`."""
+    return _ops.quantize_gate_up_weight(gate, up, scheme, group_size)
 
 
 def linear(out: torch.Tensor, x: torch.Tensor, packed_weight: torch.Tensor, prompt_rows: int = -1) -> None:
@@ -143,6 +156,20 @@ def _packed_weight_bytes(weight: torch.Tensor, units: int) -> int:
     return 64 + units * math.ceil(n / 16) * lines * 64
 
 
+def _quantized_weight_bytes(weight: torch.Tensor, scheme: str, group_size: int, units: int) -> int:
+    """quant_packed_bytes() of csrc/cpu/linear_quant.cpp: a 64-byte header, then per 16 rows, per group of
+    K and unit, a params line and the group's q lines (4 K values a line in int8, 8 in int4)."""
+    n, k = weight.shape
+    if scheme == "int8":
+        group = math.ceil(k / 32) * 32
+        k_per_line = 4
+    else:
+        group = group_size or 32
+        k_per_line = 8
+    groups = math.ceil(k / group)
+    return 64 + math.ceil(n / 16) * groups * units * (1 + group // k_per_line) * 64
+
+
 def _register_linear_fakes() -> None:
     for name in ("linear", "linear_silu_mul", "decoder_layer"):
         torch.library.register_fake(f"mistral_grpc::{name}")(lambda *args, **kwargs: None)
@@ -158,6 +185,14 @@ def _register_linear_fakes() -> None:
     @torch.library.register_fake("mistral_grpc::pack_gate_up_weight")
     def _(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return gate.new_empty(_packed_weight_bytes(gate, 2), dtype=torch.uint8)
+
+    @torch.library.register_fake("mistral_grpc::quantize_linear_weight")
+    def _(weight: torch.Tensor, scheme: str, group_size: int = 0) -> torch.Tensor:
+        return weight.new_empty(_quantized_weight_bytes(weight, scheme, group_size, 1), dtype=torch.uint8)
+
+    @torch.library.register_fake("mistral_grpc::quantize_gate_up_weight")
+    def _(gate: torch.Tensor, up: torch.Tensor, scheme: str, group_size: int = 0) -> torch.Tensor:
+        return gate.new_empty(_quantized_weight_bytes(gate, scheme, group_size, 2), dtype=torch.uint8)
 
 
 _register_linear_fakes()

@@ -20,6 +20,7 @@ class EngineArgs:
     model: str = "demo"  # a Hugging Face model directory, or "demo"
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    quantization: str = "none"  # none | int8 | int4: weight-only, applied while loading (CPU)
     served_model_name: str | None = None  # defaults to the directory's name ("demo" for the demo)
     max_batch_size: int = 32  # sequences decoded together in one step
     max_queue: int = 256  # waiting requests beyond this are refused (RESOURCE_EXHAUSTED)

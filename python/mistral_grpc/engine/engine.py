@@ -120,7 +120,7 @@ class LLMEngine:
             log.warning("serving the DEMO model: random weights, the real Mistral tokenizer. "
                         "Its text is meaningless; pass --model DIR for real weights.")
             model_dir = write_demo_model(os.path.join(tempfile.gettempdir(), "mistral-grpc-demo"))
-        model = MistralDecoder.from_dir(model_dir, device=device, dtype=dtype)
+        model = MistralDecoder.from_dir(model_dir, device=device, dtype=dtype, quantization=self.args.quantization)
         self.tokenizer = MistralTokenizer.from_dir(model_dir)
         if self.tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"{model_dir}: the tokenizer has {self.tokenizer.vocab_size} tokens but the model's "
@@ -130,8 +130,9 @@ class LLMEngine:
         self._core = EngineCore(model, self.tokenizer, num_blocks, self.args.block_size, self.args.max_batch_size,
                                 self.args.max_prefill_tokens)
         KV_CACHE_BLOCKS_TOTAL.set(num_blocks)
-        log.info("loaded %s on %s (%s): %d KV blocks of %d tokens, context %d", model_dir, device, model.dtype,
-                 num_blocks, self.args.block_size, self.max_model_len)
+        log.info("loaded %s on %s (%s, quantization %s, weights %.2f GiB): %d KV blocks of %d tokens, context %d",
+                 model_dir, device, model.dtype, model.quantization, model.weight_bytes / 2**30, num_blocks,
+                 self.args.block_size, self.max_model_len)
 
     def _num_kv_blocks(self, model: MistralDecoder) -> int:
         cfg = model.config

@@ -66,6 +66,11 @@ class MistralConfig:
     def from_dict(cls, d: dict[str, Any]) -> "MistralConfig":
         _expect_if_present(d, "model_type", "mistral")
         _expect_if_present(d, "hidden_act", "silu")
+        if d.get("quantization_config") is not None:
+            method = d["quantization_config"].get("quant_method", "?") if isinstance(d["quantization_config"], dict) else "?"
+            raise ConfigError("quantization_config", f"the checkpoint is already quantized ({method}); pre-quantized "
+                              "checkpoints do not load yet: serve its float (bf16/fp16/fp32) checkpoint, with "
+                              "--quantization int8 or int4 to quantize it while loading")
         if d.get("rope_scaling") is not None:
             raise ConfigError("rope_scaling", f"RoPE scaling is not supported (got {d['rope_scaling']!r})")
 

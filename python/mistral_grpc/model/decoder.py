@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mistral_grpc import ops
 from mistral_grpc.memory import zeros_on_huge_pages
 from mistral_grpc.model.config import DTYPES, MistralConfig
-from mistral_grpc.model.linear import PackedGateUpSilu, PackedLinear
+from mistral_grpc.model.linear import PackedGateUpSilu, PackedLinear, check_quantization
 from mistral_grpc.model.weights import LayerWeights, MistralWeights, load_weights
 
 @dataclass
@@ -43,32 +43,39 @@ class KVCache:
     values: list[torch.Tensor]
 
 class _Layer:
-    """One decoder layer's norms and projections; on CPU each projection holds only its packed copy."""
+    """One decoder layer's norms and projections; on CPU each projection holds only its packed (or
+    quantized) copy."""
 
-    def __init__(self, weights: LayerWeights) -> None:
+    def __init__(self, weights: LayerWeights, quantization: str = "none") -> None:
         self.input_norm = weights.input_norm
         self.post_attention_norm = weights.post_attention_norm
-        self.qkv_proj = PackedLinear.from_weight(weights.qkv)
-        self.o_proj = PackedLinear.from_weight(weights.o_proj)
+        self.qkv_proj = PackedLinear.from_weight(weights.qkv, quantization)
+        self.o_proj = PackedLinear.from_weight(weights.o_proj, quantization)
         gate, up = weights.gate_up.chunk(2)
-        self.gate_up_silu = PackedGateUpSilu.from_weights(gate, up)
-        self.down_proj = PackedLinear.from_weight(weights.down_proj)
+        self.gate_up_silu = PackedGateUpSilu.from_weights(gate, up, quantization)
+        self.down_proj = PackedLinear.from_weight(weights.down_proj, quantization)
         # Packed (CPU, float32 / bfloat16): the whole layer runs as one op, ops.decoder_layer.
         self.packed = self.qkv_proj.packed is not None
 
 class MistralDecoder:
-    def __init__(self, config: MistralConfig, weights: MistralWeights) -> None:
+    def __init__(self, config: MistralConfig, weights: MistralWeights, quantization: str = "none") -> None:
+        """weights.layers: LayerWeights, or layers from_dir built as they were read. quantization: a
+        scheme of QUANTIZATION_SCHEMES for every linear layer (the LM head at least int8)."""
+        check_quantization(quantization, weights.embed_tokens.device, weights.embed_tokens.dtype)
         self.config = config
         self.device = weights.embed_tokens.device
         self.dtype = weights.embed_tokens.dtype
+        self.quantization = quantization
         self.embed_tokens = weights.embed_tokens
         # Packing copies each weight: take the loaded layers one at a time and let each dense copy
         # go as soon as its packed one exists, so loading never holds two copies of the model.
         self.layers = []
         while weights.layers:
-            self.layers.append(_Layer(weights.layers.pop(0)))
+            layer = weights.layers.pop(0)
+            self.layers.append(layer if isinstance(layer, _Layer) else _Layer(layer, quantization))
         self.norm = weights.norm
-        self.lm_head = PackedLinear.from_weight(weights.lm_head)
+        # The LM head picks the token: int4 rounding there costs more than it saves.
+        self.lm_head = PackedLinear.from_weight(weights.lm_head, "int8" if quantization == "int4" else quantization)
         weights.lm_head = None
         self.cos_sin_cache = _cos_sin_cache(config, self.dtype, self.device)
         self.scale = config.head_dim ** -0.5  # as transformers writes it, so rounding matches
@@ -76,10 +83,26 @@ class MistralDecoder:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
-                 dtype: torch.dtype | str | None = None) -> "MistralDecoder":
-        """Loads a Hugging Face model directory; dtype None (or "auto") keeps config.json's torch_dtype."""
+                 dtype: torch.dtype | str | None = None, quantization: str = "none") -> "MistralDecoder":
+        """Loads a Hugging Face model directory; dtype None (or "auto") keeps config.json's torch_dtype.
+        Each layer is packed (quantized) as soon as it is read, so loading holds the packed model and
+        one layer in `dtype`, never the whole model in `dtype`."""
         config = MistralConfig.from_dir(path)
-        return cls(config, load_weights(path, config, _resolve_dtype(dtype, config), device))
+        dtype = _resolve_dtype(dtype, config)
+        check_quantization(quantization, device, dtype)
+        weights = load_weights(path, config, dtype, device,
+                               prepare_layer=lambda layer: _Layer(layer, quantization))
+        return cls(config, weights, quantization)
+
+    @property
+    def weight_bytes(self) -> int:
+        """The bytes the weights take in memory (the embedding, norms and every packed projection)."""
+        projections = [self.lm_head] + [p for layer in self.layers
+                                        for p in (layer.qkv_proj, layer.o_proj, layer.gate_up_silu, layer.down_proj)]
+        norms = [self.norm] + [n for layer in self.layers for n in (layer.input_norm, layer.post_attention_norm)]
+        tied = self.lm_head.weight is not None and self.lm_head.weight.data_ptr() == self.embed_tokens.data_ptr()
+        return (sum(p.nbytes for p in projections) + sum(n.nbytes for n in norms)
+                + (0 if tied else self.embed_tokens.nbytes))
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
         shape = (num_blocks, block_size, self.config.num_key_value_heads, self.config.head_dim)

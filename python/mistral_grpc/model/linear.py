@@ -1,5 +1,8 @@
 """The decoder's linear layers: the extension's weight-streaming kernels on CPU, cuBLAS on CUDA.
 
+With a quantization scheme (int8, int4) the CPU weight is quantized while it is packed
+(ops.quantize_linear_weight) and the same ops run it on int8 dot products (csrc/common/quant.h).
+
 A CPU decode step reads every weight once, so its speed is the rate the weights stream through
 the cores: ops.linear reads a weight packed once at load time at close to the machine's read
 bandwidth (benchmarks/bench_linear.py). On CPU every batch size goes to our ops, which switch
@@ -20,9 +23,29 @@ from mistral_grpc import ops
 # The dtypes our CPU kernels stream; others (float16 on CPU) and every CUDA weight go to torch.
 _PACKABLE = (torch.float32, torch.bfloat16)
 
+# Weight-only quantization schemes (--quantization): "none" keeps the model's dtype.
+QUANTIZATION_SCHEMES = ("none", "int8", "int4")
+
+
+class QuantizationError(ValueError):
+    """A scheme that cannot run where it was asked for."""
+
 
 def _packs(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype in _PACKABLE
+
+
+def check_quantization(scheme: str, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Raises QuantizationError unless the kernels exist for `scheme` on `device` in `dtype`."""
+    if scheme not in QUANTIZATION_SCHEMES:
+        raise QuantizationError(f"quantization must be one of {', '.join(QUANTIZATION_SCHEMES)}, got {scheme!r}")
+    if scheme == "none":
+        return
+    if torch.device(device).type != "cpu":
+        raise QuantizationError(f"--quantization {scheme} runs on the CPU only so far (got --device {device})")
+    if dtype not in _PACKABLE:
+        raise QuantizationError(f"--quantization {scheme} needs --dtype float32 or bfloat16 on the CPU "
+                                f"(the activations' dtype), got {str(dtype).removeprefix('torch.')}")
 
 
 class _PackedLayer:
@@ -34,6 +57,11 @@ class _PackedLayer:
         self.in_features = in_features
         self.packed = packed  # CPU: the only copy of the weight
         self.weight = weight  # CUDA: the dense weight, for cuBLAS
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the layer's weight takes in memory."""
+        return (self.packed if self.packed is not None else self.weight).nbytes
 
     def _kernel(self, out: torch.Tensor, x: torch.Tensor, prompt_rows: int) -> None:
         raise NotImplementedError
@@ -64,8 +92,11 @@ class PackedLinear(_PackedLayer):
     qkv is one of these over the concatenated q, k, v weights."""
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor) -> "PackedLinear":
+    def from_weight(cls, weight: torch.Tensor, quantization: str = "none") -> "PackedLinear":
         n, k = weight.shape
+        if quantization != "none":
+            check_quantization(quantization, weight.device, weight.dtype)
+            return cls(n, k, packed=ops.quantize_linear_weight(weight, quantization))
         if _packs(weight):
             return cls(n, k, packed=ops.pack_linear_weight(weight))
         return cls(n, k, weight=weight)
@@ -82,10 +113,13 @@ class PackedGateUpSilu(_PackedLayer):
     op reads the packed gate+up weight and writes [T, F] without materialising [T, 2F]."""
 
     @classmethod
-    def from_weights(cls, gate: torch.Tensor, up: torch.Tensor) -> "PackedGateUpSilu":
+    def from_weights(cls, gate: torch.Tensor, up: torch.Tensor, quantization: str = "none") -> "PackedGateUpSilu":
         if gate.shape != up.shape:
             raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
         f, k = gate.shape
+        if quantization != "none":
+            check_quantization(quantization, gate.device, gate.dtype)
+            return cls(f, k, packed=ops.quantize_gate_up_weight(gate, up, quantization))
         if _packs(gate):
             return cls(f, k, packed=ops.pack_gate_up_weight(gate, up))
         return cls(f, k, weight=torch.cat([gate, up]))

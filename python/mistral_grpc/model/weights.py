@@ -13,7 +13,9 @@ import math
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,7 +48,7 @@ class LayerWeights:
 @dataclass
 class MistralWeights:
     embed_tokens: torch.Tensor  # [V, H]
-    layers: list[LayerWeights]
+    layers: list[Any]  # LayerWeights, or what load_weights' prepare_layer made of each
     norm: torch.Tensor  # [H]
     lm_head: torch.Tensor  # [V, H]; the embedding itself when tie_word_embeddings
 
@@ -63,56 +65,75 @@ class _Entry:
 
 
 def load_weights(model_dir: str | os.PathLike, config: MistralConfig, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> MistralWeights:
-    """Reads every weight of `config`'s model from `model_dir` into `dtype` on `device`."""
+                 device: torch.device | str = "cpu",
+                 prepare_layer: Callable[[LayerWeights], Any] | None = None) -> MistralWeights:
+    """Reads every weight of `config`'s model from `model_dir` into `dtype` on `device`.
+
+    Layers are read one at a time; with `prepare_layer` each goes through it as soon as it is read (the
+    decoder packs or quantizes it there) and its dense copy can go, so the dense model need never be
+    whole in memory: `layers` then holds what prepare_layer returned."""
     model_dir = os.fspath(model_dir)
     entries = _read_entries(model_dir)
-    weights, destinations = _allocate(config, dtype, torch.device(device))
-    _check_against(entries, destinations, config)
-    by_file: dict[str, list[tuple[_Entry, torch.Tensor]]] = {}
-    for name, dest in destinations.items():
-        by_file.setdefault(entries[name].path, []).append((entries[name], dest))
-    for path, items in by_file.items():
-        _copy_file(path, sorted(items, key=lambda item: item[0].begin))
+    device = torch.device(device)
+    weights, destinations = _allocate_globals(config, dtype, device)
+    expected = dict(destinations)
+    for i in range(config.num_hidden_layers):
+        expected.update(_slots(i, _empty_layer(config, dtype, torch.device("meta")), config))
+    _check_against(entries, expected, config)
+    with _MappedFiles() as files:
+        for i in range(config.num_hidden_layers):
+            layer = _empty_layer(config, dtype, device)
+            for name, dest in sorted(_slots(i, layer, config).items(), key=lambda item: entries[item[0]].begin):
+                files.copy(entries[name], dest)
+            weights.layers.append(layer if prepare_layer is None else prepare_layer(layer))
+        for name, dest in destinations.items():
+            files.copy(entries[name], dest)
     return weights
 
 
-def _allocate(config: MistralConfig, dtype: torch.dtype,
-              device: torch.device) -> tuple[MistralWeights, dict[str, torch.Tensor]]:
-    """The model's tensors, uninitialised, and the checkpoint name each slice of them is filled from."""
+def _allocate_globals(config: MistralConfig, dtype: torch.dtype,
+                      device: torch.device) -> tuple[MistralWeights, dict[str, torch.Tensor]]:
+    """The model's tensors outside the layers, uninitialised (no layers yet), and the checkpoint name
+    each is filled from."""
 
     def empty(*shape: int) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=device)
 
-    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    q, kv = config.q_size, config.kv_size
+    h, v = config.hidden_size, config.vocab_size
     embed_tokens = empty(v, h)
-    weights = MistralWeights(
-        embed_tokens=embed_tokens,
-        layers=[LayerWeights(empty(h), empty(q + 2 * kv, h), empty(h, q), empty(h), empty(2 * f, h), empty(h, f))
-                for _ in range(config.num_hidden_layers)],
-        norm=empty(h),
-        lm_head=embed_tokens if config.tie_word_embeddings else empty(v, h),
-    )
+    weights = MistralWeights(embed_tokens=embed_tokens, layers=[], norm=empty(h),
+                             lm_head=embed_tokens if config.tie_word_embeddings else empty(v, h))
     destinations = {"model.embed_tokens.weight": embed_tokens, "model.norm.weight": weights.norm}
     if not config.tie_word_embeddings:
         destinations["lm_head.weight"] = weights.lm_head
-    for i, layer in enumerate(weights.layers):
-        prefix = f"model.layers.{i}."
-        qkv_q, qkv_k, qkv_v = layer.qkv.split([q, kv, kv])
-        gate, up = layer.gate_up.split([f, f])
-        destinations.update({
-            prefix + "input_layernorm.weight": layer.input_norm,
-            prefix + "self_attn.q_proj.weight": qkv_q,
-            prefix + "self_attn.k_proj.weight": qkv_k,
-            prefix + "self_attn.v_proj.weight": qkv_v,
-            prefix + "self_attn.o_proj.weight": layer.o_proj,
-            prefix + "post_attention_layernorm.weight": layer.post_attention_norm,
-            prefix + "mlp.gate_proj.weight": gate,
-            prefix + "mlp.up_proj.weight": up,
-            prefix + "mlp.down_proj.weight": layer.down_proj,
-        })
     return weights, destinations
+
+
+def _empty_layer(config: MistralConfig, dtype: torch.dtype, device: torch.device) -> LayerWeights:
+    h, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+
+    def empty(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    return LayerWeights(empty(h), empty(q + 2 * kv, h), empty(h, q), empty(h), empty(2 * f, h), empty(h, f))
+
+
+def _slots(index: int, layer: LayerWeights, config: MistralConfig) -> dict[str, torch.Tensor]:
+    q, kv, f = config.q_size, config.kv_size, config.intermediate_size
+    prefix = f"model.layers.{index}."
+    qkv_q, qkv_k, qkv_v = layer.qkv.split([q, kv, kv])
+    gate, up = layer.gate_up.split([f, f])
+    return {
+        prefix + "input_layernorm.weight": layer.input_norm,
+        prefix + "self_attn.q_proj.weight": qkv_q,
+        prefix + "self_attn.k_proj.weight": qkv_k,
+        prefix + "self_attn.v_proj.weight": qkv_v,
+        prefix + "self_attn.o_proj.weight": layer.o_proj,
+        prefix + "post_attention_layernorm.weight": layer.post_attention_norm,
+        prefix + "mlp.gate_proj.weight": gate,
+        prefix + "mlp.up_proj.weight": up,
+        prefix + "mlp.down_proj.weight": layer.down_proj,
+    }
 
 
 def _check_against(entries: dict[str, _Entry], destinations: dict[str, torch.Tensor],
@@ -202,25 +223,36 @@ def _read_header(path: str) -> dict[str, _Entry]:
     return entries
 
 
-def _copy_file(path: str, items: list[tuple[_Entry, torch.Tensor]]) -> None:
-    """Copies each entry into its destination, in file order, releasing source pages as it goes."""
-    page = mmap.PAGESIZE
-    with open(path, "rb") as f:
-        # ACCESS_COPY (a private mapping) is writable, which torch.frombuffer needs to not warn; nothing
-        # writes to it, so no page is ever copied.
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    try:
-        for entry, dest in items:
-            _copy_entry(mapped, entry, dest)
-            # Drop the copied pages from our resident set (the first may hold the end of the previous
-            # tensor, copied already); the page cache keeps them, so this costs no re-reading.
-            released_start = entry.begin - entry.begin % page
-            mapped.madvise(mmap.MADV_DONTNEED, released_start, entry.end - released_start)
-    finally:
-        try:
-            mapped.close()
-        except BufferError:
-            pass  # a failed copy's traceback still views the map; it is unmapped when that view dies
+class _MappedFiles:
+    """The checkpoint's files, each memory-mapped once, copied from tensor by tensor; a copied tensor's
+    source pages leave our resident set at once."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def __enter__(self) -> "_MappedFiles":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for mapped in self._maps.values():
+            try:
+                mapped.close()
+            except BufferError:
+                pass  # a failed copy's traceback still views the map; it is unmapped when that view dies
+
+    def copy(self, entry: _Entry, dest: torch.Tensor) -> None:
+        mapped = self._maps.get(entry.path)
+        if mapped is None:
+            with open(entry.path, "rb") as f:
+                # ACCESS_COPY (a private mapping) is writable, which torch.frombuffer needs to not warn;
+                # nothing writes to it, so no page is ever copied.
+                mapped = self._maps[entry.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        _copy_entry(mapped, entry, dest)
+        # Drop the copied pages from our resident set (the first may hold the end of the previous
+        # tensor); the page cache keeps them, so this costs no re-reading.
+        page = mmap.PAGESIZE
+        released_start = entry.begin - entry.begin % page
+        mapped.madvise(mmap.MADV_DONTNEED, released_start, entry.end - released_start)
 
 
 def _copy_entry(mapped: mmap.mmap, entry: _Entry, dest: torch.Tensor) -> None:

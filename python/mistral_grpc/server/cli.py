@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from mistral_grpc.engine.args import EngineArgs, parse_bytes
 from mistral_grpc.engine.engine import LLMEngine
+from mistral_grpc.model.linear import QUANTIZATION_SCHEMES
 from mistral_grpc.server.app import ServeOptions, StartupError, serve
 from mistral_grpc.server.auth import read_api_key
 
@@ -68,6 +69,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                                    "name, or 'demo')")
     model.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    model.add_argument("--quantization", default=EngineArgs.quantization, choices=QUANTIZATION_SCHEMES,
+                       help="quantize the weights while loading them (weight-only; CPU): int8 per output channel, "
+                            "int4 in groups of 32 with zero points (default: %(default)s)")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--max-batch-size", type=_integer(1), default=EngineArgs.max_batch_size,
                         help="sequences decoded together in one step, at least 1 (default %(default)s)")
@@ -101,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.tls_cert is None) != (args.tls_key is None):
         usage_error("--tls-cert and --tls-key go together")
+    if args.quantization != "none" and args.device == "cuda":
+        usage_error(f"argument --quantization: {args.quantization} runs on the CPU only so far (--device cpu)")
     if args.model != "demo" and not os.path.isdir(args.model):
         usage_error(f"argument --model: no such directory: {args.model!r} (or 'demo' for the demo model)")
     try:
@@ -113,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         usage_error(f"argument --tls-cert/--tls-key: {_reason(error)}")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = LLMEngine.from_args(EngineArgs(
-        model=args.model, device=args.device, dtype=args.dtype, served_model_name=args.served_model_name,
+        model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
+        served_model_name=args.served_model_name,
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory))
     options = ServeOptions(host=args.host, port=args.port, metrics_port=args.metrics_port, api_key=api_key,
                            tls_cert=tls_cert, tls_key=tls_key, grace_period=args.grace_period)

@@ -1,0 +1,308 @@
+// Quantized CPU linear layers: quantizing a float weight into the packed int8 / int4 layout of
+// common/quant.h (once, at load), and the call that quantizes x per kActBlock and runs the int8
+// dot-product kernels of cpu/linear_quant_<isa>.cpp over the weight's tiles.
+#include "cpu/linear_quant.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu/simd.h"
+
+#include "cpu/ops_cpu.h"
+
+namespace mistral_grpc::linear {
+namespace {
+
+int bits_of(WeightDtype dtype) { return dtype == WeightDtype::kInt8 ? 8 : 4; }
+
+quant::Geometry geometry_of(const PackedHeader& header) {
+  return quant::geometry(bits_of(header.dtype), header.k, header.group_size, units_per_tile(header.kind));
+}
+
+// ---- quantizing a weight ----------------------------------------------------------------------
+
+struct RowParams {
+  float scale;
+  int zero;
+};
+
+float stored_scale(float scale) { return static_cast<float>(c10::Half(std::max(scale, quant::kMinScale))); }
+
+RowParams int8_params(const float* w, int64_t count) {
+  float max_abs = 0.f;
+  for (int64_t i = 0; i < count; ++i) max_abs = std::max(max_abs, std::fabs(w[i]));
+  return {stored_scale(max_abs / 127.f), quant::kInt8Zero};
+}
+
+RowParams int4_params(const float* w, int64_t count) {
+  const auto [low, high] = std::minmax_element(w, w + count);
+  const float scale = stored_scale((*high - *low) / 15.f);
+  return {scale, static_cast<int>(std::clamp(std::nearbyint(-*low / scale), 0.f, 15.f))};
+}
+
+int quantize_value(float w, RowParams params, int bits) {
+  const float q = std::nearbyint(w / params.scale) + static_cast<float>(params.zero);
+  return static_cast<int>(bits == 8 ? std::clamp(q, 1.f, 255.f) : std::clamp(q, 0.f, 15.f));
+}
+
+// Writes unit `unit` of every tile from `matrix` [rows, k] (float32, bfloat16 or float16).
+// Returns false if the matrix holds a NaN or an infinity.
+template <typename T>
+bool quantize_unit(uint8_t* tiles, const quant::Geometry& geo, const T* matrix, int64_t rows, int64_t k,
+                   int64_t unit) {
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, tiles_for(rows), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(geo.padded_k);
+    for (int64_t t = begin; t < end; ++t) {
+      uint8_t* tile = tiles + t * geo.tile_bytes();
+      for (int64_t j = 0; j < std::min(kTileRows, rows - t * kTileRows); ++j) {
+        const T* source = matrix + (t * kTileRows + j) * k;
+        std::fill(std::transform(source, source + k, row.begin(), [](T v) { return static_cast<float>(v); }),
+                  row.end(), 0.f);
+        if (!std::all_of(row.begin(), row.end(), [](float v) { return std::isfinite(v); })) {
+          finite.store(false, std::memory_order_relaxed);
+          continue;
+        }
+        for (int64_t g = 0; g < geo.groups(); ++g) {
+          const float* w = row.data() + g * geo.group_size;
+          const int64_t valid = std::clamp<int64_t>(k - g * geo.group_size, 0, geo.group_size);
+          const RowParams params = geo.bits == 8 ? int8_params(w, valid) : int4_params(w, std::max<int64_t>(valid, 1));
+          uint8_t* group = tile + geo.group_offset(g, unit);
+          auto* gp = reinterpret_cast<quant::GroupParams*>(group);
+          gp->scale[j] = c10::Half(params.scale);
+          gp->zero[j] = static_cast<uint8_t>(params.zero);
+          uint8_t* lines = group + quant::kLineBytes;
+          for (int64_t kk = 0; kk < geo.group_size; ++kk) {
+            const int q = quantize_value(w[kk], params, geo.bits);
+            if (geo.bits == 8) {
+              lines[(kk / 4) * quant::kLineBytes + j * 4 + kk % 4] = static_cast<uint8_t>(q);
+            } else {
+              const int64_t i = kk % 8;
+              lines[(kk / 8) * quant::kLineBytes + j * 4 + i % 4] |= static_cast<uint8_t>(i < 4 ? q : q << 4);
+            }
+          }
+        }
+      }
+    }
+  });
+  return finite.load();
+}
+
+bool quantize_matrix(uint8_t* tiles, const quant::Geometry& geo, const at::Tensor& matrix, int64_t unit) {
+  const at::Tensor m = matrix.contiguous();
+  const int64_t rows = m.size(0), k = m.size(1);
+  switch (m.scalar_type()) {
+    case at::kFloat:
+      return quantize_unit(tiles, geo, m.data_ptr<float>(), rows, k, unit);
+    case at::kBFloat16:
+      return quantize_unit(tiles, geo, m.data_ptr<c10::BFloat16>(), rows, k, unit);
+    default:
+      return quantize_unit(tiles, geo, m.data_ptr<c10::Half>(), rows, k, unit);
+  }
+}
+
+WeightDtype scheme_dtype(const char* op, c10::string_view scheme) {
+  if (scheme == "int8") return WeightDtype::kInt8;
+  if (scheme == "int4") return WeightDtype::kInt4;
+  TORCH_CHECK(false, op, ": scheme must be \"int8\" or \"int4\", got \"", std::string(scheme), "\"");
+}
+
+int64_t checked_group_size(const char* op, WeightDtype dtype, int64_t group_size) {
+  if (dtype == WeightDtype::kInt8) {
+    TORCH_CHECK(group_size == 0, op, ": int8 is per output channel; group_size must be 0, got ", group_size);
+    return 0;
+  }
+  if (group_size == 0) return quant::kDefaultInt4Group;
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, op,
+              ": int4 group_size must be 32, 64 or 128 (0: ", quant::kDefaultInt4Group, "), got ", group_size);
+  return group_size;
+}
+
+void check_source(const char* op, const char* name, const at::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu(), op, ": ", name, " must be on the CPU");
+  TORCH_CHECK(w.dim() == 2 && w.size(0) > 0 && w.size(1) > 0, op, ": ", name,
+              " must be a non-empty [N, K] matrix, got shape ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, op, ": ", name,
+              " must be float32 or bfloat16 (the dtype x and out will have), got ", w.scalar_type());
+}
+
+at::Tensor quantize(const char* op, const std::vector<at::Tensor>& units, c10::string_view scheme,
+                    int64_t group_size) {
+  const WeightDtype dtype = scheme_dtype(op, scheme);
+  const at::Tensor& first = units.front();
+  PackedHeader header{};
+  header.magic = kPackedMagic;
+  header.dtype = dtype;
+  header.kind = units.size() == 2 ? PackKind::kGateUp : PackKind::kLinear;
+  header.n = first.size(0);
+  header.k = first.size(1);
+  header.activation = first.scalar_type() == at::kFloat ? WeightDtype::kFloat32 : WeightDtype::kBFloat16;
+  const quant::Geometry requested = quant::geometry(bits_of(dtype), header.k, checked_group_size(op, dtype, group_size),
+                                                    units_per_tile(header.kind));
+  header.group_size = static_cast<uint32_t>(requested.group_size);
+  at::Tensor packed = zeroed_bytes(quant_packed_bytes(header));
+  std::memcpy(packed.data_ptr<uint8_t>(), &header, sizeof header);
+  for (size_t u = 0; u < units.size(); ++u) {
+    TORCH_CHECK(quantize_matrix(packed.data_ptr<uint8_t>() + kHeaderBytes, requested, units[u], static_cast<int64_t>(u)),
+                op, ": the weight holds a NaN or an infinity");
+  }
+  return packed;
+}
+
+at::Tensor quantize_linear_weight(const at::Tensor& weight, c10::string_view scheme, int64_t group_size) {
+  check_source("quantize_linear_weight", "weight", weight);
+  return quantize("quantize_linear_weight", {weight}, scheme, group_size);
+}
+
+at::Tensor quantize_gate_up_weight(const at::Tensor& gate, const at::Tensor& up, c10::string_view scheme,
+                                   int64_t group_size) {
+  check_source("quantize_gate_up_weight", "gate", gate);
+  check_source("quantize_gate_up_weight", "up", up);
+  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(),
+              "quantize_gate_up_weight: gate and up must have one shape and dtype, got ", gate.sizes(), " ",
+              gate.scalar_type(), " and ", up.sizes(), " ", up.scalar_type());
+  return quantize("quantize_gate_up_weight", {gate, up}, scheme, group_size);
+}
+
+// ---- quantizing x ------------------------------------------------------------------------------
+
+// x's rows quantized per kActBlock, in a calling thread's scratch kept between calls.
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> scale, group;
+  std::vector<int32_t> sum;
+};
+
+// Round half to even for |v| < 2^22, as torch.round and the vector conversions do, without libm.
+MG_ALWAYS_INLINE float round_even(float v) {
+  constexpr float kMagic = 12582912.f;  // 1.5 * 2^23
+  return (v + kMagic) - kMagic;
+}
+
+template <typename T>
+MG_CPU_CLONES void quantize_row(const T* x, int64_t k, const quant::Geometry& geo, int8_t* q, float* scale,
+                                int32_t* sum, float* group) {
+  const int64_t blocks = geo.padded_k / quant::kActBlock;
+  for (int64_t b = 0; b < blocks; ++b) {
+    float values[quant::kActBlock];
+    float max_abs = 0.f;
+    for (int64_t i = 0; i < quant::kActBlock; ++i) {
+      const int64_t kk = b * quant::kActBlock + i;
+      values[i] = kk < k ? static_cast<float>(x[kk]) : 0.f;
+      max_abs = std::max(max_abs, std::fabs(values[i]));
+    }
+    const float inverse = max_abs > 0.f ? 127.f / max_abs : 0.f;
+    int32_t total = 0;
+    for (int64_t i = 0; i < quant::kActBlock; ++i) {
+      const auto v = static_cast<int8_t>(round_even(values[i] * inverse));
+      q[b * quant::kActBlock + i] = v;
+      total += v;
+    }
+    scale[b] = max_abs / 127.f;
+    sum[b] = total;
+  }
+  const int64_t per_group = geo.group_size / quant::kActBlock;
+  for (int64_t g = 0; g < geo.groups(); ++g) {
+    float total = 0.f;
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) total += scale[b] * static_cast<float>(sum[b]);
+    group[g] = total;
+  }
+}
+
+void quantize_rows(const at::Tensor& x, const quant::Geometry& geo, QuantizedRows& rows) {
+  const int64_t count = x.size(0), k = x.size(1), blocks = geo.padded_k / quant::kActBlock;
+  rows.q.resize(count * geo.padded_k);
+  rows.scale.resize(count * blocks);
+  rows.sum.resize(count * blocks);
+  rows.group.resize(count * geo.groups());
+  at::parallel_for(0, count, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      int8_t* q = rows.q.data() + r * geo.padded_k;
+      float* scale = rows.scale.data() + r * blocks;
+      int32_t* sum = rows.sum.data() + r * blocks;
+      float* group = rows.group.data() + r * geo.groups();
+      if (x.scalar_type() == at::kFloat) {
+        quantize_row(x.data_ptr<float>() + r * x.stride(0), k, geo, q, scale, sum, group);
+      } else {
+        quantize_row(x.data_ptr<c10::BFloat16>() + r * x.stride(0), k, geo, q, scale, sum, group);
+      }
+    }
+  });
+}
+
+// A thread's share should stream at least this much, as for the float kernels.
+constexpr int64_t kMinBytesPerThread = 128 * 1024;
+
+}  // namespace
+
+bool quant_header_valid(const PackedHeader& header) {
+  const bool float_activation =
+      header.activation == WeightDtype::kFloat32 || header.activation == WeightDtype::kBFloat16;
+  if (!float_activation || header.n <= 0 || header.k <= 0) return false;
+  if (header.dtype == WeightDtype::kInt8) return header.group_size == quant::round_up(header.k, quant::kActBlock);
+  return header.group_size == 32 || header.group_size == 64 || header.group_size == 128;
+}
+
+int64_t quant_packed_bytes(const PackedHeader& header) {
+  return kHeaderBytes + tiles_for(header.n) * geometry_of(header).tile_bytes();
+}
+
+void run_quant(const QuantKernelSet& kernels, const PackedHeader& header, at::Tensor& out, const at::Tensor& x,
+               const at::Tensor& packed) {
+  const int64_t rows = x.size(0);
+  if (rows == 0) return;
+  const quant::Geometry geo = geometry_of(header);
+  thread_local QuantizedRows quantized;
+  quantize_rows(x, geo, quantized);
+  const QuantProblem problem{.tiles = packed.data_ptr<uint8_t>() + kHeaderBytes,
+                             .geometry = geo,
+                             .rows = rows,
+                             .x_q = quantized.q.data(),
+                             .x_scale = quantized.scale.data(),
+                             .x_sum = quantized.sum.data(),
+                             .x_group = quantized.group.data(),
+                             .output = Problem{.out = out.data_ptr(), .out_stride = out.stride(0), .n = header.n},
+                             .bf16_output = out.scalar_type() == at::kBFloat16};
+  const bool gate_up = header.kind == PackKind::kGateUp;
+  const QuantTileRangeFn fn = geo.bits == 8 ? (gate_up ? kernels.int8_silu_mul : kernels.int8_linear)
+                                            : (gate_up ? kernels.int4_silu_mul : kernels.int4_linear);
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / geo.tile_bytes());
+  at::parallel_for(0, tiles_for(header.n), grain, [&](int64_t begin, int64_t end) { fn(problem, begin, end); });
+}
+
+at::Tensor dequantize_packed(const PackedHeader& header, const at::Tensor& packed) {
+  const quant::Geometry geo = geometry_of(header);
+  at::Tensor weight = at::empty({header.n * geo.units, header.k}, at::TensorOptions().dtype(at::kFloat));
+  float* w = weight.data_ptr<float>();
+  const uint8_t* tiles = packed.data_ptr<uint8_t>() + kHeaderBytes;
+  at::parallel_for(0, header.n * geo.units, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t unit = r / header.n, n = r % header.n;
+      const uint8_t* tile = tiles + (n / kTileRows) * geo.tile_bytes();
+      const int64_t j = n % kTileRows;
+      for (int64_t kk = 0; kk < header.k; ++kk) {
+        const uint8_t* group = tile + geo.group_offset(kk / geo.group_size, unit);
+        const auto* gp = reinterpret_cast<const quant::GroupParams*>(group);
+        const int q = quant::q_at(group + quant::kLineBytes, geo.bits, j, kk % geo.group_size);
+        w[r * header.k + kk] = quant::dequantize(q, gp->zero[j], static_cast<float>(gp->scale[j]));
+      }
+    }
+  });
+  return weight;
+}
+
+TORCH_LIBRARY_IMPL(mistral_grpc, CPU, m) {
+  m.impl("quantize_linear_weight", &quantize_linear_weight);
+  m.impl("quantize_gate_up_weight", &quantize_gate_up_weight);
+}
+
+}  // namespace mistral_grpc::linear

@@ -1,0 +1,21 @@
+// The quantized side of the CPU linear ops (cpu/linear_quant.cpp), for cpu/linear.cpp: it reads the
+// shared header, and hands quantized weights over here.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "common/linear_pack.h"
+#include "cpu/quant_kernels.h"
+
+namespace mistral_grpc::linear {
+
+// Whether a quantized header is one quantize_*_weight can make, and the bytes its pack then holds.
+bool quant_header_valid(const PackedHeader& header);
+int64_t quant_packed_bytes(const PackedHeader& header);
+// out [T, N or F] from x [T, K] (checked by the caller against the header) on the given kernels.
+void run_quant(const QuantKernelSet& kernels, const PackedHeader& header, at::Tensor& out, const at::Tensor& x,
+               const at::Tensor& packed);
+// The exact weights a quantized pack multiplies, float32 [N, K] ([2F, K]: gate, then up).
+at::Tensor dequantize_packed(const PackedHeader& header, const at::Tensor& packed);
+
+}  // namespace mistral_grpc::linear
