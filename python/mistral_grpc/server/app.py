@@ -21,6 +21,7 @@ from mistral_grpc.metrics import REGISTRY
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2
 from mistral_grpc.server.auth import ApiKeyInterceptor
 from mistral_grpc.server.reflection import enable_reflection
+from mistral_grpc.server.responses import MAX_RESPONSE_BYTES
 from mistral_grpc.server.servicer import ChatServicer, Engine, add_to_server
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,9 @@ CHANNEL_OPTIONS = (
     ("grpc.so_reuseport", 0),
     # A 32K-token prompt is well under 1 MiB of text; 16 MiB leaves room for long tool schemas.
     ("grpc.max_receive_message_length", 16 * _MiB),
-    # A whole completion with top_logprobs=20 runs to about 1 KiB per token.
-    ("grpc.max_send_message_length", 64 * _MiB),
+    # A whole completion with top_logprobs=20 runs to about 1 KiB per token; the servicer refuses a Chat
+    # whose response could outgrow this.
+    ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
     # Long streams may stay quiet between chunks (a long prompt's prefill): ping the peer every 30 s so a
     # vanished client is noticed (and its generation cancelled) and idle-timeout proxies keep the stream.
     ("grpc.keepalive_time_ms", 30_000),
