@@ -4,7 +4,9 @@ Each call: check the server is serving -> validate -> template + tokenize (off t
 check the context (and, for Chat, that the whole response can fit one message) -> engine.generate ->
 responses. Every way a call ends is counted in
 mistral_grpc_requests_total{rpc,code}. A call that is cancelled or runs past its deadline closes the
-engine's iterator, which aborts the request and frees its KV blocks.
+engine's iterator, which aborts the request and frees its KV blocks. A stopping server ends the calls
+still running with a status of its own (end_running_calls): UNAVAILABLE saying why, not grpc's
+generic "Cancelling all calls".
 """
 
 import asyncio
@@ -51,9 +53,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._draining = False
-        self._running_calls = 0
+        self._running_calls: set[asyncio.Task] = set()
         self._no_calls = asyncio.Event()
         self._no_calls.set()
+        self._ended_by: errors.RequestError | None = None  # the status end_running_calls gave them
 
     def start_draining(self) -> None:
         """From now on new calls get UNAVAILABLE; calls already running go on."""
@@ -62,6 +65,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def wait_for_running_calls(self) -> None:
         """Returns once no Chat or StreamChat call is running."""
         await self._no_calls.wait()
+
+    def end_running_calls(self, status: errors.RequestError) -> None:
+        """Cancels the running calls (their generation stops, their KV blocks are freed); each ends with
+        `status`. The server then needs a moment (its stop grace) for the statuses to go out."""
+        self._ended_by = status
+        for task in self._running_calls:
+            task.cancel()
 
     async def Chat(self, request: bytes | chat_pb2.ChatRequest,
                    context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:
@@ -91,12 +101,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
-        self._running_calls += 1
+        task = asyncio.current_task()  # grpc.aio runs each call in a task of its own
+        self._running_calls.add(task)
         self._no_calls.clear()
         try:
             yield
         finally:
-            self._running_calls -= 1
+            self._running_calls.discard(task)
             if not self._running_calls:
                 self._no_calls.set()
 
@@ -175,6 +186,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def _fail(self, rpc: str, error: BaseException, call: "_Call", context: grpc.aio.ServicerContext) -> None:
         """Counts the call's ending; for a failure it can describe, aborts with that status (raises)."""
+        if isinstance(error, asyncio.CancelledError) and self._ended_by is not None:
+            error = self._ended_by  # end_running_calls cancelled it
         if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
             code = grpc.StatusCode.DEADLINE_EXCEEDED if call.expired(context) else grpc.StatusCode.CANCELLED
             _count(rpc, code, call.started)
