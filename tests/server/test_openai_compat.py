@@ -122,7 +122,8 @@ def test_max_completion_tokens_is_max_tokens(server, client):
     with pytest.raises(grpc.RpcError) as caught:
         client.chat(ASK, max_completion_tokens=4, max_tokens=5)
     [(field, description)] = field_violations(caught.value)
-    assert field == "max_completion_tokens" and "max_tokens 5" in description and "max_completion_tokens 4" in description
+    assert field == "max_completion_tokens"
+    assert "max_tokens 5" in description and "max_completion_tokens 4" in description
     with pytest.raises(grpc.RpcError) as caught:
         client.chat(ASK, max_completion_tokens=0)
     assert [name for name, _ in field_violations(caught.value)] == ["max_completion_tokens"]
@@ -183,12 +184,14 @@ def _prompt_call_ids(server) -> tuple[list[str], list[str]]:
 
 
 def _call(call_id: str, city: str) -> dict:
-    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+    return {"id": call_id, "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
 
 
 def test_foreign_tool_call_ids_map_to_nine_alphanumerics_consistently(server, client):
     messages = [{"role": "user", "content": "Weather in Paris and Oslo?"},
-                {"role": "assistant", "tool_calls": [_call("call_abc123def456", "Paris"), _call("call_abc123def457", "Oslo")]},
+                {"role": "assistant", "tool_calls": [_call("call_abc123def456", "Paris"),
+                                                     _call("call_abc123def457", "Oslo")]},
                 {"role": "tool", "content": "22C", "tool_call_id": "call_abc123def456"},
                 {"role": "tool", "content": "3C", "tool_call_id": "call_abc123def457"},
                 {"role": "assistant", "content": "Paris 22C, Oslo 3C."},

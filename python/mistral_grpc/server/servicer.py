@@ -139,7 +139,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         tokens = generation_budget(params.max_tokens, len(generation.prompt_token_ids), self._engine.max_model_len)
         limit = response_token_limit(self._engine.tokenizer, params)
         if tokens > limit:
-            length = f"max_tokens {tokens}" if params.max_tokens is not None else f"the {tokens} tokens the context leaves"
+            length = (f"max_tokens {tokens}" if params.max_tokens is not None
+                      else f"the {tokens} tokens the context leaves")
             logprobs = f", with logprobs and top_logprobs {params.top_logprobs}," if params.logprobs else ""
             raise _response_too_large(request, f"{params.n} choice(s) of up to {length}{logprobs} could outgrow it "
                                                f"(at most {limit} tokens per choice fit)")
