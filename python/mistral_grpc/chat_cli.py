@@ -1,13 +1,52 @@
 """`mistral-grpc chat "Hello!"`: one exchange with a running server, the reply streamed to the terminal."""
 
 import argparse
+import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
-from mistral_grpc.client import ChatClient, field_violations
+from mistral_grpc.client import ChatClient, check_api_key, field_violations
+
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
+def _whole_number(lowest: int, highest: int, what: str) -> Callable[[str], int]:
+    """An argparse type for an integer the request's field can hold (the server checks its range)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not lowest <= value <= highest:
+            raise argparse.ArgumentTypeError(f"must be between {lowest} and {highest} ({what}; got {value})")
+        return value
+    return parse
+
+
+def _finite(text: str) -> float:
+    """An argparse type for a float field: a number, not nan or inf (float() takes both)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds (got {text})")
+    return value
+
+
+_int32 = _whole_number(-(2**31), INT32_MAX, "a 32-bit integer")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,17 +59,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                         help="print the reply as it is made (default) or all at once")
     parser.add_argument("--usage", action="store_true", help="print the token counts to stderr at the end")
-    parser.add_argument("--timeout", type=float, help="deadline of the call in seconds")
+    parser.add_argument("--timeout", type=_seconds, help="deadline of the call in seconds (more than 0)")
+    # Each type refuses what the request's field cannot hold (a usage error, not a traceback); the
+    # server checks the ranges.
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--temperature", type=float, help="[0, 2]; 0 = greedy (server default 1)")
-    sampling.add_argument("--top-p", type=float, help="(0, 1] (default 1)")
-    sampling.add_argument("--top-k", type=int, help="0 = off (default)")
-    sampling.add_argument("--max-tokens", type=int, help="default: what is left of the context")
+    sampling.add_argument("--temperature", type=_finite, help="[0, 2]; 0 = greedy (server default 1)")
+    sampling.add_argument("--top-p", type=_finite, help="(0, 1] (default 1)")
+    sampling.add_argument("--top-k", type=_int32, help="0 = off (default)")
+    sampling.add_argument("--max-tokens", type=_int32, help="default: what is left of the context")
     sampling.add_argument("--stop", action="append", help="a stop string (repeatable, up to 16)")
-    sampling.add_argument("--seed", type=int, help="same seed + same request = same reply")
-    sampling.add_argument("--presence-penalty", type=float, help="[-2, 2]")
-    sampling.add_argument("--frequency-penalty", type=float, help="[-2, 2]")
-    sampling.add_argument("--repetition-penalty", type=float, help="(0, 10], > 1 penalizes repeats")
+    sampling.add_argument("--seed", type=_whole_number(-(2**63), INT64_MAX, "a 64-bit integer"),
+                          help="same seed + same request = same reply")
+    sampling.add_argument("--presence-penalty", type=_finite, help="[-2, 2]")
+    sampling.add_argument("--frequency-penalty", type=_finite, help="[-2, 2]")
+    sampling.add_argument("--repetition-penalty", type=_finite, help="(0, 10], > 1 penalizes repeats")
     security = parser.add_argument_group("security")
     security.add_argument("--api-key-file", help="file holding the API key (or set MISTRAL_GRPC_API_KEY)")
     security.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
@@ -61,8 +103,14 @@ def _run(args: argparse.Namespace) -> int:
         api_key = (Path(args.api_key_file).read_text().strip() if args.api_key_file
                    else os.environ.get("MISTRAL_GRPC_API_KEY"))
         root_certificates = Path(args.ca_cert).read_bytes() if args.ca_cert else None
+        if api_key:
+            check_api_key(api_key, f"the API key in {args.api_key_file}" if args.api_key_file
+                          else "the API key in MISTRAL_GRPC_API_KEY")
     except OSError as error:
         print(f"error: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
+        return 1
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.message}]

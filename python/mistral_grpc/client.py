@@ -42,6 +42,18 @@ def build_request(messages: Messages, **fields: Any) -> chat_pb2.ChatRequest:
     return json_format.ParseDict(body, chat_pb2.ChatRequest())
 
 
+def check_api_key(key: str | bytes, what: str = "the API key") -> None:
+    """Raises ValueError unless `Bearer <key>` can be a gRPC metadata value: printable ASCII only (no
+    other character, no control character such as a second line)."""
+    data = key.encode("utf-8", errors="surrogateescape") if isinstance(key, str) else key
+    if not data:
+        raise ValueError(f"{what} is empty")
+    for position, byte in enumerate(data):
+        if not 0x20 <= byte <= 0x7E:
+            raise ValueError(f"{what} holds byte 0x{byte:02x} at position {position}, which gRPC metadata cannot "
+                             "carry: a key is printable ASCII (letters, digits, punctuation) on one line")
+
+
 def field_violations(error: grpc.RpcError) -> list[tuple[str, str]]:
     """(field, description) of each bad field an INVALID_ARGUMENT names; empty for other errors."""
     status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
@@ -58,7 +70,10 @@ class ChatClient:
                  root_certificates: bytes | None = None, timeout: float | None = None,
                  compression: grpc.Compression | None = None) -> None:
         """tls: connect with TLS (root_certificates: PEM of the CA to trust; None = the system's).
-        timeout: the default deadline of each call in seconds (None = no deadline)."""
+        timeout: the default deadline of each call in seconds (None = no deadline).
+        Raises ValueError for an api_key that gRPC metadata cannot carry."""
+        if api_key:
+            check_api_key(api_key)
         if tls or root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS,

@@ -1,6 +1,7 @@
 """`mistral-grpc chat` against a live server, and `mistral-grpc serve` flags -> engine and server settings."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -193,3 +194,65 @@ def test_chat_exits_130_without_a_traceback_on_ctrl_c(serve_fake):
 def test_chat_reports_an_unreadable_key_file_in_one_line(tmp_path, capsys):
     assert cli.main(["chat", "Hi", "--api-key-file", str(tmp_path / "missing")]) == 1
     assert capsys.readouterr().err == f"error: cannot read {tmp_path / 'missing'}: No such file or directory\n"
+
+
+def _certificate(directory, name: str):
+    """A self-signed certificate and its key, made with the openssl command: (cert path, key path)."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+def test_serve_names_bad_tls_files_in_one_line(tmp_path):
+    cert, key = _certificate(tmp_path, "a")
+    _, other_key = _certificate(tmp_path, "b")
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "text").write_text("not a certificate\n")
+    prefix = "mistral-grpc serve: error: cannot serve TLS with --tls-cert and --tls-key: "
+    for cert_file, key_file, reason in (
+            (cert, other_key, "the private key in --tls-key is not the key of the certificate in --tls-cert"),
+            (tmp_path / "text", key, "--tls-cert holds no PEM certificate"),
+            (cert, tmp_path / "empty", "--tls-key is empty"),
+            (key, cert, "--tls-cert holds no PEM certificate")):
+        assert _serve_fails(["--port", "0", "--tls-cert", str(cert_file), "--tls-key", str(key_file)]) == (
+            prefix + reason)
+
+
+@pytest.mark.parametrize("key, byte", [("clé-secrète", "0xc3 at position 2"), ("two\nlines", "0x0a at position 3"),
+                                       ("tab\there", "0x09 at position 3")])
+def test_serve_refuses_an_api_key_metadata_cannot_carry(tmp_path, capsys, key, byte):
+    (tmp_path / "key").write_text(key + "\n")
+    error = _usage_error(["--api-key-file", str(tmp_path / "key")], capsys)
+    assert error.startswith(f"mistral-grpc serve: error: argument --api-key-file: the API key in {tmp_path / 'key'} "
+                            f"holds byte {byte}, which gRPC metadata cannot carry")
+
+
+def test_chat_refuses_an_api_key_metadata_cannot_carry(monkeypatch, capsys):
+    monkeypatch.setenv("MISTRAL_GRPC_API_KEY", "clé")
+    assert cli.main(["chat", "Hi"]) == 1
+    assert capsys.readouterr().err.startswith(
+        "error: the API key in MISTRAL_GRPC_API_KEY holds byte 0xc3 at position 2, which gRPC metadata cannot carry")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-tokens", "99999999999"], "argument --max-tokens: must be between -2147483648 and 2147483647"),
+    (["--top-k", "3000000000"], "argument --top-k: must be between -2147483648 and 2147483647"),
+    (["--seed", str(2**63)], "argument --seed: must be between -9223372036854775808 and 9223372036854775807"),
+    (["--temperature", "nan"], "argument --temperature: must be a finite number (got nan)"),
+    (["--temperature", "inf"], "argument --temperature: must be a finite number (got inf)"),
+    (["--top-p=-inf"], "argument --top-p: must be a finite number (got -inf)"),
+    (["--repetition-penalty", "NaN"], "argument --repetition-penalty: must be a finite number (got NaN)"),
+    (["--timeout", "0"], "argument --timeout: must be more than 0 seconds (got 0)"),
+    (["--timeout", "-3"], "argument --timeout: must be more than 0 seconds (got -3)"),
+    (["--timeout", "nan"], "argument --timeout: must be a finite number (got nan)"),
+    (["--max-tokens", "ten"], "argument --max-tokens: not a whole number: 'ten'"),
+])
+def test_chat_turns_values_the_request_cannot_hold_into_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["chat", "Hi", *flags])
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(f"mistral-grpc chat: error: {message}")

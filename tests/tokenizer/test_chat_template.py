@@ -8,6 +8,7 @@ import pytest
 from tokenizer_cases import CONTROL_SPELLINGS, chaotic, random_text, reference_request, tool_definitions, well_formed
 
 from mistral_grpc.tokenizer import ChatMessage, TemplateError, ToolCall, ToolDefinition
+from mistral_grpc.tokenizer.template import V3_CONTROLS, ControlTokens, render
 
 
 def reference_ids(reference, messages, tools) -> list[int] | None:
@@ -151,3 +152,28 @@ def test_invalid_tool_schema_is_refused(ours) -> None:
     with pytest.raises(TemplateError) as error:
         ours["v3"].encode_chat([ChatMessage("user", "Hi")], [ToolDefinition("f", "", {"type": 5})])
     assert error.value.field == "tools[0].function.parameters"
+
+
+# docs/openai-compatibility.md shows these renderings (control tokens by name): keep the two in step.
+NON_ALTERNATING = [
+    ([ChatMessage("user", "Hi"), ChatMessage("user", "Are you there?")],
+     {"v1": "<s>[INST] Hi\n\nAre you there? [/INST]", "v3": "<s>[INST]Hi\n\nAre you there?[/INST]"}),
+    ([ChatMessage("assistant", "Welcome! Ask me anything."), ChatMessage("user", "Hi")],
+     {"v1": "<s>[INST]  [/INST]Welcome! Ask me anything.</s>[INST] Hi [/INST]",
+      "v3": "<s>[INST][/INST]Welcome! Ask me anything.</s>[INST]Hi[/INST]"}),
+    ([ChatMessage("system", "Be brief."), ChatMessage("user", "Hi"), ChatMessage("assistant", "Hello!"),
+      ChatMessage("assistant", "How can I help?"), ChatMessage("user", "Weather?")],
+     {"v1": "<s>[INST] Be brief.\n\nHi [/INST]Hello!\n\nHow can I help?</s>[INST] Weather? [/INST]",
+      "v3": "<s>[INST]Hi[/INST]Hello!\n\nHow can I help?</s>[INST]Be brief.\n\nWeather?[/INST]"}),
+    ([ChatMessage("user", "Hi"), ChatMessage("system", "Be brief."), ChatMessage("user", "Weather?")],
+     {"v1": "<s>[INST] Be brief.\n\nHi [/INST][INST] Weather? [/INST]",
+      "v3": "<s>[INST]Hi[/INST][INST]Be brief.\n\nWeather?[/INST]"}),
+]
+
+
+@pytest.mark.parametrize(("messages", "rendered"), NON_ALTERNATING)
+def test_non_alternating_conversations_render_as_mistral_common_and_the_docs_show(ours, reference, version, messages,
+                                                                                  rendered) -> None:
+    controls = ControlTokens(bos="<s>", eos="</s>", **V3_CONTROLS)
+    assert "".join(render(version, messages, None, controls)) == rendered[version]
+    assert ours[version].encode_chat(messages) == reference_ids(reference[version], messages, None)

@@ -33,15 +33,18 @@ class StructuredSpec:
         return cls("json_schema", _canonical(schema))
 
     @classmethod
-    def tool_calls(cls, tools: Sequence[tuple[str, dict[str, Any]]]) -> "StructuredSpec":
+    def tool_calls(cls, tools: Sequence[tuple[str, dict[str, Any]]], max_calls: int | None = None) -> "StructuredSpec":
         """tools: (name, parameters schema) pairs. Each call is written {"name": ..., "arguments": ...},
-        in that order, as Mistral's tool-call format has it; arguments are always an object."""
+        in that order, as Mistral's tool-call format has it; arguments are always an object.
+        max_calls: at most this many calls in the array (None = no limit)."""
         calls = [{"type": "object",
                   "properties": {"name": {"const": name}, "arguments": _sorted_keys({"type": "object"} | parameters)},
                   "required": ["name", "arguments"], "additionalProperties": False}
                  for name, parameters in tools]
-        return cls("tool_calls", json.dumps({"type": "array", "minItems": 1, "items": {"anyOf": calls}},
-                                            ensure_ascii=False, separators=(",", ":")))
+        array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if max_calls is not None:
+            array["maxItems"] = max_calls
+        return cls("tool_calls", json.dumps(array, ensure_ascii=False, separators=(",", ":")))
 
 
 def _sorted_keys(value: Any) -> Any:

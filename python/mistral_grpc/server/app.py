@@ -3,13 +3,20 @@
 Lifecycle: the port opens first with health NOT_SERVING (probes and callers see "loading", not
 "connection refused"), the engine loads and warms up, health turns SERVING. On SIGTERM/SIGINT health
 turns NOT_SERVING, new calls get UNAVAILABLE, running calls get up to the grace period to finish,
-then the process exits 0. The health service "liveness" stays SERVING throughout (see LivenessHealth).
+then the process exits 0; calls still running then end with UNAVAILABLE saying so. A stop signal
+while the model loads stops at once, without waiting for the load. A second stop signal during the
+drain ends it at once: running calls end with UNAVAILABLE and serve() raises StoppedBySignal (the CLI
+exits 128 + the signal's number). The health service "liveness" stays SERVING throughout (see
+LivenessHealth).
 """
 
 import asyncio
 import logging
 import signal
 import socket
+import ssl
+import tempfile
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,8 +26,10 @@ from prometheus_client import start_http_server
 
 from mistral_grpc.metrics import REGISTRY
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2
+from mistral_grpc.server import errors
 from mistral_grpc.server.auth import ApiKeyInterceptor
 from mistral_grpc.server.reflection import enable_reflection
+from mistral_grpc.server.responses import MAX_RESPONSE_BYTES
 from mistral_grpc.server.servicer import ChatServicer, Engine, add_to_server
 
 logger = logging.getLogger(__name__)
@@ -51,8 +60,9 @@ CHANNEL_OPTIONS = (
     ("grpc.so_reuseport", 0),
     # A 32K-token prompt is well under 1 MiB of text; 16 MiB leaves room for long tool schemas.
     ("grpc.max_receive_message_length", 16 * _MiB),
-    # A whole completion with top_logprobs=20 runs to about 1 KiB per token.
-    ("grpc.max_send_message_length", 64 * _MiB),
+    # A whole completion with top_logprobs=20 runs to about 1 KiB per token; the servicer refuses a Chat
+    # whose response could outgrow this.
+    ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
     # Long streams may stay quiet between chunks (a long prompt's prefill): ping the peer every 30 s so a
     # vanished client is noticed (and its generation cancelled) and idle-timeout proxies keep the stream.
     ("grpc.keepalive_time_ms", 30_000),
@@ -69,6 +79,14 @@ CHANNEL_OPTIONS = (
 
 class StartupError(Exception):
     """The server cannot start (a port in use, ...): `serve` prints the message as one line."""
+
+
+class StoppedBySignal(Exception):
+    """A second stop signal cut the drain short (the engine may still be in a step: leave with os._exit)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by a second {signal.Signals(signum).name} during the drain")
+        self.signum = signum
 
 
 class LivenessHealth(health.aio.HealthServicer):
@@ -121,6 +139,9 @@ class ChatServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         enable_reflection((CHAT_SERVICE, HEALTH_SERVICE), self._server)
         address = f"{options.host}:{options.port}"
+        if options.tls_cert is not None and options.tls_key is not None and (
+                reason := _tls_error(options.tls_cert, options.tls_key)):
+            raise StartupError(f"cannot serve TLS with --tls-cert and --tls-key: {reason}")
         # Probe first: grpc's own failure also prints a C-core error line before ours.
         if options.port and (reason := _bind_error(options.host, options.port)):
             raise StartupError(f"cannot listen on {address} (--host, --port): {reason}")
@@ -165,13 +186,27 @@ class ChatServer:
         try:
             await asyncio.wait_for(asyncio.gather(*waits), self.options.grace_period)
         except TimeoutError:
-            logger.warning("grace period over: cancelling the calls still running")
+            logger.warning("grace period over: ending the calls still running")
+            self.servicer.end_running_calls(errors.server_stopping(
+                f"the call ran past the {self.options.grace_period:g} s the server gives running calls to finish"))
+        await self._stop()
+        logger.info("stopped")
+
+    async def stop_now(self) -> None:
+        """Ends the running calls (UNAVAILABLE) and stops without waiting for them or for the engine."""
+        self.servicer.start_draining()
+        self.servicer.end_running_calls(errors.server_stopping("a second stop signal ended the drain early"))
+        await self._stop(wait_for_engine=False)
+
+    async def _stop(self, wait_for_engine: bool = True) -> None:
         # A moment for the last statuses to go out; then health Watch streams and any call left are cancelled.
         await self._server.stop(grace=_STOP_GRACE_S)
-        await self.engine.shutdown()
+        # An engine that never loaded (a stop while loading) is not waited for: its loader thread is a
+        # daemon, and joining it would wait for the whole load.
+        if wait_for_engine and self.engine.ready:
+            await self.engine.shutdown()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
-        logger.info("stopped")
 
     async def close(self) -> None:
         """Stops what a failed start() opened; no call ran (the engine never served), so none drains."""
@@ -183,6 +218,27 @@ class ChatServer:
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for service in ("", CHAT_SERVICE):
             await self.health.set(service, status)
+
+
+def _tls_error(cert: bytes, key: bytes) -> str | None:
+    """Why this certificate chain and private key cannot serve TLS, or None if OpenSSL loads them.
+    (grpc would only fail to open the port, after C-core error lines, as if the address were taken.)"""
+    for flag, data, marker, holds in (("--tls-cert", cert, b"-----BEGIN CERTIFICATE-----", "PEM certificate"),
+                                      ("--tls-key", key, b"PRIVATE KEY-----", "PEM private key")):
+        if marker not in data:
+            return f"{flag} is empty" if not data.strip() else f"{flag} holds no {holds}"
+    with tempfile.TemporaryDirectory() as private:  # created 0700: the key stays readable by this user only
+        cert_path, key_path = Path(private, "cert.pem"), Path(private, "key.pem")
+        cert_path.write_bytes(cert)
+        key_path.write_bytes(key)
+        try:
+            # A password callback: an encrypted key fails here instead of prompting on the terminal.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path, password=lambda: b"")
+        except ssl.SSLError as error:
+            if error.reason == "KEY_VALUES_MISMATCH":
+                return "the private key in --tls-key is not the key of the certificate in --tls-cert"
+            return f"OpenSSL cannot load them ({error.reason or error}; an encrypted key is not supported)"
+    return None
 
 
 def _bind_error(host: str, port: int) -> str | None:
@@ -201,22 +257,36 @@ def _bind_error(host: str, port: int) -> str | None:
     return None
 
 
-async def serve(engine: ServableEngine, options: ServeOptions) -> None:
-    """Runs until SIGTERM or SIGINT, then drains. Raises if the model fails to load."""
+async def serve(engine: ServableEngine, options: ServeOptions) -> bool:
+    """Runs until SIGTERM or SIGINT, then drains. Raises if the model fails to load, and
+    StoppedBySignal if a second signal cuts the drain short. Returns whether the stop came while the
+    model was loading: its loader thread then still runs, and the process should leave with os._exit
+    (a native thread still running at interpreter exit aborts it)."""
     server = ChatServer(engine, options)
-    stop = asyncio.Event()
+    signals: asyncio.Queue[int] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
     starting = asyncio.create_task(server.start())
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    first_signal = asyncio.create_task(signals.get())
+    await asyncio.wait((starting, first_signal), return_when=asyncio.FIRST_COMPLETED)
     if starting.done() and starting.exception() is not None:
-        stopping.cancel()
+        first_signal.cancel()
         await server.close()
         raise starting.exception()
-    await stopping
-    if not starting.done():
+    await first_signal
+    loading = not starting.done()
+    if loading:
         logger.info("stop requested while loading")
         starting.cancel()
-    await server.drain_and_stop()
+    draining = asyncio.create_task(server.drain_and_stop())
+    second_signal = asyncio.create_task(signals.get())
+    await asyncio.wait((draining, second_signal), return_when=asyncio.FIRST_COMPLETED)
+    if draining.done():
+        second_signal.cancel()
+        draining.result()
+        return loading
+    draining.cancel()
+    logger.warning("second stop signal: ending the running calls and stopping now")
+    await server.stop_now()
+    raise StoppedBySignal(second_signal.result())

@@ -9,18 +9,21 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from mistral_grpc import metrics
+from mistral_grpc.client import check_api_key
 from mistral_grpc.server.errors import UNAUTHENTICATED
 
 PROTECTED_PREFIX = "/mistral.chat.v1.ChatService/"
 
 
 def read_api_key(path: str) -> str:
-    """The key is the file's content without surrounding whitespace (a trailing newline is usual)."""
-    with open(path, encoding="utf-8") as file:
+    """The key is the file's content without surrounding whitespace (a trailing newline is usual).
+    Raises ValueError for a key gRPC metadata cannot carry (see check_api_key)."""
+    with open(path, "rb") as file:
         key = file.read().strip()
     if not key:
         raise ValueError(f"the API key file {path} is empty")
-    return key
+    check_api_key(key, f"the API key in {path}")
+    return key.decode("ascii")
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

@@ -1,7 +1,8 @@
 """`mistral-grpc serve`: build the engine from the flags and serve it until SIGTERM.
 
 A bad flag is an argparse error (usage, then one line, exit 2); a failure to start (a port in use, a
-model that does not load) is one line on stderr and exit 1, its traceback only with --log-level DEBUG.
+model that does not load, TLS files that do not go together) is one line on stderr and exit 1, its
+traceback only with --log-level DEBUG. A second stop signal during the drain exits 128 + its number.
 """
 
 import argparse
@@ -15,7 +16,7 @@ from typing import NoReturn
 from mistral_grpc.engine.args import EngineArgs, parse_bytes
 from mistral_grpc.engine.engine import LLMEngine
 from mistral_grpc.model.linear import QUANTIZATION_SCHEMES
-from mistral_grpc.server.app import ServeOptions, StartupError, serve
+from mistral_grpc.server.app import ServeOptions, StartupError, StoppedBySignal, serve
 from mistral_grpc.server.auth import read_api_key
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,10 @@ def run(args: argparse.Namespace) -> int:
     options = ServeOptions(host=args.host, port=args.port, metrics_port=args.metrics_port, api_key=api_key,
                            tls_cert=tls_cert, tls_key=tls_key, grace_period=args.grace_period)
     try:
-        asyncio.run(serve(engine, options))
+        stopped_while_loading = asyncio.run(serve(engine, options))
+    except StoppedBySignal as stopped:
+        print(f"{PROG}: {stopped}", file=sys.stderr)
+        _leave_now(128 + stopped.signum)
     except Exception as error:  # noqa: BLE001 (a failed start is one line for a person; DEBUG logs the rest)
         logger.debug("startup failed", exc_info=error)
         if isinstance(error, (StartupError, OSError, ValueError)):
@@ -134,7 +138,18 @@ def run(args: argparse.Namespace) -> int:
             message = f"{type(error).__name__}: {error} (--log-level DEBUG shows the traceback)"
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
+    if stopped_while_loading:
+        _leave_now(0)
     return 0
+
+
+def _leave_now(status: int) -> NoReturn:
+    """Exits without waiting for the engine's thread, which may still be loading the model or in a
+    step: at interpreter exit a thread inside torch's native code aborts the process."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _reason(error: Exception) -> str:

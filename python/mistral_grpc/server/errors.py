@@ -65,6 +65,13 @@ def describe(error: Exception) -> RequestError | None:
 UNAVAILABLE_LOADING = RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
 UNAVAILABLE_DRAINING = RequestError(grpc.StatusCode.UNAVAILABLE,
                                     "the server is shutting down; retry on another replica")
+
+
+def server_stopping(reason: str) -> RequestError:
+    """For a call the stopping server ends before it finished."""
+    return RequestError(grpc.StatusCode.UNAVAILABLE, f"the server is stopping: {reason}; retry on another replica")
+
+
 UNAUTHENTICATED = RequestError(grpc.StatusCode.UNAUTHENTICATED,
                                "missing or wrong API key: send the metadata 'authorization: Bearer <key>'")
 

@@ -1,9 +1,12 @@
 """ChatService on the engine: Chat (whole completion) and StreamChat (chunks as tokens are made).
 
 Each call: check the server is serving -> validate -> template + tokenize (off the event loop) ->
-check the context -> engine.generate -> responses. Every way a call ends is counted in
+check the context (and, for Chat, that the whole response can fit one message) -> engine.generate ->
+responses. Every way a call ends is counted in
 mistral_grpc_requests_total{rpc,code}. A call that is cancelled or runs past its deadline closes the
-engine's iterator, which aborts the request and frees its KV blocks.
+engine's iterator, which aborts the request and frees its KV blocks. A stopping server ends the calls
+still running with a status of its own (end_running_calls): UNAVAILABLE saying why, not grpc's
+generic "Cancelling all calls".
 """
 
 import asyncio
@@ -17,10 +20,11 @@ from typing import Protocol
 import grpc
 
 from mistral_grpc import metrics
-from mistral_grpc.engine.request import GenerationOutput, GenerationRequest, PromptTooLongError
+from mistral_grpc.engine.request import GenerationOutput, GenerationRequest, PromptTooLongError, generation_budget
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2, chat_pb2_grpc
 from mistral_grpc.server import errors
-from mistral_grpc.server.responses import ChoiceState, CompletionHeader, usage
+from mistral_grpc.server.responses import (MAX_RESPONSE_BYTES, ChoiceState, CompletionHeader, response_token_limit,
+                                           usage)
 from mistral_grpc.server.validation import compile_grammar, decode_request, parse_request
 from mistral_grpc.tokenizer import MistralTokenizer
 
@@ -49,9 +53,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._draining = False
-        self._running_calls = 0
+        self._running_calls: set[asyncio.Task] = set()
         self._no_calls = asyncio.Event()
         self._no_calls.set()
+        self._ended_by: errors.RequestError | None = None  # the status end_running_calls gave them
 
     def start_draining(self) -> None:
         """From now on new calls get UNAVAILABLE; calls already running go on."""
@@ -60,6 +65,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def wait_for_running_calls(self) -> None:
         """Returns once no Chat or StreamChat call is running."""
         await self._no_calls.wait()
+
+    def end_running_calls(self, status: errors.RequestError) -> None:
+        """Cancels the running calls (their generation stops, their KV blocks are freed); each ends with
+        `status`. The server then needs a moment (its stop grace) for the statuses to go out."""
+        self._ended_by = status
+        for task in self._running_calls:
+            task.cancel()
 
     async def Chat(self, request: bytes | chat_pb2.ChatRequest,
                    context: grpc.aio.ServicerContext) -> chat_pb2.ChatResponse:
@@ -89,18 +101,20 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
-        self._running_calls += 1
+        task = asyncio.current_task()  # grpc.aio runs each call in a task of its own
+        self._running_calls.add(task)
         self._no_calls.clear()
         try:
             yield
         finally:
-            self._running_calls -= 1
+            self._running_calls.discard(task)
             if not self._running_calls:
                 self._no_calls.set()
 
     async def _chat(self, request: chat_pb2.ChatRequest) -> chat_pb2.ChatResponse:
         header = CompletionHeader.new(self._engine.model_name)
         generation, choices = await self._prepare(request, header.id)
+        self._check_response_fits(request, generation)
         last: GenerationOutput | None = None
         async with contextlib.aclosing(self._engine.generate(generation)) as outputs:
             async for output in outputs:
@@ -109,9 +123,27 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 last = output
         if last is None:
             raise RuntimeError("the engine ended a request without any output")
-        return chat_pb2.ChatResponse(id=header.id, object="chat.completion", created=header.created,
-                                     model=header.model, choices=[choice.choice() for choice in choices],
-                                     usage=usage(last))
+        response = chat_pb2.ChatResponse(id=header.id, object="chat.completion", created=header.created,
+                                         model=header.model, choices=[choice.choice() for choice in choices],
+                                         usage=usage(last))
+        if (size := response.ByteSize()) > MAX_RESPONSE_BYTES:  # the check before generating should make it fit
+            logger.warning("Chat %s: the response is %d bytes, over the %d a message may have", header.id, size,
+                           MAX_RESPONSE_BYTES)
+            raise _response_too_large(request, f"the response came to {size / (1 << 20):.0f} MiB")
+        return response
+
+    def _check_response_fits(self, request: chat_pb2.ChatRequest, generation: GenerationRequest) -> None:
+        """Refuses, before generating, a Chat whose whole response could outgrow the largest message
+        the server sends (n choices of max_tokens tokens, each with top_logprobs alternatives)."""
+        params = generation.params
+        tokens = generation_budget(params.max_tokens, len(generation.prompt_token_ids), self._engine.max_model_len)
+        limit = response_token_limit(self._engine.tokenizer, params)
+        if tokens > limit:
+            length = (f"max_tokens {tokens}" if params.max_tokens is not None
+                      else f"the {tokens} tokens the context leaves")
+            logprobs = f", with logprobs and top_logprobs {params.top_logprobs}," if params.logprobs else ""
+            raise _response_too_large(request, f"{params.n} choice(s) of up to {length}{logprobs} could outgrow it "
+                                               f"(at most {limit} tokens per choice fit)")
 
     async def _stream(self, request: chat_pb2.ChatRequest) -> AsyncIterator[chat_pb2.ChatChunk]:
         header = CompletionHeader.new(self._engine.model_name)
@@ -150,11 +182,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         prompt = await asyncio.to_thread(tokenizer.encode_chat, parsed.messages, parsed.tools)
         if parsed.params.structured is not None:
             await asyncio.to_thread(compile_grammar, tokenizer, parsed.params.structured)
-        choices = [ChoiceState(i, parsed.params.logprobs) for i in range(parsed.params.n)]
+        choices = [ChoiceState(i, parsed.params.logprobs, parsed.max_tool_calls) for i in range(parsed.params.n)]
         return GenerationRequest(request_id=request_id, prompt_token_ids=prompt, params=parsed.params), choices
 
     async def _fail(self, rpc: str, error: BaseException, call: "_Call", context: grpc.aio.ServicerContext) -> None:
         """Counts the call's ending; for a failure it can describe, aborts with that status (raises)."""
+        if isinstance(error, asyncio.CancelledError) and self._ended_by is not None:
+            error = self._ended_by  # end_running_calls cancelled it
         if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
             code = grpc.StatusCode.DEADLINE_EXCEEDED if call.expired(context) else grpc.StatusCode.CANCELLED
             _count(rpc, code, call.started)
@@ -184,6 +218,17 @@ class _Call:
         if remaining is None or self.deadline_budget is None:
             return remaining is not None and remaining <= 0
         return remaining <= _DEADLINE_SLACK_S + _DEADLINE_SLACK_SHARE * self.deadline_budget
+
+
+def _response_too_large(request: chat_pb2.ChatRequest, why: str) -> errors.RequestError:
+    """INVALID_ARGUMENT on the fields that size a Chat response (not RESOURCE_EXHAUSTED: retrying does
+    not help)."""
+    limit = f"{MAX_RESPONSE_BYTES >> 20} MiB"
+    description = (f"a Chat response is one message of at most {limit}: {why}. Lower max_tokens, n or "
+                   "top_logprobs, or call StreamChat, which sends the completion in chunks")
+    length = "max_completion_tokens" if request.HasField("max_completion_tokens") else "max_tokens"
+    fields = [length, "n"] + (["top_logprobs"] if request.top_logprobs else [])
+    return errors.invalid_argument([(field, description) for field in fields])
 
 
 def add_to_server(servicer: ChatServicer, server: grpc.aio.Server) -> None:

@@ -3,14 +3,19 @@
 All violations of one request are collected and reported together (INVALID_ARGUMENT with one
 google.rpc.BadRequest field violation each). Sampling ranges live in SamplingParams.violations();
 this module checks the rest: the model name, messages, tools, tool_choice and response_format, and
-turns the last two into the answer's StructuredSpec (engine/structured.py compiles it).
+turns the last two into the answer's StructuredSpec (engine/structured.py compiles it). It also takes
+what OpenAI-style bodies send (docs/openai-compatibility.md): "required" and the object form of
+tool_choice, max_completion_tokens, foreign tool-call ids (mapped to the 9 alphanumerics v0.3 needs).
 Whether a conversation fits the model's template (role order, tool-call ids, function names, tool
 schemas) is the template's call: its TemplateError names the field too.
 """
 
+import hashlib
+import itertools
 import json
 import math
 import re
+import string
 from dataclasses import dataclass, fields
 
 import grpc
@@ -24,15 +29,26 @@ from mistral_grpc.proto.mistral.chat.v1 import chat_pb2
 from mistral_grpc.server.errors import RequestError, invalid_argument
 from mistral_grpc.tokenizer import ChatMessage, MistralTokenizer, ToolCall, ToolDefinition
 from mistral_grpc.tokenizer.messages import ROLES
+from mistral_grpc.tokenizer.validation import TOOL_CALL_ID
 
-TOOL_CHOICES = ("none", "auto", "any")
+# "required" is OpenAI's name for Mistral's "any".
+TOOL_CHOICES = ("none", "auto", "any", "required")
+_CALL_ID_ALPHABET = string.ascii_letters + string.digits
+_FUNCTION_FORM = '{"type": "function", "function": {"name": ...}}'
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for json_schema.name
 NO_TOOLS_IN_V1 = ("this model's chat format (Mistral-7B-Instruct v0.1/v0.2) has no tool calls; leave tools out, "
                   "or serve a v0.3 model")
 # The ChatRequest fields that map one to one onto SamplingParams (same names).
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "n", "presence_penalty", "frequency_penalty",
+# (max_tokens has two names: see _max_tokens.)
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "n", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "seed", "logprobs", "top_logprobs")
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    mode: str  # "none" | "auto" | "any" (the answer is a call)
+    function: str | None = None  # with "any": the one tool the call must be to (OpenAI's object form)
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,7 @@ class ParsedRequest:
     # None when none are given or tool_choice is "none"; with "any", params.structured forces a call.
     tools: list[ToolDefinition] | None
     params: SamplingParams
+    max_tool_calls: int | None = None  # per choice; 1 with parallel_tool_calls false, else no limit
 
 
 def decode_request(request: bytes | chat_pb2.ChatRequest) -> chat_pb2.ChatRequest:
@@ -75,14 +92,19 @@ def parse_request(request: chat_pb2.ChatRequest, served_model: str, has_tool_cal
     messages = _messages(request, violations)
     tools = _tools(request, violations)
     tool_choice = _tool_choice(request, violations, has_tool_calls)
-    if request.tools and not has_tool_calls and tool_choice != "any":  # "any" is reported on tool_choice
+    if request.tools and not has_tool_calls and tool_choice.mode != "any":  # "any" is reported on tool_choice
         violations.append(("tools", NO_TOOLS_IN_V1))
-    structured = _structured_output(request, tools, tool_choice, violations)
-    params = _sampling_params(request, structured)
-    violations += _sampling_violations(params)
+    single_call = request.HasField("parallel_tool_calls") and not request.parallel_tool_calls
+    structured = _structured_output(request, tools, tool_choice, single_call, violations)
+    max_tokens = _max_tokens(request, violations)
+    if request.store:
+        violations.append(("store", "this server stores no completions: leave store out or false"))
+    params = _sampling_params(request, structured, max_tokens)
+    violations += _sampling_violations(params, request.HasField("max_completion_tokens"))
     if violations:
         raise invalid_argument(violations)
-    return ParsedRequest(messages=messages, tools=tools if tool_choice != "none" else None, params=params)
+    return ParsedRequest(messages=messages, tools=tools if tool_choice.mode != "none" else None, params=params,
+                         max_tool_calls=1 if single_call else None)
 
 
 def compile_grammar(tokenizer: MistralTokenizer, spec: StructuredSpec) -> None:
@@ -98,6 +120,7 @@ def compile_grammar(tokenizer: MistralTokenizer, spec: StructuredSpec) -> None:
 def _messages(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) -> list[ChatMessage]:
     if not request.messages:
         violations.append(("messages", "must hold at least one message"))
+    mistral_ids = _mistral_call_ids(request)
     messages = []
     call_ids: set[str] = set()  # of the tool calls made so far, for the tool results to answer
     for i, message in enumerate(request.messages):
@@ -110,15 +133,39 @@ def _messages(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) 
         if message.role == "tool" and message.tool_call_id and message.tool_call_id not in call_ids:
             violations.append((f"{where}.tool_call_id", f"{_shown(message.tool_call_id)} matches no tool call of an "
                                                         "earlier assistant message"))
-        calls = [_tool_call(call, f"{where}.tool_calls[{j}]", violations) for j, call in enumerate(message.tool_calls)]
         if message.role == "assistant":
-            call_ids.update(call.id for call in calls if call.id)
+            call_ids.update(call.id for call in message.tool_calls if call.id)
+        calls = [_tool_call(call, mistral_ids.get(call.id, call.id), f"{where}.tool_calls[{j}]", violations)
+                 for j, call in enumerate(message.tool_calls)]
+        tool_call_id = mistral_ids.get(message.tool_call_id, message.tool_call_id)
         messages.append(ChatMessage(role=message.role, content=message.content, name=message.name or None,
-                                    tool_calls=calls, tool_call_id=message.tool_call_id or None))
+                                    tool_calls=calls, tool_call_id=tool_call_id or None))
     return messages
 
 
-def _tool_call(call: chat_pb2.ToolCall, where: str, violations: list[tuple[str, str]]) -> ToolCall:
+def _mistral_call_ids(request: chat_pb2.ChatRequest) -> dict[str, str]:
+    """Foreign tool-call ids (OpenAI's "call_abc123def456") -> the 9 letters or digits v0.3's template
+    needs. One id maps to the same 9 characters wherever it appears, distinct ids to distinct ones (none
+    equal to an id of the request that is already valid, which stays as it is); the mapping depends on
+    the id alone, so the same conversation makes the same prompt (and hits the prefix cache)."""
+    ids = dict.fromkeys(call_id for message in request.messages
+                        for call_id in (message.tool_call_id, *(call.id for call in message.tool_calls))
+                        if call_id and call_id != "null")  # "null": the template's "no id", refused there
+    taken = {call_id for call_id in ids if TOOL_CALL_ID.fullmatch(call_id)}
+    mapping = {}
+    for call_id in (call_id for call_id in ids if call_id not in taken):  # in order: collisions resolve the same way
+        mapping[call_id] = next(candidate for attempt in itertools.count()
+                                if (candidate := _hashed_call_id(call_id, attempt)) not in taken)
+        taken.add(mapping[call_id])
+    return mapping
+
+
+def _hashed_call_id(call_id: str, attempt: int) -> str:
+    digest = hashlib.sha256(f"{attempt}:{call_id}".encode()).digest()
+    return "".join(_CALL_ID_ALPHABET[byte % len(_CALL_ID_ALPHABET)] for byte in digest[:9])
+
+
+def _tool_call(call: chat_pb2.ToolCall, call_id: str, where: str, violations: list[tuple[str, str]]) -> ToolCall:
     if call.type not in ("", "function"):
         violations.append((f"{where}.type", f"must be 'function' (got {call.type!r})"))
     arguments = call.function.arguments or "{}"
@@ -127,7 +174,7 @@ def _tool_call(call: chat_pb2.ToolCall, where: str, violations: list[tuple[str, 
             violations.append((f"{where}.function.arguments", "must be a JSON object encoded as a string"))
     except json.JSONDecodeError as error:
         violations.append((f"{where}.function.arguments", f"must be a JSON object encoded as a string ({error})"))
-    return ToolCall(id=call.id, name=call.function.name, arguments=arguments)
+    return ToolCall(id=call_id, name=call.function.name, arguments=arguments)
 
 
 def _tools(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) -> list[ToolDefinition] | None:
@@ -146,23 +193,61 @@ def _tools(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) -> 
     return tools or None
 
 
-def _tool_choice(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]], has_tool_calls: bool) -> str:
-    if not request.HasField("tool_choice"):
-        return "auto" if request.tools else "none"
-    choice = request.tool_choice
-    if choice not in TOOL_CHOICES:
-        violations.append(("tool_choice", f"must be one of {', '.join(TOOL_CHOICES)} (got {_shown(choice)})"))
-    elif not request.tools:  # as OpenAI: tool_choice only goes with tools
-        violations.append(("tool_choice", f"{choice!r} needs at least one tool in tools (or leave tool_choice out)"))
-    elif choice == "any" and not has_tool_calls:
-        violations.append(("tool_choice", "'any' needs a model with tool calls (Mistral-7B-Instruct v0.3); this "
+def _tool_choice(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]], has_tool_calls: bool) -> ToolChoice:
+    given = _given_tool_choice(request, violations)
+    if given is None:
+        return ToolChoice("auto" if request.tools else "none")
+    choice = _parsed_tool_choice(given, request, violations)
+    if choice is None:
+        return ToolChoice("none")
+    shown = f"a call to {choice.function!r}" if choice.function else repr(given)
+    if not request.tools:  # as OpenAI: tool_choice only goes with tools
+        violations.append(("tool_choice", f"{shown} needs at least one tool in tools (or leave tool_choice out)"))
+    elif choice.mode == "any" and not has_tool_calls:
+        violations.append(("tool_choice", f"{shown} needs a model with tool calls (Mistral-7B-Instruct v0.3); this "
                                           "model's chat format (v0.1/v0.2) has none"))
     return choice
 
 
-def _structured_output(request: chat_pb2.ChatRequest, tools: list[ToolDefinition] | None, tool_choice: str,
-                       violations: list[tuple[str, str]]) -> StructuredSpec | None:
-    """The constraint on the answer: a tool call for tool_choice "any", else the response_format's JSON."""
+def _given_tool_choice(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) -> str | dict | None:
+    """tool_choice as sent (a string or an object), from the field or from the deprecated string field;
+    None when neither is set (a JSON null is unset, as OpenAI takes it)."""
+    value = (json_format.MessageToDict(request.tool_choice) if request.HasField("tool_choice")
+             and request.tool_choice.WhichOneof("kind") != "null_value" else None)
+    if request.HasField("tool_choice_string"):
+        if value is not None:
+            violations.append(("tool_choice", "is set twice: also in the deprecated tool_choice_string (field 15); "
+                                              "set tool_choice only"))
+        return value if value is not None else request.tool_choice_string
+    return value
+
+
+def _parsed_tool_choice(given: str | dict | object, request: chat_pb2.ChatRequest,
+                        violations: list[tuple[str, str]]) -> ToolChoice | None:
+    """None (and a violation) when the value is not one tool_choice can take."""
+    if isinstance(given, str):
+        if given not in TOOL_CHOICES:
+            violations.append(("tool_choice", f"must be one of {', '.join(TOOL_CHOICES)}, or {_FUNCTION_FORM} "
+                                              f"(got {_shown(given)})"))
+            return None
+        return ToolChoice("any" if given == "required" else given)
+    function = given.get("function") if isinstance(given, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(given, dict) or given.get("type") != "function" or not isinstance(name, str) or (
+            given.keys() - {"type", "function"} or function.keys() - {"name"}):
+        violations.append(("tool_choice", f"must be one of {', '.join(TOOL_CHOICES)}, or {_FUNCTION_FORM} "
+                                          f"(got {_shown(json.dumps(given))})"))
+        return None
+    if request.tools and name not in {tool.function.name for tool in request.tools}:
+        violations.append(("tool_choice.function.name", f"{_shown(name)} is not the name of a tool in tools"))
+        return None
+    return ToolChoice("any", name)
+
+
+def _structured_output(request: chat_pb2.ChatRequest, tools: list[ToolDefinition] | None, tool_choice: ToolChoice,
+                       single_call: bool, violations: list[tuple[str, str]]) -> StructuredSpec | None:
+    """The constraint on the answer: a tool call for tool_choice "any" (to the named tool only, when
+    one is named; one call only with parallel_tool_calls false), else the response_format's JSON."""
     response_format = request.response_format
     kind = response_format.type if request.HasField("response_format") else "text"
     if kind not in RESPONSE_FORMATS:
@@ -171,11 +256,12 @@ def _structured_output(request: chat_pb2.ChatRequest, tools: list[ToolDefinition
         return None
     if kind != "json_schema" and response_format.HasField("json_schema"):
         violations.append(("response_format.json_schema", f"goes only with type 'json_schema' (type is {kind!r})"))
-    if tool_choice == "any":
+    if tool_choice.mode == "any":
         if kind != "text":
             violations.append(("response_format.type", "must be 'text' with tool_choice 'any' (the answer is then "
                                                        "a tool call)"))
-        return _tool_calls(tools, violations)
+        callable_tools = [tool for tool in tools or [] if tool_choice.function in (None, tool.name)]
+        return _tool_calls(callable_tools, single_call, violations)
     if kind == "json_object":
         return StructuredSpec.json_object()
     if kind == "json_schema":
@@ -183,14 +269,16 @@ def _structured_output(request: chat_pb2.ChatRequest, tools: list[ToolDefinition
     return None
 
 
-def _tool_calls(tools: list[ToolDefinition] | None, violations: list[tuple[str, str]]) -> StructuredSpec | None:
+def _tool_calls(tools: list[ToolDefinition], single_call: bool,
+                violations: list[tuple[str, str]]) -> StructuredSpec | None:
     if not tools:
         return None  # _tool_choice reported it
     for i, tool in enumerate(tools):
         if tool.parameters.get("type", "object") != "object":
             violations.append((f"tools[{i}].function.parameters",
                                "must describe an object (type 'object') for tool_choice 'any' to call it"))
-    return StructuredSpec.tool_calls([(tool.name, tool.parameters) for tool in tools])
+    return StructuredSpec.tool_calls([(tool.name, tool.parameters) for tool in tools],
+                                     max_calls=1 if single_call else None)
 
 
 def _json_schema(json_schema: chat_pb2.JsonSchema, violations: list[tuple[str, str]]) -> StructuredSpec | None:
@@ -212,14 +300,26 @@ def _json_schema(json_schema: chat_pb2.JsonSchema, violations: list[tuple[str, s
     return StructuredSpec.json_schema(schema)
 
 
-def _sampling_params(request: chat_pb2.ChatRequest, structured: StructuredSpec | None) -> SamplingParams:
+def _max_tokens(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) -> int | None:
+    """max_tokens, or max_completion_tokens (OpenAI's newer name for it); both given must agree."""
+    given = {name: getattr(request, name) for name in ("max_tokens", "max_completion_tokens") if request.HasField(name)}
+    if len(set(given.values())) > 1:
+        violations.append(("max_completion_tokens", "is OpenAI's newer name for max_tokens: set one of them, or both "
+                                                    f"to the same value (got max_tokens {request.max_tokens}, "
+                                                    f"max_completion_tokens {request.max_completion_tokens})"))
+    return next(iter(given.values()), None)
+
+
+def _sampling_params(request: chat_pb2.ChatRequest, structured: StructuredSpec | None,
+                     max_tokens: int | None) -> SamplingParams:
     given = {name: getattr(request, name) for name in SAMPLING_FIELDS if request.HasField(name)}
-    return SamplingParams(stop=tuple(request.stop), structured=structured, **given)
+    return SamplingParams(stop=tuple(request.stop), structured=structured, max_tokens=max_tokens, **given)
 
 
-def _sampling_violations(params: SamplingParams) -> list[tuple[str, str]]:
+def _sampling_violations(params: SamplingParams, max_tokens_named_completion: bool) -> list[tuple[str, str]]:
     """SamplingParams' violations, one per field: NaN is just "must be a number", and stop says how many
-    strings there are and which is empty, never the whole list (it can be megabytes)."""
+    strings there are and which is empty, never the whole list (it can be megabytes). A bad max_tokens
+    is reported on max_completion_tokens when that is the name the request used."""
     by_field: dict[str, list[str]] = {}
     for name, description in params.violations():
         by_field.setdefault(name, []).append(description)
@@ -230,6 +330,8 @@ def _sampling_violations(params: SamplingParams) -> list[tuple[str, str]]:
             descriptions = ["must be a number (got NaN)"]
         elif name == "stop":
             descriptions = _stop_problems(params.stop) or descriptions
+        if name == "max_tokens" and max_tokens_named_completion:
+            name = "max_completion_tokens"
         merged.append((name, "; ".join(dict.fromkeys(descriptions))))
     return merged
 

@@ -14,7 +14,7 @@ import jsonschema
 from mistral_grpc.tokenizer.messages import ROLES, ChatMessage, TemplateError, ToolDefinition
 
 FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-_TOOL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
+TOOL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")
 _MAY_FOLLOW = {
     "system": ("user", "assistant", "system"),
     "user": ("assistant", "system", "user"),
@@ -107,7 +107,7 @@ def _check_message(index: int, message: ChatMessage, version: str) -> None:
 def _check_call_id(call_id: str | None, field: str) -> None:
     if not call_id or call_id == "null":
         raise TemplateError("a tool call id is required (9 letters or digits)", field)
-    if not _TOOL_CALL_ID.match(call_id):
+    if not TOOL_CALL_ID.match(call_id):
         raise TemplateError(f"tool call id {call_id!r} must be exactly 9 letters or digits", field)
 
 
