@@ -5,9 +5,11 @@
 //     int8: symmetric, one group per row (per output channel): q = round(w / scale) + 128 in [1, 255],
 //           zero = 128, scale = max|w| / 127.
 //     int4: asymmetric groups of group_size (32, 64 or 128) along K: q in [0, 15],
-//           scale = (max - min) / 15, zero = round(-min / scale) in [0, 15].
-//   Scales are stored as fp16, never below kMinScale (fp16's smallest normal), and q is computed
-//   against the stored scale, so (q - zero) * scale is exactly the weight the kernels multiply.
+//           scale = (max - min) / 15, zero = round(-min / scale) in [0, 15], the range [min, max]
+//           widened to hold 0.
+//   Scales are stored as fp16 rounded up, never below kMinScale (fp16's smallest normal), and q is
+//   computed against the stored scale: (q - zero) * scale is exactly the weight the kernels multiply,
+//   within scale / 2 of the source.
 //
 // Packed layout: a 64-byte PackedHeader (common/linear_pack.h), then per 16 output rows a tile; a
 // tile is its groups in K order, and per group (for gate_up: the gate unit, then the up unit) one

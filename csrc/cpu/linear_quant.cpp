@@ -35,7 +35,12 @@ struct RowParams {
   int zero;
 };
 
-float stored_scale(float scale) { return static_cast<float>(c10::Half(std::max(scale, quant::kMinScale))); }
+// The fp16 scale at or above `scale` (and kMinScale), so the values it was chosen for stay in range.
+float stored_scale(float scale) {
+  c10::Half half(std::max(scale, quant::kMinScale));
+  if (static_cast<float>(half) < scale) half.x += 1;  // positive and finite: the next fp16 up
+  return static_cast<float>(half);
+}
 
 RowParams int8_params(const float* w, int64_t count) {
   float max_abs = 0.f;
@@ -43,10 +48,12 @@ RowParams int8_params(const float* w, int64_t count) {
   return {stored_scale(max_abs / 127.f), quant::kInt8Zero};
 }
 
+// The range spans 0, so the zero point is one of the 16 levels and every value rounds within scale / 2.
 RowParams int4_params(const float* w, int64_t count) {
   const auto [low, high] = std::minmax_element(w, w + count);
-  const float scale = stored_scale((*high - *low) / 15.f);
-  return {scale, static_cast<int>(std::clamp(std::nearbyint(-*low / scale), 0.f, 15.f))};
+  const float lowest = std::min(*low, 0.f), highest = std::max(*high, 0.f);
+  const float scale = stored_scale((highest - lowest) / 15.f);
+  return {scale, static_cast<int>(std::clamp(std::nearbyint(-lowest / scale), 0.f, 15.f))};
 }
 
 int quantize_value(float w, RowParams params, int bits) {

@@ -84,14 +84,16 @@ def test_a_seed_gives_the_same_tokens_whatever_shares_the_batch(h: Harness) -> N
     assert different != alone
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_seeded_choices_are_bit_identical_alone_and_in_any_batch(dtype: str) -> None:
+@pytest.mark.parametrize("dtype,quantization", [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8"),
+                                                ("float32", "int4"), ("bfloat16", "int4")])
+def test_seeded_choices_are_bit_identical_alone_and_in_any_batch(dtype: str, quantization: str) -> None:
     """The seed contract to the last bit of every logprob. Prompts of 20 to 160 tokens: cut into
     chunks differently as others use the step's prompt budget, on the prompt kernels (AMX where the
     CPU has it) whatever their number, partly served from the prefix cache the solo runs filled; decode
     batches of one to eight rows. On the demo's flat distributions a rounding difference anywhere
     changes a sampled token within a few dozen."""
-    harness = Harness(dtype=dtype, kv_cache_memory=64 * 2**20, max_batch_size=16, max_prefill_tokens=64)
+    harness = Harness(dtype=dtype, quantization=quantization, kv_cache_memory=64 * 2**20, max_batch_size=16,
+                      max_prefill_tokens=64)
     try:
         prompts = [harness.prompt(f"story number {i} " * (4 + 7 * i)) for i in range(8)]
 

@@ -28,7 +28,11 @@ class Layer:
     up: torch.Tensor
     down: torch.Tensor
 
-    def packed(self) -> tuple[torch.Tensor, ...]:
+    def packed(self, quantization: str = "none") -> tuple[torch.Tensor, ...]:
+        if quantization != "none":
+            return (ops.quantize_linear_weight(self.qkv, quantization), ops.quantize_linear_weight(self.o, quantization),
+                    ops.quantize_gate_up_weight(self.gate, self.up, quantization),
+                    ops.quantize_linear_weight(self.down, quantization))
         return (ops.pack_linear_weight(self.qkv), ops.pack_linear_weight(self.o),
                 ops.pack_gate_up_weight(self.gate, self.up), ops.pack_linear_weight(self.down))
 
@@ -153,10 +157,11 @@ def test_matches_plain_torch(dtype: torch.dtype, tol: float) -> None:
         torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
 
 
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_equals_the_ops_chained(dtype: torch.dtype) -> None:
+def test_equals_the_ops_chained(dtype: torch.dtype, quantization: str) -> None:
     layer, hidden, residual, step, cos_sin = inputs(dtype)
-    packed = layer.packed()
+    packed = layer.packed(quantization)
     chained_step = Step(*step.metadata(), step.key_cache.clone(), step.value_cache.clone())
     chained_residual = residual.clone()
     chained = chained_layer(packed, layer, hidden.clone(), chained_residual, chained_step, cos_sin)

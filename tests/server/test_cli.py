@@ -72,12 +72,13 @@ def test_serve_flags_build_the_engine_and_the_server(monkeypatch, tmp_path):
     model = tmp_path / "Mistral-7B-Instruct-v0.3"
     model.mkdir()
     assert cli.main(["serve", "--model", str(model), "--port", "6000", "--host", "127.0.0.1",
-                     "--device", "cpu", "--dtype", "bfloat16", "--served-model-name", "mistral",
+                     "--device", "cpu", "--dtype", "bfloat16", "--quantization", "int4",
+                     "--served-model-name", "mistral",
                      "--max-batch-size", "8", "--max-queue", "16", "--kv-cache-memory", "2GiB",
                      "--metrics-port", "9100",
                      "--api-key-file", str(tmp_path / "key"), "--tls-cert", str(tmp_path / "cert.pem"),
                      "--tls-key", str(tmp_path / "key.pem"), "--grace-period", "5"]) == 0
-    assert built["engine_args"] == EngineArgs(model=str(model), device="cpu", dtype="bfloat16",
+    assert built["engine_args"] == EngineArgs(model=str(model), device="cpu", dtype="bfloat16", quantization="int4",
                                               served_model_name="mistral", max_batch_size=8, max_queue=16,
                                               kv_cache_memory=2 * 2**30)
     options = built["options"]
@@ -118,6 +119,8 @@ def test_serve_wants_both_tls_files(flags, capsys):
     (["--metrics-port", "70000"], "argument --metrics-port: must be between 0 and 65535 (got 70000)"),
     (["--grace-period", "-5"], "argument --grace-period: must be 0 or more seconds (got -5)"),
     (["--model", "/no/such/model"], "argument --model: no such directory: '/no/such/model'"),
+    (["--quantization", "int2"], "argument --quantization: invalid choice: 'int2'"),
+    (["--quantization", "int8", "--device", "cuda"], "argument --quantization: int8 runs on the CPU only so far"),
 ])
 def test_serve_rejects_bad_values_at_startup(flags, message, capsys):
     assert _usage_error(flags, capsys).startswith(f"mistral-grpc serve: error: {message}")
@@ -166,6 +169,9 @@ def test_serve_start_failures_are_one_line(serve_fake):
             f"mistral-grpc serve: error: cannot serve metrics on port {port} (--metrics-port): Address already in use")
     assert _serve_fails(["--port", "0", "--kv-cache-memory", "1KiB"]).startswith(
         "mistral-grpc serve: error: --kv-cache-memory 1024 bytes holds no KV block")
+    assert _serve_fails(["--port", "0", "--dtype", "float16", "--quantization", "int8"]) == (
+        "mistral-grpc serve: error: --quantization int8 needs --dtype float32 or bfloat16 on the CPU "
+        "(the activations' dtype), got float16")
 
 
 def test_chat_exits_130_without_a_traceback_on_ctrl_c(serve_fake):
