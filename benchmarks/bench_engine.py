@@ -13,7 +13,10 @@ the embedding table, of which it reads one row) over the best read bandwidth the
 and the counterpart of batch-1 decode, which leaves out the prefill too; "end to end" divides all
 generated tokens by the whole run, the 16 prompts' prefill included.
 
-    python benchmarks/bench_engine.py [--dtype float32 bfloat16] [--decode-tokens 128]
+With --quantization int8 int4 (weight-only, benchmarks/bench_quant.py has the 7B comparison) ours also runs
+with each scheme, beside transformers in the model's dtype.
+
+    python benchmarks/bench_engine.py [--dtype float32 bfloat16] [--decode-tokens 128] [--quantization int8 int4]
 """
 
 import argparse
@@ -98,14 +101,15 @@ def worker_transformers(model_dir: str, dtype: str, decode_tokens: int) -> dict:
     return out
 
 
-def worker_ours(model_dir: str, dtype: str, decode_tokens: int) -> dict:
+def worker_ours(model_dir: str, dtype: str, decode_tokens: int, quantization: str = "none") -> dict:
     from mistral_grpc.engine.args import EngineArgs
     from mistral_grpc.engine.engine import LLMEngine
     from mistral_grpc.engine.request import GenerationRequest
     from mistral_grpc.engine.sampling_params import SamplingParams
 
     async def run() -> dict:
-        engine = LLMEngine.from_args(EngineArgs(model=model_dir, device="cpu", dtype=dtype, max_batch_size=STREAMS,
+        engine = LLMEngine.from_args(EngineArgs(model=model_dir, device="cpu", dtype=dtype, quantization=quantization,
+                                                max_batch_size=STREAMS,
                                                 kv_cache_memory=KV_CACHE_BYTES, max_prefill_tokens=PROMPT_LEN_PREFILL))
         await engine.start()
 
@@ -162,9 +166,9 @@ def read_bandwidth_gbs() -> float:
 
 # ---- driver ----------------------------------------------------------------------------------
 
-def run_worker(kind: str, model_dir: str, dtype: str, decode_tokens: int) -> dict:
+def run_worker(kind: str, model_dir: str, dtype: str, decode_tokens: int, quantization: str = "none") -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--model-dir", model_dir, "--dtype", dtype,
-           "--decode-tokens", str(decode_tokens)]
+           "--decode-tokens", str(decode_tokens), "--quantization", quantization]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -175,11 +179,15 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--worker", choices=["ours", "transformers"])
     parser.add_argument("--model-dir")
+    parser.add_argument("--quantization", nargs="+", default=["none"])
     args = parser.parse_args()
     if args.worker:
-        fn = worker_ours if args.worker == "ours" else worker_transformers
         reset_peak_rss()
-        print(json.dumps(fn(args.model_dir, args.dtype[0], args.decode_tokens)))
+        if args.worker == "ours":
+            result = worker_ours(args.model_dir, args.dtype[0], args.decode_tokens, args.quantization[0])
+        else:
+            result = worker_transformers(args.model_dir, args.dtype[0], args.decode_tokens)
+        print(json.dumps(result))
         return
 
     # The bound takes the best read of several over the run: this VM's bandwidth drifts, and one
@@ -195,17 +203,18 @@ def main() -> None:
             # A decode step reads one row of the embedding table, every other weight whole.
             weight_bytes -= GEOMETRY["vocab_size"] * GEOMETRY["hidden_size"] * getattr(torch, dtype).itemsize
             hf = run_worker("transformers", model_dir, dtype, args.decode_tokens)
-            ours = run_worker("ours", model_dir, dtype, args.decode_tokens)
+            for scheme in args.quantization:
+                ours = run_worker("ours", model_dir, dtype, args.decode_tokens, scheme)
+                rows.append((dtype if scheme == "none" else f"{dtype} {scheme}", weight_bytes, hf, ours))
         bandwidths.append(read_bandwidth_gbs())
         if dtype == "float32":
             hf_fp32_decode = hf["decode_tok_s"]
-        rows.append((dtype, weight_bytes, hf, ours))
 
     bandwidth = max(bandwidths)
     print(f"machine: {os.cpu_count()} cores, best read bandwidth measured by the extension: {bandwidth:.1f} GB/s "
           f"(best of {len(bandwidths)} measurements: {', '.join(f'{b:.1f}' for b in bandwidths)})")
 
-    print(f"\n{'dtype':9} {'metric':28} {'transformers':>13} {'ours':>10} {'ratio':>7}")
+    print(f"\n{'dtype':14} {'metric':28} {'transformers':>13} {'ours':>10} {'ratio':>7}")
     for dtype, weight_bytes, hf, ours in rows:
         bound = bandwidth * 1e9 / weight_bytes
         metrics = [("batch-1 decode tok/s", hf["decode_tok_s"], ours["decode_tok_s"]),
@@ -214,11 +223,13 @@ def main() -> None:
                    (f"{STREAMS} streams end to end tok/s", hf["decode_tok_s"], ours["aggregate_e2e_tok_s"]),
                    ("peak RSS MB", hf["peak_rss_mb"], ours["peak_rss_mb"])]
         for name, theirs, mine in metrics:
-            print(f"{dtype:9} {name:28} {theirs:13.1f} {mine:10.1f} {mine / theirs:6.2f}x")
-        print(f"{dtype:9} {'bandwidth bound tok/s':28} {'':13} {bound:10.1f} "
+            print(f"{dtype:14} {name:28} {theirs:13.1f} {mine:10.1f} {mine / theirs:6.2f}x")
+        if " " in dtype:  # quantized: the float model's bytes are not what a step reads
+            continue
+        print(f"{dtype:14} {'bandwidth bound tok/s':28} {'':13} {bound:10.1f} "
               f"({weight_bytes / 1e6:.0f} MB read per step; batch-1 reaches {ours['decode_tok_s'] / bound:.0%})")
-        if hf_fp32_decode and dtype != "float32":
-            print(f"{dtype:9} {'decode vs transformers fp32':28} {hf_fp32_decode:13.1f} "
+        if hf_fp32_decode and not dtype.startswith("float32"):
+            print(f"{dtype:14} {'decode vs transformers fp32':28} {hf_fp32_decode:13.1f} "
                   f"{ours['decode_tok_s']:10.1f} {ours['decode_tok_s'] / hf_fp32_decode:6.2f}x")
     print(f"\n('{STREAMS} streams' compares our aggregate with transformers' batch-1 decode, as the target does.)")
 
