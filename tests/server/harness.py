@@ -85,7 +85,9 @@ class ServerProcess:
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
         self.process = subprocess.Popen([sys.executable, *args], env=self.env, stderr=subprocess.PIPE, text=True)
         self.log: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [self.log.put(line) for line in self.process.stderr], daemon=True).start()
+        self.lines: list[str] = []  # every stderr line so far, including those wait_for_log went past
+        threading.Thread(target=lambda: [(self.lines.append(line), self.log.put(line)) for line in self.process.stderr],
+                         daemon=True).start()
         self.port = int(self.wait_for_log(r"SERVING model .* on port (\d+)").group(1))
         self.target = f"localhost:{self.port}"
 

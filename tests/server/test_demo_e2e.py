@@ -3,6 +3,7 @@ Node.js clients, usage counts, seeds, stops, logprobs, deadlines, cancellation a
 leave the engine holding zero KV blocks, and `mistral-grpc serve` itself under SIGTERM."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -186,3 +187,22 @@ def test_mistral_grpc_serve_answers_then_drains_on_sigterm():
         assert server.process.wait(timeout=60) == 0
     finally:
         server.close()
+
+
+def test_serve_quantization_int4_logs_the_scheme_and_answers_as_the_engine_does(loop):
+    """`serve --quantization int4`: the load line names the scheme and the weights' size; a greedy Chat
+    equals the in-process engine with the same scheme, and health answers."""
+    server = ServerProcess(["-m", "mistral_grpc.cli", "serve", "--host", "localhost", "--port", "0", "--device",
+                            "cpu", "--dtype", "bfloat16", "--quantization", "int4", "--kv-cache-memory", str(KV_CACHE)])
+    try:
+        with ChatClient(server.target) as client:
+            assert client.health() == "SERVING"
+            served = client.chat("Hello!", temperature=0, max_tokens=8)
+        assert served.usage.completion_tokens == 8
+        assert any(re.search(r"quantization int4, weights \d+\.\d\d GiB", line) for line in server.lines), server.lines
+    finally:
+        server.close()
+    with demo_server(loop, dtype="bfloat16", quantization="int4", kv_cache_memory=KV_CACHE) as local, \
+            ChatClient(local.target) as client:
+        expected = client.chat("Hello!", temperature=0, max_tokens=8).choices[0].message.content
+    assert served.choices[0].message.content == expected
