@@ -28,7 +28,10 @@ class CompletionHeader:
 
 def usage(output: GenerationOutput) -> chat_pb2.Usage:
     return chat_pb2.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens,
-                          total_tokens=output.total_tokens)
+                          total_tokens=output.total_tokens,
+                          completion_tokens_details=chat_pb2.CompletionTokensDetails(
+                              accepted_prediction_tokens=output.accepted_prediction_tokens,
+                              rejected_prediction_tokens=output.rejected_prediction_tokens))
 
 
 def logprobs_message(entries: list[TokenLogprob]) -> chat_pb2.Logprobs:

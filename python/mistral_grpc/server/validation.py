@@ -41,6 +41,7 @@ class ParsedRequest:
     # None when none are given or tool_choice is "none"; with "any", params.structured forces a call.
     tools: list[ToolDefinition] | None
     params: SamplingParams
+    prediction: str | None = None  # the predicted reply's text (speculative decoding's drafts), or None
 
 
 def decode_request(request: bytes | chat_pb2.ChatRequest) -> chat_pb2.ChatRequest:
@@ -80,9 +81,11 @@ def parse_request(request: chat_pb2.ChatRequest, served_model: str, has_tool_cal
     structured = _structured_output(request, tools, tool_choice, violations)
     params = _sampling_params(request, structured)
     violations += _sampling_violations(params)
+    prediction = _prediction(request, violations)
     if violations:
         raise invalid_argument(violations)
-    return ParsedRequest(messages=messages, tools=tools if tool_choice != "none" else None, params=params)
+    return ParsedRequest(messages=messages, tools=tools if tool_choice != "none" else None, params=params,
+                         prediction=prediction)
 
 
 def compile_grammar(tokenizer: MistralTokenizer, spec: StructuredSpec) -> None:
@@ -210,6 +213,28 @@ def _json_schema(json_schema: chat_pb2.JsonSchema, violations: list[tuple[str, s
         violations.append(("response_format.json_schema.schema", f"is not a valid JSON Schema: {error.message}"))
         return None
     return StructuredSpec.json_schema(schema)
+
+
+def _prediction(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) -> str | None:
+    """The predicted reply's text; None without one (an empty content predicts nothing)."""
+    if not request.HasField("prediction"):
+        return None
+    if request.prediction.type != "content":
+        violations.append(("prediction.type", f"must be 'content' (got {_shown(request.prediction.type)})"))
+    return request.prediction.content or None
+
+
+def prediction_tokens(tokenizer: MistralTokenizer, text: str, context: int) -> tuple[int, ...]:
+    """The prediction's tokens as the reply would hold them (at its start, where the leading space
+    goes); INVALID_ARGUMENT on prediction.content when they are more than the context holds."""
+    if len(text) > context * tokenizer.max_token_chars:  # too long by its characters alone: spare the encoding
+        raise invalid_argument([("prediction.content", f"holds {len(text)} characters, more than a context of "
+                                                       f"{context} tokens can take")])
+    tokens = tokenizer.encode(text)
+    if len(tokens) > context:
+        raise invalid_argument([("prediction.content", f"is {len(tokens)} tokens long, more than the context of "
+                                                       f"{context} tokens")])
+    return tuple(tokens)
 
 
 def _sampling_params(request: chat_pb2.ChatRequest, structured: StructuredSpec | None) -> SamplingParams:
