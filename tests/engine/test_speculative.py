@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from mistral_grpc.engine.block_manager import BlockManager, BlockTable
 from mistral_grpc.engine.request import GenerationOutput, GenerationRequest
 from mistral_grpc.engine.sampling_params import SamplingParams, StructuredSpec
 from mistral_grpc.engine.speculative import Drafter, NgramIndex, SpeculativeConfig
@@ -36,7 +37,8 @@ class Pair:
                                     prediction=None if prediction is None else tuple(prediction))
         return [out async for out in harness.engine.generate(request)]
 
-    def both(self, prompt: list[int], prediction=None, **params) -> tuple[list[GenerationOutput], list[GenerationOutput]]:
+    def both(self, prompt: list[int], prediction=None,
+             **params) -> tuple[list[GenerationOutput], list[GenerationOutput]]:
         plain = self.plain.run(self.collect(self.plain, prompt, **params))
         spec = self.spec.run(self.collect(self.spec, prompt, prediction, **params))
         return plain, spec
@@ -49,7 +51,8 @@ class Pair:
 def trace(outputs: list[GenerationOutput], index: int = 0) -> list[tuple[int, float, list]]:
     """Each token with its logprob and top logprobs, bit for bit."""
     return [(t, lp.logprob, [(top.token, top.logprob) for top in lp.top_logprobs])
-            for o in outputs for d in o.deltas if d.index == index for t, lp in zip(d.token_ids, d.logprobs, strict=True)]
+            for o in outputs for d in o.deltas if d.index == index
+            for t, lp in zip(d.token_ids, d.logprobs, strict=True)]
 
 
 def tokens(outputs: list[GenerationOutput], index: int = 0) -> list[int]:
@@ -103,7 +106,8 @@ def test_a_right_prediction_is_accepted_whole_and_changes_nothing(pair: Pair, pa
     _, spec = pair.both(prompt, predicted, max_tokens=40, logprobs=True, top_logprobs=3, **params)
     assert trace(spec) == trace(plain)
     assert text(spec) == text(plain) and finish(spec) == finish(plain) == "length"
-    assert (spec[-1].accepted_prediction_tokens, spec[-1].rejected_prediction_tokens) == accepted_of_a_prediction(40, 40)
+    counts = (spec[-1].accepted_prediction_tokens, spec[-1].rejected_prediction_tokens)
+    assert counts == accepted_of_a_prediction(40, 40) == (34, 0)
     assert len(spec) == 1 + -(-39 // (K + 1))  # the prefill's token, then K + 1 tokens a step
 
 
@@ -223,7 +227,8 @@ def test_the_draft_metrics_count_drafts_and_accepted_ones(pair: Pair) -> None:
 
     prompt = pair.prompt("Metered")
     full, _ = pair.both(prompt, max_tokens=20, temperature=0.0)
-    drafted, accepted = sample("mistral_grpc_spec_draft_tokens_total"), sample("mistral_grpc_spec_accepted_tokens_total")
+    drafted = sample("mistral_grpc_spec_draft_tokens_total")
+    accepted = sample("mistral_grpc_spec_accepted_tokens_total")
     _, spec = pair.both(prompt, tokens(full)[:10] + [1000] * 10, max_tokens=20, temperature=0.0)
     usage = spec[-1]
     assert sample("mistral_grpc_spec_accepted_tokens_total") - accepted == usage.accepted_prediction_tokens > 0
@@ -291,3 +296,18 @@ def test_k_adapts_to_acceptance_and_pauses_after_misses() -> None:
     tokens_ = [5, 6, 7, 5, 6]
     assert drafter.propose(tokens_, 0, 4) == []  # paused for a step
     assert drafter.propose(tokens_, 0, 4) == [7]  # K fell to 1
+
+
+def test_trim_returns_the_blocks_past_the_kept_tokens_and_leaves_the_prefix_cache() -> None:
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    table = BlockTable()
+    prompt = list(range(8))
+    blocks.allocate(table, prompt)
+    blocks.register_full_blocks(table, prompt, 8)
+    blocks.append_slots(table, 8 + 1 + 8)  # a decode and 8 drafts: 3 more blocks
+    assert blocks.num_used_blocks == 5
+    blocks.trim(table, 8 + 2)  # one draft accepted: 10 tokens, 3 blocks
+    assert len(table.block_ids) == 3 and blocks.num_used_blocks == 3
+    blocks.free(table)
+    other = BlockTable()
+    assert blocks.allocate(other, prompt + [99]) == 8  # the prompt's blocks are still cached

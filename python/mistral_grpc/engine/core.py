@@ -13,6 +13,7 @@ from mistral_grpc.engine.block_manager import BlockManager
 from mistral_grpc.engine.model_runner import ModelRunner
 from mistral_grpc.engine.request import ChoiceDelta, GenerationOutput, GenerationRequest, TokenLogprob, TopLogprob
 from mistral_grpc.engine.sampler import Sampler, SamplerOutput
+from mistral_grpc.engine.sampling_params import SamplingParams
 from mistral_grpc.engine.scheduler import ScheduledChunk, Scheduler
 from mistral_grpc.engine.sequence import Sequence, SequenceStatus
 from mistral_grpc.engine.speculative import DraftCounts, Drafter, SpeculativeConfig
@@ -299,7 +300,7 @@ class _DraftRow:
     drafts: tuple[int, ...]  # the drafts before this row
 
     @property
-    def params(self):
+    def params(self) -> SamplingParams:
         return self.seq.params
 
     @property

@@ -153,7 +153,8 @@ class Scheduler:
         limit = min(budget, seq.max_tokens - seq.num_output - 1)
         drafts = seq.drafter.propose(seq.token_ids, seq.prompt_len, limit) if limit > 0 else []
         total = len(seq.token_ids) + len(drafts)
-        if not drafts or self.blocks.blocks_needed(total) - len(seq.blocks.block_ids) + reserve > self.blocks.num_free_blocks:
+        missing = self.blocks.blocks_needed(total) - len(seq.blocks.block_ids)
+        if not drafts or missing + reserve > self.blocks.num_free_blocks:
             return None
         self.blocks.append_slots(seq.blocks, total)
         return ScheduledChunk(seq, 1, tuple(drafts))
