@@ -171,14 +171,21 @@ def test_max_tokens_is_never_exceeded(pair: Pair) -> None:
         assert spec[-1].completion_tokens == budget
 
 
-def test_json_schema_requests_do_not_speculate_and_change_nothing(pair: Pair) -> None:
-    spec_ = StructuredSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}},
-                                        "required": ["a"]})
+@pytest.mark.parametrize("params", [dict(temperature=0.0), SEEDED], ids=["greedy", "seeded"])
+def test_json_schema_drafts_go_through_the_grammar_and_change_nothing(pair: Pair, params: dict) -> None:
+    """Each draft row gets the mask of the grammar advanced through the drafts before it; the matcher
+    is rolled back after, and a wrong draft leaves it where the accepted tokens put it."""
+    structured = StructuredSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"},
+                                                                             "b": {"type": "string"}},
+                                             "required": ["a", "b"]})
     prompt = pair.prompt("JSON please")
-    plain, _ = pair.both(prompt, max_tokens=24, temperature=0.0, structured=spec_, logprobs=True)
-    _, spec = pair.both(prompt, tokens(plain), max_tokens=24, temperature=0.0, structured=spec_, logprobs=True)
-    assert trace(spec) == trace(plain)
-    assert spec[-1].accepted_prediction_tokens == spec[-1].rejected_prediction_tokens == 0
+    plain, _ = pair.both(prompt, max_tokens=40, structured=structured, logprobs=True, **params)
+    right = tokens(plain)
+    for prediction in (right, right[:len(right) // 2] + [1000] * 8, [1000] * 8):
+        _, spec = pair.both(prompt, prediction, max_tokens=40, structured=structured, logprobs=True, **params)
+        assert trace(spec) == trace(plain) and text(spec) == text(plain)
+    _, spec = pair.both(prompt, right, max_tokens=40, structured=structured, logprobs=True, **params)
+    assert spec[-1].accepted_prediction_tokens > 0 and spec[-1].rejected_prediction_tokens == 0
 
 
 def test_n_choices_each_draft_on_their_own_alongside_other_traffic(pair: Pair) -> None:

@@ -112,10 +112,9 @@ class EngineCore:
             PROMPT_TOKENS.inc(len(request.prompt_token_ids))
 
     def _drafter(self, request: GenerationRequest) -> Drafter | None:
-        """A choice's drafter, or None where speculation is off. Structured output drafts nothing: its
-        grammar state advances token by token and is not rolled back."""
+        """A choice's drafter, or None where speculation is off."""
         config = self.speculative
-        if config is None or not config.enabled or request.params.structured is not None:
+        if config is None or not config.enabled:
             return None
         if request.prediction is None and not config.prompt_lookup:
             return None
@@ -167,7 +166,7 @@ class EngineCore:
         accepted while the drawn token equals them) and emits what each request gained."""
         rows = [row for chunk in chunks for row in _verification_rows(chunk)]
         grammars = [self._requests[c.seq.request_id].choices[c.seq.index].grammar for c in chunks]
-        allowed = self.grammars.bitmask([g for c, g in zip(chunks, grammars) for _ in range(1 + len(c.drafts))])
+        allowed = self.grammars.bitmask(grammars, [c.drafts for c in chunks])
         result = self.sampler.sample(logits, rows, allowed)
         now = time.monotonic()
         touched: dict[str, list[ChoiceDelta]] = {}
