@@ -318,3 +318,16 @@ def test_trim_returns_the_blocks_past_the_kept_tokens_and_leaves_the_prefix_cach
     blocks.free(table)
     other = BlockTable()
     assert blocks.allocate(other, prompt + [99]) == 8  # the prompt's blocks are still cached
+
+
+def test_speculation_is_off_where_a_rows_result_depends_on_the_batch() -> None:
+    """float16 on CPU runs on torch's kernels, whose rounding of a row changes with the batch's size
+    (as cuBLAS's on CUDA): drafts would change results there, so none are made."""
+    harness = Harness(dtype="float16", speculative_tokens=K, kv_cache_memory=8 * 2**20)
+    try:
+        assert not harness.engine._core.speculative.enabled
+        outputs = harness.run(harness.collect(harness.prompt("half precision"), max_tokens=24, temperature=0.0))
+        assert sum(len(o.deltas[0].token_ids) for o in outputs) == 24 and len(outputs) == 24
+        assert outputs[-1].accepted_prediction_tokens == outputs[-1].rejected_prediction_tokens == 0
+    finally:
+        harness.close()

@@ -135,11 +135,19 @@ class LLMEngine:
                  num_blocks, self.args.block_size, self.max_model_len)
 
     def _speculative_config(self, model: MistralDecoder) -> SpeculativeConfig:
-        """A step verifies at most this many rows, its decodes included: a batch-1 decode reads every
-        weight for one row, and more rows cost little until the step turns compute-bound, soonest for
-        float32 on a CPU (twice the bytes per multiply-add, and no bf16 matrix units)."""
+        """Speculation runs only where the decoder's kernels give a row the same result whatever the
+        batch's size (the extension's packed CPU kernels): elsewhere (cuBLAS on CUDA, torch for float16
+        on CPU) a decode row would round differently beside drafts, and drafts must change no result.
+        A step verifies at most max_rows rows, its decodes included: a batch-1 decode reads every weight
+        for one row, and more rows cost little until the step turns compute-bound, soonest for float32
+        on a CPU (twice the bytes per multiply-add, and no bf16 matrix units)."""
         k = self.args.speculative_tokens
-        compute_bound_sooner = model.device.type == "cpu" and model.dtype == torch.float32
+        rows_independent = all(layer.packed for layer in model.layers) and model.lm_head.packed is not None
+        if k > 0 and not rows_independent:
+            log.info("speculative decoding is off: on %s in %s the kernels round a row differently with the "
+                     "batch's size, and drafts must change no result", model.device.type, model.dtype)
+            k = 0
+        compute_bound_sooner = model.dtype == torch.float32
         return SpeculativeConfig(max_drafts=k, prompt_lookup=self.args.prompt_lookup,
                                  max_rows=(1 + k) if compute_bound_sooner else 2 * (1 + k))
 
