@@ -7,13 +7,16 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from mistral_grpc.engine.block_manager import BlockManager, BlockTable
 from mistral_grpc.engine.request import GenerationOutput, GenerationRequest
 from mistral_grpc.engine.sampling_params import SamplingParams, StructuredSpec
 from mistral_grpc.engine.speculative import Drafter, NgramIndex, SpeculativeConfig
 from mistral_grpc.metrics import REGISTRY
+from mistral_grpc.engine.structured import grammar_compiler
 from test_engine import Harness
+from test_structured import TOOLS, allowed, new_state, tokenizer
 
 K = 8
 SEEDED = dict(temperature=0.9, top_p=0.9, top_k=40, seed=5)
@@ -331,3 +334,39 @@ def test_speculation_is_off_where_a_rows_result_depends_on_the_batch() -> None:
         assert outputs[-1].accepted_prediction_tokens == outputs[-1].rejected_prediction_tokens == 0
     finally:
         harness.close()
+
+
+@pytest.mark.parametrize("kind", ["json_object", "tool_calls"])
+def test_draft_rows_get_the_masks_of_one_token_at_a_time_and_the_state_is_rewound(kind: str) -> None:
+    """Row j's mask is the one a state that accepted drafts[:j] fills, the forced [TOOL_CALLS] token
+    included; past a draft the grammar forbids, rows allow everything; the state is as it was after."""
+    tok = tokenizer("v3")
+    spec_ = StructuredSpec.json_object() if kind == "json_object" else StructuredSpec.tool_calls(list(TOOLS.items()))
+    compiler = grammar_compiler(tok)
+    walker = new_state(tok, spec_)
+    drafts = []
+    for _ in range(10):  # a path the grammar allows: the smallest allowed token at each step
+        token = min(allowed(tok, walker) - {tok.eos_id})
+        assert walker.accept(token)
+        drafts.append(token)
+
+    def one_at_a_time(prefix: list[int]) -> torch.Tensor:
+        state = new_state(tok, spec_)
+        for token in prefix:
+            assert state.accept(token)
+        return compiler.bitmask([state])[0]
+
+    state = new_state(tok, spec_)
+    before = compiler.bitmask([state])[0]
+    masks = compiler.bitmask([state], [drafts])
+    for j in range(len(drafts) + 1):
+        assert torch.equal(masks[j], one_at_a_time(drafts[:j])), f"row {j}"
+    wrong = drafts[:4] + [next(t for t in range(100, tok.vocab_size)
+                               if not (int(masks[4][t // 32]) >> (t % 32)) & 1)] + drafts[5:]
+    masks = compiler.bitmask([state], [wrong])
+    for j in range(5):
+        assert torch.equal(masks[j], one_at_a_time(drafts[:j])), f"row {j}"
+    assert bool((masks[5:] == -1).all())
+    assert torch.equal(compiler.bitmask([state])[0], before)
+    for token in drafts:
+        assert state.accept(token)
