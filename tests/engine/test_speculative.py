@@ -12,7 +12,7 @@ import torch
 from mistral_grpc.engine.block_manager import BlockManager, BlockTable
 from mistral_grpc.engine.request import GenerationOutput, GenerationRequest
 from mistral_grpc.engine.sampling_params import SamplingParams, StructuredSpec
-from mistral_grpc.engine.speculative import Drafter, NgramIndex, SpeculativeConfig
+from mistral_grpc.engine.speculative import Drafter, NgramIndex, SpeculativeConfig, prediction_index
 from mistral_grpc.metrics import REGISTRY
 from mistral_grpc.engine.structured import grammar_compiler
 from test_engine import Harness
@@ -277,17 +277,23 @@ CONFIG = SpeculativeConfig(max_drafts=4, prompt_lookup=True, max_rows=16)
 
 
 def test_ngram_index_finds_the_latest_continuation_of_the_longest_suffix() -> None:
-    index = NgramIndex((3, 2))
-    index.extend([1, 2, 3, 9, 1, 2, 3, 7, 5, 2, 3])
-    assert index.find([8, 2, 3]) == 7  # "2 3" last continued by 7 (the 3-gram "8 2 3" never occurs)
-    assert index.find([1, 2, 3]) == 7
-    assert index.find([1, 2, 3], after=0) == 3  # the first at or past 0
-    assert index.find([4, 4]) is None
+    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 5, 2, 3]
+    latest, every = NgramIndex((3, 2)), NgramIndex((3, 2), every=True)
+    latest.extend(tokens[:5])
+    latest.extend(tokens[5:])  # grown in two parts, as a reply grows
+    every.extend(tokens)
+    for index in (latest, every):
+        assert index.find([8, 2, 3]) == 7  # "2 3" last continued by 7 (the 3-gram "8 2 3" never occurs)
+        assert index.find([1, 2, 3]) == 7
+        assert index.find([4, 4]) is None
+    assert every.find([1, 2, 3], after=0) == 3  # the first at or past 0
+    assert every.find([1, 2, 3], after=4) == 7
+    assert every.find([1, 2, 3], after=8) == 7  # none past 8: the most recent
 
 
 def test_the_drafter_follows_the_prediction_and_realigns_after_an_edit() -> None:
     prediction = [10, 11, 12, 13, 14, 15, 16, 17]
-    drafter = Drafter(CONFIG, prediction)
+    drafter = Drafter(CONFIG, prediction_index(prediction))
     prompt = [1, 2]
     assert drafter.propose(prompt + [10], 2, 8) == [11, 12, 13, 14]
     assert drafter.propose(prompt + [10, 11, 99], 2, 8) == []  # 99 is nowhere in the prediction

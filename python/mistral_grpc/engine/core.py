@@ -16,7 +16,7 @@ from mistral_grpc.engine.sampler import Sampler, SamplerOutput
 from mistral_grpc.engine.sampling_params import SamplingParams
 from mistral_grpc.engine.scheduler import ScheduledChunk, Scheduler
 from mistral_grpc.engine.sequence import Sequence, SequenceStatus
-from mistral_grpc.engine.speculative import DraftCounts, Drafter, SpeculativeConfig
+from mistral_grpc.engine.speculative import DraftCounts, Drafter, NgramIndex, SpeculativeConfig, prediction_index
 from mistral_grpc.engine.structured import GrammarState, InvalidSchemaError, grammar_compiler
 from mistral_grpc.metrics import (GENERATION_TOKENS, INTER_TOKEN_LATENCY, PREEMPTIONS, PROMPT_TOKENS,
                                   SPEC_ACCEPTED_TOKENS, SPEC_DRAFT_TOKENS, TIME_TO_FIRST_TOKEN)
@@ -94,6 +94,7 @@ class EngineCore:
             emit(error)
             return
         base_seed = params.seed if params.seed is not None else secrets.randbits(63)
+        prediction = prediction_index(request.prediction) if request.prediction is not None else None
         state = _Request(request, emit, held)
         now = time.monotonic()
         for index in range(params.n):
@@ -103,7 +104,7 @@ class EngineCore:
             self._next_seq_id += 1
             if index > 0:
                 seq.waits_for = state.choices[0].seq
-            seq.drafter = self._drafter(request)
+            seq.drafter = self._drafter(prediction)
             stop = _C.StopMatcher(list(params.stop)) if params.stop else None
             state.choices.append(_Choice(seq, self.tokenizer.detokenizer(), stop, grammar=grammars[index]))
             self.scheduler.add(seq)
@@ -111,14 +112,12 @@ class EngineCore:
         if request.metered:
             PROMPT_TOKENS.inc(len(request.prompt_token_ids))
 
-    def _drafter(self, request: GenerationRequest) -> Drafter | None:
-        """A choice's drafter, or None where speculation is off."""
+    def _drafter(self, prediction: NgramIndex | None) -> Drafter | None:
+        """A choice's drafter (the request's choices share its prediction), or None where speculation is off."""
         config = self.speculative
-        if config is None or not config.enabled:
+        if config is None or not config.enabled or (prediction is None and not config.prompt_lookup):
             return None
-        if request.prediction is None and not config.prompt_lookup:
-            return None
-        return Drafter(config, list(request.prediction) if request.prediction is not None else None)
+        return Drafter(config, prediction)
 
     def abort_request(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)

@@ -19,6 +19,8 @@ for a while (doubling each time). A step verifies at most `max_rows` rows, decod
 a large batch, which is compute-bound already, drafts less or not at all.
 """
 
+import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # Suffix lengths prompt lookup tries, longest first. One token matches too often by chance to be worth a row.
@@ -41,13 +43,17 @@ class SpeculativeConfig:
 
 
 class NgramIndex:
-    """Where each n-gram of a growing token list occurs with at least one token after it."""
+    """Where the n-grams of a growing token list occur with at least one token after them: the most
+    recent occurrence of each, and with `every` all of them (a prediction's, where re-alignment looks
+    for the first one past a point; a prompt's and reply's hold only the latest, being long)."""
 
-    def __init__(self, sizes: tuple[int, ...]) -> None:
+    def __init__(self, sizes: tuple[int, ...], every: bool = False) -> None:
         self.sizes = sizes
         self.tokens: list[int] = []
-        # n-gram -> the positions right after its occurrences (where their continuations start), ascending
-        self._ends: dict[tuple[int, ...], list[int]] = {}
+        # n-gram -> the position right after its latest occurrence (where its continuation starts)
+        self._latest: dict[tuple[int, ...], int] = {}
+        # n-gram -> the positions right after all its occurrences, ascending (when `every`)
+        self._all: dict[tuple[int, ...], list[int]] | None = {} if every else None
 
     def extend(self, tokens: list[int]) -> None:
         start = len(self.tokens)
@@ -56,22 +62,35 @@ class NgramIndex:
         for end in range(max(start, 1), len(self.tokens)):
             for n in self.sizes:
                 if end >= n:
-                    self._ends.setdefault(tuple(self.tokens[end - n:end]), []).append(end)
+                    key = tuple(self.tokens[end - n:end])
+                    self._latest[key] = end
+                    if self._all is not None:
+                        self._all.setdefault(key, []).append(end)
 
     def find(self, context: list[int], after: int | None = None) -> int | None:
-        """Where the tokens following the longest indexed suffix of `context` start: the first such
-        place at or past `after` when given (and there is one), else the most recent."""
+        """Where the tokens following the longest indexed suffix of `context` start: with `after` (and
+        `every`), the first such place at or past it if there is one; else the most recent."""
         for n in self.sizes:
             if len(context) < n:
                 continue
-            ends = self._ends.get(tuple(context[-n:]))
-            if ends:
-                if after is not None:
-                    later = next((e for e in ends if e >= after), None)
-                    if later is not None:
-                        return later
-                return ends[-1]
+            key = tuple(context[-n:])
+            latest = self._latest.get(key)
+            if latest is None:
+                continue
+            if after is not None and self._all is not None:
+                ends = self._all[key]
+                i = bisect.bisect_left(ends, after)
+                if i < len(ends):
+                    return ends[i]
+            return latest
         return None
+
+
+def prediction_index(prediction: Sequence[int]) -> NgramIndex:
+    """A request's prediction, indexed for its choices' drafters to follow (read-only once built)."""
+    index = NgramIndex(PREDICTION_NGRAMS, every=True)
+    index.extend(list(prediction))
+    return index
 
 
 @dataclass
@@ -79,9 +98,8 @@ class Drafter:
     """One sequence's draft proposals and its adaptive K."""
 
     config: SpeculativeConfig
-    prediction: list[int] | None  # the predicted reply's tokens, or None
+    prediction: NgramIndex | None  # the predicted reply (prediction_index), or None
     k: int = 0  # drafts to propose next, before the step's and the budget's limits
-    _prediction_index: NgramIndex | None = None
     _cursor: int | None = 0  # where the reply stands in the prediction; None: not aligned
     _anchor: int = 0  # the last aligned position, where re-alignment looks first
     _seen: int = 0  # reply tokens already followed through the prediction
@@ -94,9 +112,6 @@ class Drafter:
         self.k = self.config.max_drafts
         if self.prediction is None:
             self._cursor = None
-        else:
-            self._prediction_index = NgramIndex(PREDICTION_NGRAMS)
-            self._prediction_index.extend(self.prediction)
 
     def propose(self, token_ids: list[int], prompt_len: int, limit: int) -> list[int]:
         """Up to min(K, limit) tokens expected to follow `token_ids` (prompt, then the reply so far)."""
@@ -108,7 +123,7 @@ class Drafter:
         if limit <= 0:
             return []
         if self._cursor is not None:
-            drafts = self.prediction[self._cursor:self._cursor + limit]
+            drafts = self.prediction.tokens[self._cursor:self._cursor + limit]
             if drafts:
                 return drafts
         if self.config.prompt_lookup:
@@ -137,11 +152,11 @@ class Drafter:
             return
         new = reply[self._seen:]
         self._seen = len(reply)
-        if self._cursor is not None and self.prediction[self._cursor:self._cursor + len(new)] == new:
+        if self._cursor is not None and self.prediction.tokens[self._cursor:self._cursor + len(new)] == new:
             self._cursor += len(new)
             self._anchor = self._cursor
         else:
-            self._cursor = self._prediction_index.find(reply, after=self._anchor)
+            self._cursor = self.prediction.find(reply, after=self._anchor)
             if self._cursor is not None:
                 self._anchor = self._cursor
 
