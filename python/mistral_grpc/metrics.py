@@ -34,3 +34,8 @@ KV_CACHE_BLOCKS_USED = Gauge("mistral_grpc_kv_cache_blocks_used",
                              "KV cache blocks held by live sequences (unheld prefix-cached blocks count as free)",
                              registry=REGISTRY)
 KV_CACHE_BLOCKS_TOTAL = Gauge("mistral_grpc_kv_cache_blocks_total", "KV cache blocks allocated", registry=REGISTRY)
+SPEC_DRAFT_TOKENS = Counter("mistral_grpc_spec_draft_tokens",
+                            "Draft tokens verified by speculative decoding (predictions and prompt lookup)",
+                            registry=REGISTRY)
+SPEC_ACCEPTED_TOKENS = Counter("mistral_grpc_spec_accepted_tokens",
+                               "Draft tokens accepted: the model drew exactly them", registry=REGISTRY)

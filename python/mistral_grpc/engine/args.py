@@ -27,3 +27,5 @@ class EngineArgs:
     kv_cache_memory: int | None = None  # bytes for the KV cache; None = a default share of free memory
     block_size: int = 16  # tokens per KV cache block
     max_prefill_tokens: int = 512  # chunked prefill: prompt tokens per step, so decodes keep flowing
+    speculative_tokens: int = 8  # draft tokens a sequence verifies per step at most; 0 = no speculation
+    prompt_lookup: bool = True  # draft from the prompt and the reply so far when a request has no prediction

@@ -97,6 +97,16 @@ class BlockManager:
             raise NoFreeBlocksError(f"need {missing} free KV blocks, have {self.num_free_blocks}")
         table.block_ids.extend(self._take_free() for _ in range(missing))
 
+    def trim(self, table: BlockTable, total_tokens: int) -> None:
+        """Returns the table's blocks past the first `total_tokens` tokens (those of rejected draft
+        tokens: never registered in the prefix cache, held by this table alone)."""
+        keep = self.blocks_needed(total_tokens)
+        while len(table.block_ids) > keep:
+            block = self._blocks[table.block_ids.pop()]
+            assert block.ref_count == 1 and block.content_hash is None, f"block {block.block_id} is shared"
+            block.ref_count = 0
+            self._free[block.block_id] = None
+
     def register_full_blocks(self, table: BlockTable, token_ids: list[int], num_computed: int) -> None:
         """Publishes the table's blocks that are full and computed, so later sequences can share them."""
         while (table.num_hashed + 1) * self.block_size <= num_computed:

@@ -22,6 +22,7 @@ from mistral_grpc.engine.core import EngineCore
 from mistral_grpc.engine.request import (EngineInternalError, EngineUnavailableError, GenerationOutput,
                                          GenerationRequest, QueueFullError, generation_budget)
 from mistral_grpc.engine.sampling_params import SamplingParams
+from mistral_grpc.engine.speculative import SpeculativeConfig
 from mistral_grpc.metrics import (HELD_REQUESTS, KV_CACHE_BLOCKS_TOTAL, KV_CACHE_BLOCKS_USED, RUNNING_REQUESTS,
                                   WAITING_REQUESTS)
 from mistral_grpc.model.decoder import MistralDecoder
@@ -128,11 +129,28 @@ class LLMEngine:
         num_blocks = self._num_kv_blocks(model)
         self.max_model_len = min(model.config.max_position_embeddings, num_blocks * self.args.block_size)
         self._core = EngineCore(model, self.tokenizer, num_blocks, self.args.block_size, self.args.max_batch_size,
-                                self.args.max_prefill_tokens)
+                                self.args.max_prefill_tokens, self._speculative_config(model))
         KV_CACHE_BLOCKS_TOTAL.set(num_blocks)
         log.info("loaded %s on %s (%s, quantization %s, weights %.2f GiB): %d KV blocks of %d tokens, context %d",
                  model_dir, device, model.dtype, model.quantization, model.weight_bytes / 2**30, num_blocks,
                  self.args.block_size, self.max_model_len)
+
+    def _speculative_config(self, model: MistralDecoder) -> SpeculativeConfig:
+        """Speculation runs only where the decoder's kernels give a row the same result whatever the
+        batch's size (the extension's packed CPU kernels): elsewhere (cuBLAS on CUDA, torch for float16
+        on CPU) a decode row would round differently beside drafts, and drafts must change no result.
+        A step verifies at most max_rows rows, its decodes included: a batch-1 decode reads every weight
+        for one row, and more rows cost little until the step turns compute-bound, soonest for float32
+        on a CPU (twice the bytes per multiply-add, and no bf16 matrix units)."""
+        k = self.args.speculative_tokens
+        rows_independent = all(layer.packed for layer in model.layers) and model.lm_head.packed is not None
+        if k > 0 and not rows_independent:
+            log.info("speculative decoding is off: on %s in %s the kernels round a row differently with the "
+                     "batch's size, and drafts must change no result", model.device.type, model.dtype)
+            k = 0
+        compute_bound_sooner = model.dtype == torch.float32
+        return SpeculativeConfig(max_drafts=k, prompt_lookup=self.args.prompt_lookup,
+                                 max_rows=(1 + k) if compute_bound_sooner else 2 * (1 + k))
 
     def _num_kv_blocks(self, model: MistralDecoder) -> int:
         cfg = model.config

@@ -17,6 +17,8 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     metered: bool = True  # False: counted in no metric (the engine's own warm-up)
+    # The reply's expected tokens (OpenAI's predicted outputs): drafts to verify; they never change the reply.
+    prediction: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,9 @@ class GenerationOutput:
     prompt_tokens: int
     completion_tokens: int  # all choices together, so far
     finished: bool = False  # every choice has finished: this is the request's last output
+    # Speculative decoding, all choices so far: draft tokens the model drew (accepted) and did not (rejected).
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

@@ -17,6 +17,10 @@ of rows, and a prompt chunk is never so short that attention would take its deco
 (MIN_PROMPT_CHUNK; a prefix hit leaves at least that much of a prompt to compute). Preemption
 changes nothing either: a readmitted sequence recomputes its prompt as a prefill and its generated
 tokens as decode rows, each its own attention entry (model_runner.py), as they were first made.
+
+Speculative decoding (speculative.py): a decoding sequence may bring draft tokens, verified as more
+decode rows of its chunk. Drafts take only blocks that are free: they never preempt anyone, and the
+blocks of those rejected go back after the step (core.py).
 """
 
 from collections import deque
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 
 from mistral_grpc.engine.block_manager import BlockManager, NoFreeBlocksError
 from mistral_grpc.engine.sequence import Sequence, SequenceStatus
+from mistral_grpc.engine.speculative import SpeculativeConfig
 
 # paged_attention treats a sequence's chunk of q_len queries as a decode when q_len * group < 16; a
 # prompt chunk at least this long is a prefill for any GQA group, so its rows round as in any other
@@ -37,6 +42,12 @@ MIN_PROMPT_CHUNK = 16
 class ScheduledChunk:
     seq: Sequence
     num_tokens: int  # tokens computed this step, from seq.num_computed on
+    drafts: tuple[int, ...] = ()  # proposed tokens after the sequence's last one, verified this step
+
+    @property
+    def num_rows(self) -> int:
+        """Token rows of the step's batch: the chunk's tokens, then its drafts."""
+        return self.num_tokens + len(self.drafts)
 
     @property
     def is_prompt(self) -> bool:
@@ -60,8 +71,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch_size: int, max_prefill_tokens: int) -> None:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_prefill_tokens: int,
+                 speculative: SpeculativeConfig | None = None) -> None:
         self.blocks = blocks
+        self.speculative = speculative
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.min_prompt_chunk = max(1, min(MIN_PROMPT_CHUNK, max_prefill_tokens // 2))
@@ -110,9 +123,16 @@ class Scheduler:
         return n
 
     def _schedule_decodes(self, out: SchedulerOutput, held: AbstractSet[str]) -> None:
-        for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING or seq.in_prefill or seq.request_id in held:
-                continue  # preempted as a victim earlier in this loop, still prefilling, or held
+        decoding = [s for s in self.running if not s.in_prefill and s.request_id not in held]
+        draft_budget = (self.speculative.max_rows - len(decoding)
+                        if self.speculative is not None and self.speculative.enabled else 0)
+        for seq in decoding:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted as a victim earlier in this loop
+            if draft_budget > 0 and (chunk := self._draft_chunk(seq, draft_budget, len(decoding))) is not None:
+                out.chunks.append(chunk)
+                draft_budget -= len(chunk.drafts)
+                continue
             while True:
                 try:
                     self.blocks.append_slots(seq.blocks, len(seq.token_ids))
@@ -123,6 +143,21 @@ class Scheduler:
                     self._preempt(victim, out)
                     if victim is seq:
                         break
+
+    def _draft_chunk(self, seq: Sequence, budget: int, reserve: int) -> ScheduledChunk | None:
+        """The sequence's decode with drafts, if it proposes any and the free blocks hold them with
+        `reserve` to spare (a block for each decode of the step: drafts must not cause a preemption)."""
+        if seq.drafter is None:
+            return None
+        # The last draft's row draws token max_tokens at most: no verification outgrows the budget.
+        limit = min(budget, seq.max_tokens - seq.num_output - 1)
+        drafts = seq.drafter.propose(seq.token_ids, seq.prompt_len, limit) if limit > 0 else []
+        total = len(seq.token_ids) + len(drafts)
+        missing = self.blocks.blocks_needed(total) - len(seq.blocks.block_ids)
+        if not drafts or missing + reserve > self.blocks.num_free_blocks:
+            return None
+        self.blocks.append_slots(seq.blocks, total)
+        return ScheduledChunk(seq, 1, tuple(drafts))
 
     def _victim(self, held: AbstractSet[str]) -> Sequence:
         """The newest held sequence (it is idle anyway), else the newest running one."""

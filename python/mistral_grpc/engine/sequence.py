@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from mistral_grpc.engine.block_manager import BlockTable
 from mistral_grpc.engine.sampling_params import SamplingParams
+from mistral_grpc.engine.speculative import Drafter
 
 
 class SequenceStatus(enum.Enum):
@@ -30,6 +31,7 @@ class Sequence:
     finish_reason: str | None = None
     # Sibling choices (index > 0) wait for choice 0's prefill, then reuse its blocks via the prefix cache.
     waits_for: "Sequence | None" = None
+    drafter: Drafter | None = None  # proposes draft tokens to verify (speculative decoding); None = never
 
     @property
     def output_ids(self) -> list[int]:

@@ -65,8 +65,9 @@ class InvalidSchemaError(ValueError):
 
 
 class GrammarState:
-    """One choice's progress through its grammar. Advanced once per generated token, never rewound:
-    a preempted choice recomputes its KV cache but keeps its tokens, so its state stays valid."""
+    """One choice's progress through its grammar. Advanced once per generated token: a preempted
+    choice recomputes its KV cache but keeps its tokens, so its state stays valid. Draft tokens
+    (speculative decoding) advance it only while their masks are filled, then are rolled back."""
 
     def __init__(self, grammar: "xgr.CompiledGrammar", forced: Sequence[int] = ()) -> None:
         self.matcher = xgr.GrammarMatcher(grammar)
@@ -84,6 +85,32 @@ class GrammarState:
         accepted = self.matcher.accept_token(token)
         self.started = self.started or accepted
         return accepted
+
+    def fill_masks(self, mask: torch.Tensor, first_row: int, drafts: Sequence[int], eos_id: int,
+                   first_step: torch.Tensor) -> None:
+        """Fills rows first_row .. first_row + len(drafts) with what may come next at the state now and
+        after each draft in turn, then rewinds: row j is the mask one-at-a-time decoding fills once
+        drafts[:j] are its tokens. Past a draft that cannot follow (or EOS, which ends the choice) the
+        rows allow everything: that draft's own row forbids it, so they are never used."""
+        forced, started = list(self._forced), self.started
+        advanced = 0
+        for j in range(len(drafts) + 1):
+            row = first_row + j
+            if self._forced:
+                _allow_only(mask[row], self._forced[0])
+            else:
+                self.matcher.fill_next_token_bitmask(mask, row)
+                if not self.started:
+                    mask[row] &= first_step
+            if j == len(drafts) or drafts[j] == eos_id or not _allows(mask[row], drafts[j]):
+                mask[first_row + j + 1:first_row + len(drafts) + 1] = -1
+                break
+            matched_forced = bool(self._forced)
+            if not self.accept(drafts[j]):
+                raise RuntimeError(f"the grammar allowed token {drafts[j]} and then refused it")
+            advanced += not matched_forced
+        self.matcher.rollback(advanced)
+        self._forced, self.started = forced, started
 
 
 class GrammarCompiler:
@@ -122,21 +149,22 @@ class GrammarCompiler:
         forced = [self.tool_calls_token_id] if spec.kind == "tool_calls" else []
         return [GrammarState(grammar, forced) for _ in range(n)]
 
-    def bitmask(self, states: Sequence[GrammarState | None]) -> torch.Tensor | None:
-        """int32 [len(states), ceil(V / 32)] on the CPU: each constrained row's allowed next tokens,
-        all ones for a row without a grammar; None when no row has one."""
+    def bitmask(self, states: Sequence[GrammarState | None],
+                drafts: Sequence[Sequence[int]] | None = None) -> torch.Tensor | None:
+        """int32 [rows, ceil(V / 32)] on the CPU: each constrained row's allowed next tokens, all ones
+        for a row without a grammar; None when no row has one. With drafts (speculative decoding),
+        each state has 1 + len(its drafts) rows: the next token's, then one after each draft."""
         if all(state is None for state in states):
             return None
-        mask = xgr.allocate_token_bitmask(len(states), self.vocab_size)
-        for i, state in enumerate(states):
-            if state is not None and state.forced_token is not None:
-                _allow_only(mask[i], state.forced_token)
-            elif state is not None:
-                # One row at a time: xgrammar's threaded batch fill costs more than it saves on the
-                # few cores a CPU server shares with the model.
-                state.matcher.fill_next_token_bitmask(mask, i)
-                if not state.started:
-                    mask[i] &= self._first_step
+        drafts = drafts if drafts is not None else [()] * len(states)
+        mask = xgr.allocate_token_bitmask(sum(1 + len(d) for d in drafts), self.vocab_size)
+        first_row = 0
+        for state, state_drafts in zip(states, drafts, strict=True):
+            # One row at a time: xgrammar's threaded batch fill costs more than it saves on the few
+            # cores a CPU server shares with the model.
+            if state is not None:
+                state.fill_masks(mask, first_row, state_drafts, self.eos_id, self._first_step)
+            first_row += 1 + len(state_drafts)
         for i in (mask == 0).all(dim=1).nonzero().flatten().tolist():
             # A schema with no way to go on from here (contradictory constraints): end the choice
             # rather than sample from nothing.
@@ -164,6 +192,10 @@ def _bit(token: int) -> int:
     """token's bit in its int32 word of a bitmask (the same bit pattern, as a signed value)."""
     bit = 1 << (token % 32)
     return bit - 2**32 if bit >= 2**31 else bit
+
+
+def _allows(row: torch.Tensor, token: int) -> bool:
+    return bool(int(row[token // 32]) & _bit(token))
 
 
 def _allow_only(row: torch.Tensor, token: int) -> None:

@@ -83,6 +83,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     engine.add_argument("--kv-cache-memory", type=_size,
                         help="memory for the KV cache, e.g. 4GiB (default: 85%% of the GPU memory free after "
                              "loading; on CPU 2GiB, or half the available memory if less)")
+    engine.add_argument("--speculative-tokens", type=_integer(0), default=EngineArgs.speculative_tokens,
+                        metavar="K", help="draft tokens each sequence verifies per step at most, from the request's "
+                                          "prediction or prompt lookup; the output never changes (default "
+                                          "%(default)s; 0 = no speculation)")
+    engine.add_argument("--prompt-lookup", action=argparse.BooleanOptionalAction, default=EngineArgs.prompt_lookup,
+                        help="without a prediction, draft what followed the reply's last tokens where they occur "
+                             "in the prompt or the reply (default: on)")
     network = parser.add_argument_group("network")
     network.add_argument("--host", default="[::]", help="address to listen on (default: all, IPv4 and IPv6)")
     network.add_argument("--port", type=_port, default=50051, help="gRPC port (default %(default)s; 0 = any free)")
@@ -122,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     engine = LLMEngine.from_args(EngineArgs(
         model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
         served_model_name=args.served_model_name,
-        max_batch_size=args.max_batch_size, max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory))
+        max_batch_size=args.max_batch_size, max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory,
+        speculative_tokens=args.speculative_tokens, prompt_lookup=args.prompt_lookup))
     options = ServeOptions(host=args.host, port=args.port, metrics_port=args.metrics_port, api_key=api_key,
                            tls_cert=tls_cert, tls_key=tls_key, grace_period=args.grace_period)
     try:

@@ -60,8 +60,15 @@ def _largest_token_bytes(tokenizer: MistralTokenizer) -> tuple[int, int]:
 
 
 def usage(output: GenerationOutput) -> chat_pb2.Usage:
-    return chat_pb2.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens,
-                          total_tokens=output.total_tokens)
+    """completion_tokens_details only where speculative decoding verified drafts for the request (unset
+    it reads as zeros; JSON then shows the usage as before speculation existed)."""
+    message = chat_pb2.Usage(prompt_tokens=output.prompt_tokens, completion_tokens=output.completion_tokens,
+                             total_tokens=output.total_tokens)
+    if output.accepted_prediction_tokens or output.rejected_prediction_tokens:
+        message.completion_tokens_details.CopyFrom(chat_pb2.CompletionTokensDetails(
+            accepted_prediction_tokens=output.accepted_prediction_tokens,
+            rejected_prediction_tokens=output.rejected_prediction_tokens))
+    return message
 
 
 def logprobs_message(entries: list[TokenLogprob]) -> chat_pb2.Logprobs:

@@ -25,7 +25,7 @@ from mistral_grpc.proto.mistral.chat.v1 import chat_pb2, chat_pb2_grpc
 from mistral_grpc.server import errors
 from mistral_grpc.server.responses import (MAX_RESPONSE_BYTES, ChoiceState, CompletionHeader, response_token_limit,
                                            usage)
-from mistral_grpc.server.validation import compile_grammar, decode_request, parse_request
+from mistral_grpc.server.validation import compile_grammar, decode_request, parse_request, prediction_tokens
 from mistral_grpc.tokenizer import MistralTokenizer
 
 logger = logging.getLogger(__name__)
@@ -182,8 +182,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         prompt = await asyncio.to_thread(tokenizer.encode_chat, parsed.messages, parsed.tools)
         if parsed.params.structured is not None:
             await asyncio.to_thread(compile_grammar, tokenizer, parsed.params.structured)
+        prediction = None
+        if parsed.prediction is not None:
+            prediction = await asyncio.to_thread(prediction_tokens, tokenizer, parsed.prediction,
+                                                 self._engine.max_model_len)
         choices = [ChoiceState(i, parsed.params.logprobs, parsed.max_tool_calls) for i in range(parsed.params.n)]
-        return GenerationRequest(request_id=request_id, prompt_token_ids=prompt, params=parsed.params), choices
+        return GenerationRequest(request_id=request_id, prompt_token_ids=prompt, params=parsed.params,
+                                 prediction=prediction), choices
 
     async def _fail(self, rpc: str, error: BaseException, call: "_Call", context: grpc.aio.ServicerContext) -> None:
         """Counts the call's ending; for a failure it can describe, aborts with that status (raises)."""

@@ -58,6 +58,7 @@ class ParsedRequest:
     tools: list[ToolDefinition] | None
     params: SamplingParams
     max_tool_calls: int | None = None  # per choice; 1 with parallel_tool_calls false, else no limit
+    prediction: str | None = None  # the predicted reply's text (speculative decoding's drafts), or None
 
 
 def decode_request(request: bytes | chat_pb2.ChatRequest) -> chat_pb2.ChatRequest:
@@ -101,10 +102,11 @@ def parse_request(request: chat_pb2.ChatRequest, served_model: str, has_tool_cal
         violations.append(("store", "this server stores no completions: leave store out or false"))
     params = _sampling_params(request, structured, max_tokens)
     violations += _sampling_violations(params, request.HasField("max_completion_tokens"))
+    prediction = _prediction(request, violations)
     if violations:
         raise invalid_argument(violations)
     return ParsedRequest(messages=messages, tools=tools if tool_choice.mode != "none" else None, params=params,
-                         max_tool_calls=1 if single_call else None)
+                         max_tool_calls=1 if single_call else None, prediction=prediction)
 
 
 def compile_grammar(tokenizer: MistralTokenizer, spec: StructuredSpec) -> None:
@@ -298,6 +300,28 @@ def _json_schema(json_schema: chat_pb2.JsonSchema, violations: list[tuple[str, s
         violations.append(("response_format.json_schema.schema", f"is not a valid JSON Schema: {error.message}"))
         return None
     return StructuredSpec.json_schema(schema)
+
+
+def _prediction(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) -> str | None:
+    """The predicted reply's text; None without one (an empty content predicts nothing)."""
+    if not request.HasField("prediction"):
+        return None
+    if request.prediction.type != "content":
+        violations.append(("prediction.type", f"must be 'content' (got {_shown(request.prediction.type)})"))
+    return request.prediction.content or None
+
+
+def prediction_tokens(tokenizer: MistralTokenizer, text: str, context: int) -> tuple[int, ...]:
+    """The prediction's tokens as the reply would hold them (at its start, where the leading space
+    goes); INVALID_ARGUMENT on prediction.content when they are more than the context holds."""
+    if len(text) > context * tokenizer.max_token_chars:  # too long by its characters alone: spare the encoding
+        raise invalid_argument([("prediction.content", f"holds {len(text)} characters, more than a context of "
+                                                       f"{context} tokens can take")])
+    tokens = tokenizer.encode(text)
+    if len(tokens) > context:
+        raise invalid_argument([("prediction.content", f"is {len(tokens)} tokens long, more than the context of "
+                                                       f"{context} tokens")])
+    return tuple(tokens)
 
 
 def _max_tokens(request: chat_pb2.ChatRequest, violations: list[tuple[str, str]]) -> int | None:
