@@ -18,6 +18,7 @@ import grpc
 
 from mistral_grpc import metrics
 from mistral_grpc.engine.request import GenerationOutput, GenerationRequest, PromptTooLongError
+from mistral_grpc.engine.sampling_params import StructuredSpec
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2, chat_pb2_grpc
 from mistral_grpc.server import errors
 from mistral_grpc.server.responses import ChoiceState, CompletionHeader, usage
@@ -43,6 +44,9 @@ class Engine(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
         """Closing the generator (or cancelling its consumer) aborts the request and frees its KV blocks."""
+
+    def compile_grammar(self, spec: StructuredSpec) -> None:
+        """Compiles a structured-output constraint into the engine's cache (raises InvalidSchemaError)."""
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
@@ -149,7 +153,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         # event loop free for other calls.
         prompt = await asyncio.to_thread(tokenizer.encode_chat, parsed.messages, parsed.tools)
         if parsed.params.structured is not None:
-            await asyncio.to_thread(compile_grammar, tokenizer, parsed.params.structured)
+            await asyncio.to_thread(compile_grammar, self._engine.compile_grammar, parsed.params.structured)
         choices = [ChoiceState(i, parsed.params.logprobs) for i in range(parsed.params.n)]
         return GenerationRequest(request_id=request_id, prompt_token_ids=prompt, params=parsed.params), choices
 
