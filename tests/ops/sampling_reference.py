@@ -1,5 +1,5 @@
 """Plain-torch / plain-Python references for the sampling ops, written from the rule in
-shared/DESIGN.md and the issue (never from our kernels): Philox4x32-10 from its paper, top-k /
+docs/ops.md and the issue (never from our kernels): Philox4x32-10 from its paper, top-k /
 top-p by a full descending sort, the inverse CDF by cumsum in float64."""
 
 import torch
