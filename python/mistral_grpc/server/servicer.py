@@ -143,7 +143,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         tokenizer = self._engine.tokenizer
         parsed = parse_request(request, self._engine.model_name, tokenizer.tool_calls_token_id is not None)
         # Text of c characters is at least c / max_token_chars tokens: a conversation too long by that
-        # count alone is refused before seconds of CPU go into encoding it (a 15 MiB request: ~5 s).
+        # count alone is refused before seconds of CPU go into encoding it.
         chars = sum(len(m.content) for m in parsed.messages)
         if chars > self._engine.max_model_len * tokenizer.max_token_chars:
             raise PromptTooLongError(f"the messages hold {chars} characters, more than a context of "
