@@ -5,6 +5,8 @@ developer machines have nvcc but no GPU, and a .cu that does not compile must tu
 MISTRAL_GRPC_CUDA=0 skips the CUDA sources for a quick CPU-only rebuild while iterating.
 MISTRAL_GRPC_PROTO_STUBS=0 skips the gRPC stubs: a kernels-only build where grpcio-tools is missing
 (scripts/gpu_check.sh on a lent GPU machine).
+MISTRAL_GRPC_SKIP_EXTENSION=1 installs the package without building the extension: scripts/setup.sh
+builds it afterwards with `build_ext --inplace`, whose build/ folder makes the next build incremental.
 """
 
 import glob
@@ -89,8 +91,9 @@ def main() -> None:
 
     if os.environ.get("MISTRAL_GRPC_PROTO_STUBS", "1") != "0":
         generate_grpc_stubs()
+    skip_extension = os.environ.get("MISTRAL_GRPC_SKIP_EXTENSION", "0") == "1"
     setup(
-        ext_modules=[extension()],
+        ext_modules=[] if skip_extension else [extension()],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     )
 

@@ -12,8 +12,7 @@
 // A tile is kUnits 16-row sub-tiles interleaved line by line (1 for linear; 2, gate and up, for
 // silu_mul), so it is one contiguous run of memory. A thread splits its tiles into kStreams
 // contiguous sub-ranges and walks them side by side, tile i of each at once: one core keeps more
-// DRAM requests in flight over several long streams than over one (measured here: one core reads
-// ~14 GB/s from one stream, ~17 GB/s from four), and the streams' accumulators are independent
+// DRAM requests in flight over several long streams than over one, and the streams' accumulators are independent
 // FMA chains. Loop order: tiles outer, row blocks inner; the first block reads the tiles from
 // memory, further blocks of a large batch re-read them from cache, so DRAM sees each weight once
 // per call whatever the batch.
@@ -21,8 +20,7 @@
 // Past the rows the accumulators hold, a batch is compute-bound and runs in row blocks. Each block
 // re-reads the group from L2 and prefetches a share of the next group into L2 (BlockPlan), so
 // memory keeps streaming while the blocks compute. Batches also trade streams for taller blocks
-// (for_tiles): fewer blocks, less L2 traffic per FMA. Both together, fp32, 16 rows, weights cold
-// (both cores here): gate_up [2 x 3584, 1024] 1.75 -> 1.36 ms, lm_head [32000, 1024] 6.9 -> 5.2 ms.
+// (for_tiles): fewer blocks, less L2 traffic per FMA.
 
 template <class S, int kUnits, int G>
 constexpr int max_rows() {
@@ -54,8 +52,8 @@ inline void group_rows(const Problem& p, const uint8_t* first, int64_t stream_st
                        float* sums, bool resume, BlockPlan plan, StepRange range) {
   constexpr int64_t kLineBytes = kUnits * kStepBytes;  // one step of every sub-tile
   // The same lines in flight however many streams: one stream prefetches S::kStreams times as far.
-  // A gate_up stream, which reads its lines in (gate, up) pairs, half as far: at the full distance
-  // gate_up lost 2-3% (fp32, batch 1) while the linear weights gained.
+  // A gate_up stream, which reads its lines in (gate, up) pairs, half as far: the full distance
+  // overshoots it.
   constexpr int64_t kAheadBytes = kPrefetchBytes / kUnits * ((S::kStreams + G - 1) / G);
   // Every output is one chain of adds in K order, whatever the rows and the blocks: a row's result
   // does not depend on what else is in the batch (the engine's seeded sampling relies on it). Two
@@ -134,12 +132,9 @@ constexpr int64_t kReusedBytes = 1 << 20;
 // Batches of a few row blocks (decode batches) go through K in chunks of a group's tiles, every
 // block over each chunk in turn, each block prefetching its share of the next chunk into L1: the
 // chunk comes from memory once, the other blocks re-read it from L1, and the weights stream at an
-// even pace while the blocks compute. Whole K per block left memory to the next-group prefetch into
-// L2 while the later blocks computed from L2 (fp32, 16 rows, cold weights: the 33 linear calls of a
-// 175M decode step 25.0-26.2 -> 21.7-22.3 ms, 16-stream decode 509-513 -> 600-609 tok/s; into L2,
-// or no next-chunk prefetch, 8-10% slower). Chunks of 16 KiB up to 3 blocks, else 32 KiB; those
-// calls at 8 / 16 / 24 / 32 rows, 16 vs 32 KiB: -4% / -3% / -1% / +2%. Up to 8 blocks: 48 rows of
-// linear, 48 of gate_up.
+// even pace while the blocks compute (whole K per block leaves memory idle while the later blocks
+// compute from L2). Small chunks for few blocks, larger ones past 3 (the sizes that measured best);
+// up to 8 blocks: 48 rows of linear, 48 of gate_up.
 constexpr int64_t chunk_bytes(int64_t blocks) { return blocks <= 3 ? 16 << 10 : 32 << 10; }
 constexpr int64_t kMaxChunkedBlocks = 8;
 
@@ -201,11 +196,9 @@ inline void for_tile_streams(const Problem& p, int64_t begin, int64_t end, Epilo
   for (ids[0] = begin + G * per_stream; ids[0] < end; ++ids[0]) run_group.template operator()<1>(ids, 0);
 }
 
-// gate_up batches trade streams for taller row blocks: AVX-512 2 streams x 6 rows, not 4 x 3.
-// Measured (fp32, both threads, cold weights, ms 4 x 3 vs 2 x 6): gate_up [2 x 3584, 1024] at 16
-// rows 1.36 vs 1.23, at 512 rows 34.8 vs 28.5. Linear keeps its 4 streams x 6 rows: with decode
-// batches' chunked K, 3 x 8 was slower (fp32 16-stream decode of the 175M model 600-609 vs 610-622
-// tok/s), and a 512-token prefill's linear layers took 10% longer on 3 streams.
+// gate_up batches trade streams for taller row blocks (AVX-512: 2 streams x 6 rows, not 4 x 3): less
+// L2 traffic per FMA. Linear keeps its 4 streams x 6 rows: with chunked K, fewer streams lose more
+// bandwidth than taller blocks save.
 template <class S, int kUnits, class Epilogue>
 inline void for_tiles(const Problem& p, int64_t begin, int64_t end, Epilogue epilogue) {
   constexpr int kBatchStreams = std::max(1, S::kStreams / 2);

@@ -12,7 +12,7 @@
 //                of K/V is widened once into scratch and reused by every row; scores come from an
 //                outer-product kernel over Q transposed, which needs no horizontal sums. For bf16
 //                caches on CPUs with AMX, scores and P V both run on the tile unit instead, K and V
-//                read unwidened (cpu/attention_amx.h: bf16 1x512 prefill 3.5 -> 1.5 ms a layer).
+//                read unwidened (cpu/attention_amx.h).
 // Either way the heads of a GQA group share their K/V reads. Per tile of kKeyTile keys: scores (in
 // the log2 domain), the mask on tiles that cross a causal or window edge, an online-softmax update
 // vectorised across rows, then acc = acc * rescale + P V.
@@ -158,10 +158,8 @@ struct TileRows {
 
 // The next tile's K and V rows, asked for a few cache lines at every key the current tile folds: a
 // sequence's blocks are scattered by the block table, which the hardware prefetchers cannot follow.
-// Asking for the whole tile at once (64 KiB of fp32 K and V, more than L1 holds) stalled the core on
-// its fill buffers until the lines came and left memory idle while the tile then computed; spread
-// out, the loads overlap the arithmetic (fp32, 16 sequences of 200 tokens, one layer's attention
-// with the cache cold: 0.80-0.81 -> 0.72-0.73 ms; inside decode steps 4.2-4.8 -> 3.9-4.2 ms a step).
+// Asking for the whole tile at once (more than L1 holds) stalls the core on its fill buffers and
+// leaves memory idle while the tile computes; spread out, the loads overlap the arithmetic.
 template <typename T>
 struct NextTilePrefetch {
   const T* const* keys = nullptr;  // the next tile's rows (none: rows 0)

@@ -119,14 +119,9 @@ void amx_tiles(const Problem& p, int64_t begin, int64_t end) {
 // Batches of at most 16 rows (decode steps): one A tile against four output sets (four tiles for
 // linear; gate and up of two tiles for silu_mul). The 2 x 2 blocking above would spend half its
 // TDPBF16PS on the zero rows of a 32-row block and stream one item at a time; here every product
-// is useful and four B streams are in flight (bf16 [2 x 3584, 1024], 16 rows, cold weights:
-// 0.93 -> 0.63 ms). Each k-block prefetches the B tiles two blocks ahead in every stream: with decode
-// steps' rows here too (the seed contract puts bf16 decode rows on AMX), the 33 linear calls of a
-// 175M bf16 step, weights cold, 1 row 17.7-18.8 -> 16.4-18.0 ms, 16 rows 17.7-18.7 -> 16.4-17.3 (an
-// earlier, denser prefetch cost gate_up at 16 rows 0.63 -> 0.72 ms). The C and A tiles are as high
-// as the batch: a decode batch of one row loaded, multiplied and stored 16 (of zeros padded in by a
-// copy of x) before; the 33 linear calls of a 175M bf16 step at 1 row, cold, medians of 8 runs
-// alternated, 19.3 -> 17.9 ms (qkv, o and down -17-20%), batch-1 decode +5%.
+// is useful and four B streams are in flight. Each k-block prefetches the B tiles two blocks ahead
+// in every stream: the tile loads queue behind the weight stream, so the lines must already be
+// coming. The C and A tiles are as high as the batch, so a one-row decode multiplies one row, not 16.
 // tmm0..3: C, tmm4: A (rows high), tmm5..7: B, tmm5 reused for the fourth set once its product is issued.
 template <int kUnits>
 void amx_tiles_16(const Problem& p, int64_t begin, int64_t end) {
@@ -198,11 +193,9 @@ MG_ALWAYS_INLINE void split3(__m512i v, __m512i& p0, __m512i& p1, __m512i& p2) {
 
 // x's parts: chunk c of K, row block b (16 rows), 32-K block j of the chunk, part i, row r, then
 // the block's 32 K as bf16 bits ([c][b][j][i][r][32]), so each A tile (one part of 16 rows, 32 K)
-// is 1 KiB in one piece, and one row block's pass over the chunk reads a 12 KiB run in order (A
-// tiles read with a 256-byte stride from rows of the whole chunk were 5% slower in situ). Written
-// chunk by chunk, 64 bytes of a part at a time (two vectors packed by one vcvtne2ps2bf16, exact
-// since every part is a bf16 value): one thread, 128-512 rows, 0.26-0.6 ns an element, against
-// 0.64-0.76 storing 32 bytes of each part as the row is read.
+// is 1 KiB in one piece, and one row block's pass over the chunk reads a 12 KiB run in order (a
+// strided read of A tiles is slower). Written chunk by chunk, 64 bytes of a part at a time (two
+// vectors packed by one vcvtne2ps2bf16, exact since every part is a bf16 value): whole-line stores.
 void split_fp32_rows(const float* x, int64_t x_stride, int64_t rows, int64_t k, int64_t begin, int64_t end,
                      uint16_t* parts) {
   constexpr int64_t kChunkK = kAmxFp32ChunkBlocks * kAmxKBlock;
@@ -269,7 +262,7 @@ MG_ALWAYS_INLINE void prefetch_l1(const uint8_t* p, int64_t bytes) {
 
 // The most bytes of C a group of items carries from chunk to chunk (2 KiB per item and row block):
 // a quarter of a core's L2, beside the chunk of x's parts that every item of the group re-reads
-// (1 MiB: down_proj at 512 rows 8.5 -> 10 ms).
+// (more pushes the parts out of L2).
 constexpr int64_t kFp32CarryBytes = 512 << 10;
 
 // Items are pairs of tiles (linear) or single gate_up tiles: two output sets, C in tmm0 and tmm1.
@@ -278,12 +271,7 @@ constexpr int64_t kFp32CarryBytes = 512 << 10;
 // for the chunk are split once into a 24 KiB buffer that stays in L1 while the row blocks run; C
 // is carried from chunk to chunk per item and row block; and the next (item, chunk)'s weights are
 // prefetched while the row blocks compute. So the weights stream once per call, x's parts come
-// from L2 (prefetched into L1 a step ahead) and the split weights from L1. The 175M model's
-// matrices at 512 rows, both threads, weights cold, ms FMA vs AMX: qkv 6.1 vs 3.2, o 3.9 vs 2.2,
-// gate_up 27.6 vs 15.1, down 12.6 vs 8.3 (K = 3584: its items are few, so each chunk of x's parts
-// serves fewer of them); a 512-token fp32 prefill 457 -> 298 ms. With x's parts in 1 KiB tiles and
-// prefetched (layer after layer, medians): qkv 4.1 -> 3.5, o 2.8 -> 2.3, gate_up 15.0 -> 13.5,
-// down 10.4 -> 9.0; the prefill's forward 295 -> 268 ms. A call may cover a segment of K only
+// from L2 (prefetched into L1 a step ahead) and the split weights from L1. A call may cover a segment of K only
 // (Problem::k_begin, k_end; run_tiles): C then comes from and goes to the caller's carry.
 template <int kUnits>
 void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
@@ -358,11 +346,9 @@ void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
           }
           // Each step also prefetches the next 32 K's A tiles (the next step's, or the next row
           // block's first) from L2, where the chunk of x's parts lives, into L1: an A tile load from
-          // L2 holds up the tile unit for its whole latency, one from L1 does not (gate_up at 512
-          // rows with every A tile hot in L1: 14.3 -> 11.3 ms). A tile load also waits for the loads
-          // issued before it, prefetches included, so the prefetches go right after a set's B tile
-          // loads, where six products follow before the next tile load: issued before the A tile
-          // loads, the same prefetches made gate_up 10% slower instead of 8% faster.
+          // L2 holds up the tile unit for its whole latency, one from L1 does not. A tile load also
+          // waits for the loads issued before it, prefetches included, so the prefetches go right
+          // after a set's B tile loads, where six products follow before the next tile load.
           for (int64_t kb = kb0; kb < kb1; ++kb) {
             const uint8_t* a = x_chunk + rb * 3 * kPartBytes + (kb - kb0) * kATilesBytes;
             _tile_loadd(2, a, 64);

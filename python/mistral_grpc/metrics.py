@@ -1,4 +1,4 @@
-"""The Prometheus metrics of shared/DESIGN.md, in one registry that the engine and the server update
+"""The Prometheus metrics of docs/metrics.md, in one registry that the engine and the server update
 and the side port (--metrics-port) exposes."""
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -24,7 +24,7 @@ GENERATION_TOKENS = Counter("mistral_grpc_generation_tokens", "Tokens generated"
 RUNNING_REQUESTS = Gauge("mistral_grpc_running_requests", "Requests with sequences in the running batch",
                          registry=REGISTRY)
 WAITING_REQUESTS = Gauge("mistral_grpc_waiting_requests", "Requests queued, not yet running", registry=REGISTRY)
-# Beyond DESIGN.md's names: what an operator needs to read the ones above.
+# What an operator needs to read the ones above.
 HELD_REQUESTS = Gauge("mistral_grpc_held_requests",
                       "Streams paused because their client stopped reading (not counted as running or waiting)",
                       registry=REGISTRY)

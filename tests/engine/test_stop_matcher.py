@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch  # noqa: F401  (the extension links against libtorch: load it first)
 
 from mistral_grpc._C import StopMatcher
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from mistral_grpc.engine.sampler import Sampler
 from mistral_grpc.engine.sampling_params import SamplingParams, StructuredSpec
-from mistral_grpc.engine.structured import InvalidSchemaError, grammar_compiler
+from mistral_grpc.engine.structured import GrammarCompiler, InvalidSchemaError
 from mistral_grpc.model.demo import demo_config, demo_weights
 from mistral_grpc.tokenizer import MistralTokenizer
 from mistral_grpc.tokenizer.vocab import SHIPPED_DIR
@@ -74,9 +74,14 @@ def v3(tmp_path_factory) -> Iterator[Harness]:
     harness.close()
 
 
-@cache  # one tokenizer per version, so its grammar compiler (and cache) is shared by the tests
+@cache
 def tokenizer(version: str) -> MistralTokenizer:
     return MistralTokenizer.from_file(SHIPPED_DIR / f"mistral_tokenizer_{version}.json")
+
+
+@cache  # one compiler per version, shared by the tests, as an engine shares its own
+def grammar_compiler(tok: MistralTokenizer) -> GrammarCompiler:
+    return GrammarCompiler(tok)
 
 
 def allowed(tok: MistralTokenizer, state) -> set[int]:
@@ -171,12 +176,32 @@ def test_tool_calls_open_with_the_control_token_then_a_call_array() -> None:
     assert all(any(end.startswith(s) or s.startswith(end) for end in ends) for s in continuations)
 
 
-def test_the_compile_cache_and_schema_errors() -> None:
-    compiler = grammar_compiler(tokenizer("v1"))
+def test_a_compiled_grammar_is_reused_from_the_cache() -> None:
+    compiler = GrammarCompiler(tokenizer("v1"))  # its own, so the cache starts empty
     spec = StructuredSpec.json_schema(PERSON)
     assert StructuredSpec.json_schema(dict(reversed(PERSON.items()))) == spec  # key order is not identity
+    assert compiler.cache_size_bytes == 0
     first = compiler.compile(spec)
-    assert compiler.compile(spec).memory_size_bytes == first.memory_size_bytes
+    held = compiler.cache_size_bytes
+    assert held >= first.memory_size_bytes > 0  # kept for reuse
+    compiler.compile(StructuredSpec.json_schema(dict(reversed(PERSON.items()))))
+    assert compiler.cache_size_bytes == held  # found, not compiled again
+    compiler.compile(StructuredSpec.json_schema(WEATHER))
+    assert compiler.cache_size_bytes > held  # another schema is another entry
+
+
+def test_the_engine_finds_the_grammar_the_server_compiled(h: Harness) -> None:
+    spec = StructuredSpec.json_schema(TIME)
+    h.engine.compile_grammar(spec)  # as the servicer does, off the event loop, before generate
+    held = h.engine._core.grammars.cache_size_bytes
+    assert held > 0
+    outputs = h.run(h.collect(h.prompt("The time?"), structured=spec, max_tokens=30, seed=1))
+    assert finish_of(outputs) in ("stop", "length")
+    assert h.engine._core.grammars.cache_size_bytes == held
+
+
+def test_schema_errors_name_the_problem() -> None:
+    compiler = grammar_compiler(tokenizer("v1"))
     with pytest.raises(InvalidSchemaError, match='Unsupported type "objekt"'):
         compiler.compile(StructuredSpec.json_schema({"type": "objekt"}))
     with pytest.raises(InvalidSchemaError, match="has no tool calls"):
@@ -318,12 +343,12 @@ def test_outputs_under_supported_keywords_validate(name: str) -> None:
 
 def test_serving_never_imports_transformers() -> None:
     script = ("import sys\n"
-              "from mistral_grpc.engine.structured import grammar_compiler\n"
+              "from mistral_grpc.engine.structured import GrammarCompiler\n"
               "from mistral_grpc.engine.sampling_params import StructuredSpec\n"
               "from mistral_grpc.tokenizer import MistralTokenizer\n"
               "from mistral_grpc.tokenizer.vocab import SHIPPED_DIR\n"
               "tok = MistralTokenizer.from_file(SHIPPED_DIR / 'mistral_tokenizer_v1.json')\n"
-              "grammar_compiler(tok).new_states(StructuredSpec.json_object(), 1)\n"
+              "GrammarCompiler(tok).new_states(StructuredSpec.json_object(), 1)\n"
               "assert 'transformers' not in sys.modules, 'transformers was imported'\n")
     subprocess.run([sys.executable, "-c", script], check=True)
 

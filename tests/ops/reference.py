@@ -1,5 +1,5 @@
 """Plain-torch references for the extension's layer ops: slow, obvious, written from the op contracts
-in shared/DESIGN.md and Hugging Face's Mistral code, never from our kernels."""
+in docs/ops.md and Hugging Face's Mistral code, never from our kernels."""
 
 import torch
 import torch.nn.functional as F

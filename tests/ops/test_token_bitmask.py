@@ -3,7 +3,6 @@ apply_token_bitmask_inplace (the layout's owner)."""
 
 import pytest
 import torch
-import xgrammar
 
 from mistral_grpc import ops
 
@@ -46,6 +45,7 @@ def test_matches_reference(device: str, dtype: torch.dtype, vocab: int) -> None:
 
 @pytest.mark.parametrize("vocab", [33, 32000])
 def test_agrees_with_xgrammar(vocab: int) -> None:
+    xgrammar = pytest.importorskip("xgrammar")  # imported here: the GPU check's machine lacks it
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(4, vocab, generator=gen)
     bitmask = random_bitmask(4, vocab, 0.5, gen)

@@ -10,6 +10,8 @@ from functools import cache
 
 from mistral_grpc.engine.request import (ChoiceDelta, EngineUnavailableError, GenerationOutput, GenerationRequest,
                                          QueueFullError, TokenLogprob, TopLogprob, generation_budget)
+from mistral_grpc.engine.sampling_params import StructuredSpec
+from mistral_grpc.engine.structured import GrammarCompiler
 from mistral_grpc.tokenizer import MistralTokenizer, ToolCall
 from mistral_grpc.tokenizer.vocab import SHIPPED_DIR
 
@@ -33,6 +35,7 @@ class FakeEngine:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.tokenizer = tokenizer(template)
+        self.grammars = GrammarCompiler(self.tokenizer)
         self.ready = False
         self.step_delay = step_delay
         self.pieces = pieces
@@ -97,6 +100,9 @@ class FakeEngine:
         data = list(text.encode())
         return TokenLogprob(token=text, logprob=-0.25, bytes=data,
                             top_logprobs=[TopLogprob(token=text, logprob=-0.25 - i, bytes=data) for i in range(top)])
+
+    def compile_grammar(self, spec: StructuredSpec) -> None:
+        self.grammars.compile(spec)
 
     async def drain(self) -> None:
         self._draining = True

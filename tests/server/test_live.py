@@ -1,10 +1,9 @@
 """The server through real gRPC channels (Python client) on the fake engine: deadlines, cancellation,
 concurrency, health, draining, API key, TLS, gzip, message sizes and the metrics port."""
 
+import datetime
 import logging
-import shutil
 import socket
-import subprocess
 import threading
 import time
 import urllib.request
@@ -12,6 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
@@ -24,6 +27,7 @@ from mistral_grpc.proto.mistral.chat.v1 import chat_pb2, chat_pb2_grpc
 from mistral_grpc.server.app import ServeOptions, StartupError
 from mistral_grpc.tokenizer import ChatMessage
 
+MiB = 2**20
 LONG = tuple(f" w{i}" for i in range(400))  # a completion that outlives the calls that cancel it
 
 
@@ -218,17 +222,59 @@ def test_the_bearer_scheme_is_case_insensitive(serve_fake):
             assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED, value
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
-def test_tls(serve_fake, tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
-    server = serve_fake(ServeOptions(host="localhost", port=0, tls_cert=cert.read_bytes(), tls_key=key.read_bytes()))
-    with ChatClient(server.target, root_certificates=cert.read_bytes()) as client:
+def self_signed_localhost() -> tuple[bytes, bytes]:
+    """(certificate PEM, private key PEM) for localhost, valid for a day."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def test_tls(serve_fake):
+    cert, key = self_signed_localhost()
+    server = serve_fake(ServeOptions(host="localhost", port=0, tls_cert=cert, tls_key=key))
+    with ChatClient(server.target, root_certificates=cert) as client:
         assert client.chat("Hello!").choices[0].message.content == choice_text(0)
-    with ChatClient(server.target, timeout=5) as plaintext, pytest.raises(grpc.RpcError):
+    with ChatClient(server.target, timeout=5) as plaintext, pytest.raises(grpc.RpcError) as raised:
         plaintext.chat("Hello!")
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    other, _ = self_signed_localhost()
+    with ChatClient(server.target, root_certificates=other, timeout=5) as untrusting, \
+            pytest.raises(grpc.RpcError) as raised:
+        untrusting.chat("Hello!")
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def raw_chat(target: str, request: chat_pb2.ChatRequest) -> chat_pb2.ChatResponse:
+    """Chat over a channel that sends up to 64 MiB, so the size limit met is the server's."""
+    options = [("grpc.max_send_message_length", 64 * MiB), ("grpc.max_receive_message_length", 64 * MiB)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        return chat_pb2_grpc.ChatServiceStub(channel).Chat(request, timeout=120)
+
+
+def test_a_request_under_16_mib_is_accepted_and_one_over_is_resource_exhausted(serve_fake):
+    server = serve_fake()
+    # The bulk rides in `user` (accepted for parity, never tokenized), so only the transport is tested.
+    near = chat_pb2.ChatRequest(messages=[chat_pb2.ChatMessage(role="user", content="Hello!")],
+                                user="u" * (15 * MiB))
+    assert 15 * MiB < near.ByteSize() < 16 * MiB
+    assert raw_chat(server.target, near).choices[0].message.content == choice_text(0)
+    over = chat_pb2.ChatRequest(messages=[chat_pb2.ChatMessage(role="user", content="Hello!")],
+                                user="u" * (16 * MiB))
+    with pytest.raises(grpc.RpcError) as raised:
+        raw_chat(server.target, over)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "Received message larger than max" in raised.value.details()  # the server refused it, not us
+    with ChatClient(server.target) as client:  # and the server goes on serving
+        assert client.chat("Hello!").choices[0].message.content == choice_text(0)
 
 
 def test_gzip_compressed_requests_are_accepted(serve_fake):

@@ -80,7 +80,7 @@ class BlockManager:
         if fresh > self.num_free_blocks - evictable_hits:
             raise NoFreeBlocksError(f"need {fresh} free KV blocks, have {self.num_free_blocks - evictable_hits}")
         for block_id in reusable:
-            self._hold(block_id)
+            self._add_reference(block_id)
         table.block_ids = reusable + [self._take_free() for _ in range(fresh)]
         table.num_hashed = len(reusable)
         table.last_hash = prev_hash
@@ -132,7 +132,7 @@ class BlockManager:
         table.num_hashed = 0
         table.last_hash = None
 
-    def _hold(self, block_id: int) -> None:
+    def _add_reference(self, block_id: int) -> None:
         block = self._blocks[block_id]
         if block.ref_count == 0:
             del self._free[block_id]

@@ -17,7 +17,7 @@ from mistral_grpc.engine.sampling_params import SamplingParams
 from mistral_grpc.engine.scheduler import ScheduledChunk, Scheduler
 from mistral_grpc.engine.sequence import Sequence, SequenceStatus
 from mistral_grpc.engine.speculative import DraftCounts, Drafter, NgramIndex, SpeculativeConfig, prediction_index
-from mistral_grpc.engine.structured import GrammarState, InvalidSchemaError, grammar_compiler
+from mistral_grpc.engine.structured import GrammarCompiler, GrammarState, InvalidSchemaError
 from mistral_grpc.metrics import (GENERATION_TOKENS, INTER_TOKEN_LATENCY, PREEMPTIONS, PROMPT_TOKENS,
                                   SPEC_ACCEPTED_TOKENS, SPEC_DRAFT_TOKENS, TIME_TO_FIRST_TOKEN)
 from mistral_grpc.model.decoder import MistralDecoder
@@ -62,7 +62,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.blocks, max_batch_size, max_prefill_tokens, speculative)
         self.runner = ModelRunner(model, model.allocate_kv_cache(num_blocks, block_size), block_size)
         self.sampler = Sampler(tokenizer.vocab_size)
-        self.grammars = grammar_compiler(tokenizer)
+        self.grammars = GrammarCompiler(tokenizer)
         self._requests: dict[str, _Request] = {}
         self._next_seq_id = 0
 

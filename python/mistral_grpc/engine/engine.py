@@ -21,7 +21,7 @@ from mistral_grpc.engine.args import EngineArgs
 from mistral_grpc.engine.core import EngineCore
 from mistral_grpc.engine.request import (EngineInternalError, EngineUnavailableError, GenerationOutput,
                                          GenerationRequest, QueueFullError, generation_budget)
-from mistral_grpc.engine.sampling_params import SamplingParams
+from mistral_grpc.engine.sampling_params import SamplingParams, StructuredSpec
 from mistral_grpc.engine.speculative import SpeculativeConfig
 from mistral_grpc.metrics import (HELD_REQUESTS, KV_CACHE_BLOCKS_TOTAL, KV_CACHE_BLOCKS_USED, RUNNING_REQUESTS,
                                   WAITING_REQUESTS)
@@ -200,6 +200,11 @@ class LLMEngine:
         if self._in_flight >= self.args.max_batch_size + self.args.max_queue:
             raise QueueFullError(f"the queue is full ({self._in_flight} requests in flight); retry later")
         return self._submit(request, self.resolve_max_tokens(request.params, len(request.prompt_token_ids)))
+
+    def compile_grammar(self, spec: StructuredSpec) -> None:
+        """Compiles a structured-output constraint into the engine's cache, where the request then finds
+        it; slow for a big schema, so the server calls it off the event loop. Raises InvalidSchemaError."""
+        self._core.grammars.compile(spec)
 
     def resolve_max_tokens(self, params: SamplingParams, prompt_len: int) -> int:
         """The generated-token budget, or PromptTooLongError when prompt + max_tokens exceed the context."""

@@ -1,4 +1,4 @@
-"""Per-request generation settings, with the ranges of shared/DESIGN.md (the hosted endpoints')."""
+"""Per-request generation settings, with the ranges of docs/api.md (the hosted endpoints')."""
 
 import json
 from collections.abc import Sequence

@@ -21,6 +21,7 @@ import grpc
 
 from mistral_grpc import metrics
 from mistral_grpc.engine.request import GenerationOutput, GenerationRequest, PromptTooLongError, generation_budget
+from mistral_grpc.engine.sampling_params import StructuredSpec
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2, chat_pb2_grpc
 from mistral_grpc.server import errors
 from mistral_grpc.server.responses import (MAX_RESPONSE_BYTES, ChoiceState, CompletionHeader, response_token_limit,
@@ -47,6 +48,9 @@ class Engine(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationOutput, None]:
         """Closing the generator (or cancelling its consumer) aborts the request and frees its KV blocks."""
+
+    def compile_grammar(self, spec: StructuredSpec) -> None:
+        """Compiles a structured-output constraint into the engine's cache (raises InvalidSchemaError)."""
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
@@ -171,7 +175,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         tokenizer = self._engine.tokenizer
         parsed = parse_request(request, self._engine.model_name, tokenizer.tool_calls_token_id is not None)
         # Text of c characters is at least c / max_token_chars tokens: a conversation too long by that
-        # count alone is refused before seconds of CPU go into encoding it (a 15 MiB request: ~5 s).
+        # count alone is refused before seconds of CPU go into encoding it.
         chars = sum(len(m.content) for m in parsed.messages)
         if chars > self._engine.max_model_len * tokenizer.max_token_chars:
             raise PromptTooLongError(f"the messages hold {chars} characters, more than a context of "
@@ -181,7 +185,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         # event loop free for other calls.
         prompt = await asyncio.to_thread(tokenizer.encode_chat, parsed.messages, parsed.tools)
         if parsed.params.structured is not None:
-            await asyncio.to_thread(compile_grammar, tokenizer, parsed.params.structured)
+            await asyncio.to_thread(compile_grammar, self._engine.compile_grammar, parsed.params.structured)
         prediction = None
         if parsed.prediction is not None:
             prediction = await asyncio.to_thread(prediction_tokens, tokenizer, parsed.prediction,

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import grpc
@@ -24,10 +25,10 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from mistral_grpc.engine.sampling_params import MAX_STOP_STRINGS, SamplingParams, StructuredSpec
-from mistral_grpc.engine.structured import InvalidSchemaError, grammar_compiler
+from mistral_grpc.engine.structured import InvalidSchemaError
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2
 from mistral_grpc.server.errors import RequestError, invalid_argument
-from mistral_grpc.tokenizer import ChatMessage, MistralTokenizer, ToolCall, ToolDefinition
+from mistral_grpc.tokenizer import ChatMessage, ToolCall, ToolDefinition
 from mistral_grpc.tokenizer.messages import ROLES
 from mistral_grpc.tokenizer.validation import TOOL_CALL_ID
 
@@ -109,11 +110,12 @@ def parse_request(request: chat_pb2.ChatRequest, served_model: str, has_tool_cal
                          max_tool_calls=1 if single_call else None, prediction=prediction)
 
 
-def compile_grammar(tokenizer: MistralTokenizer, spec: StructuredSpec) -> None:
-    """Compiles a request's grammar, slow for a big schema (call it off the event loop); the engine then
-    finds it in the cache. A schema xgrammar cannot compile is INVALID_ARGUMENT naming the field."""
+def compile_grammar(compile_spec: Callable[[StructuredSpec], None], spec: StructuredSpec) -> None:
+    """Compiles a request's grammar with the engine's compiler (compile_spec), slow for a big schema (call
+    it off the event loop); the engine then finds it in its cache. A schema xgrammar cannot compile is
+    INVALID_ARGUMENT naming the field."""
     try:
-        grammar_compiler(tokenizer).compile(spec)
+        compile_spec(spec)
     except InvalidSchemaError as error:
         field = "tools" if spec.kind == "tool_calls" else "response_format.json_schema.schema"
         raise invalid_argument([(field, str(error))]) from error

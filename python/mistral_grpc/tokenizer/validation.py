@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 
-import jsonschema
-
 from mistral_grpc.tokenizer.messages import ROLES, ChatMessage, TemplateError, ToolDefinition
 
 FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -119,6 +117,8 @@ def _check_function_name(name: str, field: str) -> None:
 
 
 def _check_tool(index: int, tool: ToolDefinition) -> None:
+    import jsonschema  # on first use: the engine's GPU check runs where jsonschema is not installed
+
     where = f"tools[{index}].function"
     try:
         jsonschema.Draft7Validator.check_schema(tool.parameters)
