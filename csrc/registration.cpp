@@ -1,4 +1,4 @@
-// The op schemas of mistral_grpc (shared/DESIGN.md). Tests outside the project call these exact
+// The op schemas of mistral_grpc (docs/ops.md). Tests outside the project call these exact
 // schemas: add ops freely, never change one. Implementations register per backend in
 // cpu/*.cpp (TORCH_LIBRARY_IMPL(mistral_grpc, CPU)) and cuda/*.cu (..., CUDA).
 #include <pybind11/pybind11.h>

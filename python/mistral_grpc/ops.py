@@ -1,4 +1,4 @@
-"""Typed wrappers over torch.ops.mistral_grpc.* (schemas in csrc/registration.cpp and shared/DESIGN.md).
+"""Typed wrappers over torch.ops.mistral_grpc.* (schemas in csrc/registration.cpp, described in docs/ops.md).
 
 Every op writes into tensors the caller owns and returns nothing, so each fake (meta) kernel
 only has to exist: torch.compile and opcheck trace through them without running a kernel.
