@@ -14,7 +14,7 @@ from mistral_grpc.engine.request import GenerationOutput, GenerationRequest
 from mistral_grpc.engine.sampling_params import SamplingParams, StructuredSpec
 from mistral_grpc.engine.speculative import Drafter, NgramIndex, SpeculativeConfig, prediction_index
 from mistral_grpc.metrics import REGISTRY
-from mistral_grpc.engine.structured import grammar_compiler
+from mistral_grpc.engine.structured import GrammarCompiler
 from test_engine import Harness
 from test_structured import TOOLS, allowed, new_state, tokenizer
 
@@ -348,7 +348,7 @@ def test_draft_rows_get_the_masks_of_one_token_at_a_time_and_the_state_is_rewoun
     included; past a draft the grammar forbids, rows allow everything; the state is as it was after."""
     tok = tokenizer("v3")
     spec_ = StructuredSpec.json_object() if kind == "json_object" else StructuredSpec.tool_calls(list(TOOLS.items()))
-    compiler = grammar_compiler(tok)
+    compiler = GrammarCompiler(tok)
     walker = new_state(tok, spec_)
     drafts = []
     for _ in range(10):  # a path the grammar allows: the smallest allowed token at each step
