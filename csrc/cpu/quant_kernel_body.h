@@ -32,7 +32,7 @@ inline void quant_group_rows(const QuantProblem& p, const uint8_t* first, int64_
                              float* sums) {
   const quant::Geometry& geo = p.geometry;
   constexpr int64_t kLinesPerBlock = quant::kActBlock / quant::k_per_line(kBits);
-  constexpr int64_t kAheadBytes = 16 * quant::kLineBytes;
+  constexpr int64_t kAheadBytes = 40 * quant::kLineBytes;
   const int64_t blocks_per_group = geo.group_size / quant::kActBlock;
   const int64_t blocks = geo.padded_k / quant::kActBlock, groups = geo.groups();
   const auto res = [&](int g, int u, int m) { return sums + ((g * kUnits + u) * M + m) * quant::kTileRows; };
