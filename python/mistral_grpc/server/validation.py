@@ -28,7 +28,7 @@ from mistral_grpc.engine.sampling_params import MAX_STOP_STRINGS, SamplingParams
 from mistral_grpc.engine.structured import InvalidSchemaError
 from mistral_grpc.proto.mistral.chat.v1 import chat_pb2
 from mistral_grpc.server.errors import RequestError, invalid_argument
-from mistral_grpc.tokenizer import ChatMessage, ToolCall, ToolDefinition
+from mistral_grpc.tokenizer import ChatMessage, MistralTokenizer, ToolCall, ToolDefinition
 from mistral_grpc.tokenizer.messages import ROLES
 from mistral_grpc.tokenizer.validation import TOOL_CALL_ID
 
