@@ -53,6 +53,7 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 LIVENESS_SERVICE = "liveness"
 _MiB = 1 << 20
 _STOP_GRACE_S = 1.0
+_END_CALLS_S = 5.0  # how long cancelled calls get to send their status before the server stops
 
 CHANNEL_OPTIONS = (
     # grpc sets SO_REUSEPORT by default, which lets a second server bind the same port and silently take
@@ -187,7 +188,7 @@ class ChatServer:
             await asyncio.wait_for(asyncio.gather(*waits), self.options.grace_period)
         except TimeoutError:
             logger.warning("grace period over: ending the calls still running")
-            self.servicer.end_running_calls(errors.server_stopping(
+            await self._end_running_calls(errors.server_stopping(
                 f"the call ran past the {self.options.grace_period:g} s the server gives running calls to finish"))
         await self._stop()
         logger.info("stopped")
@@ -195,8 +196,17 @@ class ChatServer:
     async def stop_now(self) -> None:
         """Ends the running calls (UNAVAILABLE) and stops without waiting for them or for the engine."""
         self.servicer.start_draining()
-        self.servicer.end_running_calls(errors.server_stopping("a second stop signal ended the drain early"))
+        await self._end_running_calls(errors.server_stopping("a second stop signal ended the drain early"))
         await self._stop(wait_for_engine=False)
+
+    async def _end_running_calls(self, status: errors.RequestError) -> None:
+        """Cancels the running calls and lets their handlers send `status` before grpc's stop, whose own
+        "Cancelling all calls" would otherwise win the race on a loaded machine."""
+        self.servicer.end_running_calls(status)
+        try:
+            await asyncio.wait_for(self.servicer.wait_for_running_calls(), _END_CALLS_S)
+        except TimeoutError:
+            logger.warning("running calls still ending after %.0f s; stopping anyway", _END_CALLS_S)
 
     async def _stop(self, wait_for_engine: bool = True) -> None:
         # A moment for the last statuses to go out; then health Watch streams and any call left are cancelled.
