@@ -5,11 +5,12 @@ calls to save): its quantization config on a transformers model, scales and zero
 calculate_qparams over each weight's min/max (the calibration llm-compressor would do), its compressor, its
 config writer; the reference weights are its own decompression of the saved tensors.
 
-AWQ checkpoints are built from the GEMM layout of the issue (autoawq, deprecated, does not import beside this
-project's torch and transformers; its WQLinear_GEMM.from_linear of version 0.2.9, run once by hand on
-awq_quantize's output, wrote the same qweight, qzeros and scales as awq_pack): qweight int32 [K, N / 8] and qzeros int32 [K / G, N / 8], nibble i of word c holding
-column 8c + [0, 2, 4, 6, 1, 3, 5, 7][i], scales fp16 [K / G, N], quantized as AutoAWQ's pseudo_quantize_tensor
-does with zero points; the reference weights are (q - zero) * scale from the unpacked values.
+AWQ checkpoints are built from the GEMM layout of the issue: qweight int32 [K, N / 8] and qzeros int32
+[K / G, N / 8], nibble i of word c holding column 8c + [0, 2, 4, 6, 1, 3, 5, 7][i], scales fp16 [K / G, N],
+quantized as AutoAWQ's pseudo_quantize_tensor does with zero points; the reference weights are
+(q - zero) * scale from the unpacked values. autoawq (deprecated) does not import beside this project's torch
+and transformers; its WQLinear_GEMM.from_linear (0.2.9), run once by hand on awq_quantize's output, wrote the
+same qweight, qzeros and scales as awq_pack.
 """
 
 import json
@@ -34,11 +35,11 @@ def linear_names(model: MistralForCausalLM) -> list[str]:
 
 
 def save_compressed_tensors_model(model: MistralForCausalLM, path: str | os.PathLike, *, bits: int, strategy: str,
-                                  symmetric: bool, group_size: int | None = None, ignore: tuple[str, ...] = ("lm_head",),
-                                  targets: tuple[str, ...] = ("Linear",)) -> None:
+                                  symmetric: bool, group_size: int | None = None,
+                                  ignore: tuple[str, ...] = ("lm_head",)) -> None:
     """Quantizes `model` in place with compressed-tensors (pack-quantized) and saves it to `path`."""
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy, group_size=group_size)
-    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=list(targets), weights=weights)},
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
                                 ignore=list(ignore), format="pack-quantized")
     apply_quantization_config(model, config)
     for module in model.modules():
