@@ -29,6 +29,15 @@ TORCH_LIBRARY(mistral_grpc, m) {
   // `linear_silu_mul` and `decoder_layer` take these packs as they take the float ones.
   m.def("quantize_linear_weight(Tensor weight, str scheme, int group_size=0) -> Tensor");
   m.def("quantize_gate_up_weight(Tensor gate, Tensor up, str scheme, int group_size=0) -> Tensor");
+  // Values quantized elsewhere (a pre-quantized checkpoint) into the same packs: q uint8 [N, K], scale and zero
+  // [N, groups] (int8: bits 8, group_size 0, one group per row; int4: bits 4, group_size 32, 64 or 128), the
+  // weight (q - zero) * scale with scale rounded to fp16; activation: the dtype of x and out.
+  m.def(
+      "pack_quantized_weight(Tensor q, Tensor scale, Tensor zero, int bits, int group_size, ScalarType activation) "
+      "-> Tensor");
+  m.def(
+      "pack_quantized_gate_up_weight(Tensor gate_q, Tensor gate_scale, Tensor gate_zero, Tensor up_q, "
+      "Tensor up_scale, Tensor up_zero, int bits, int group_size, ScalarType activation) -> Tensor");
   m.def("read_bandwidth(Tensor buffer, int repeats) -> float");
   m.def("linear_cpu_isa(str isa=\"\") -> str");
   // A zeroed uint8 CPU tensor of nbytes, from 2 MiB on a 2 MiB-aligned mapping advised for huge pages

@@ -89,6 +89,16 @@ C10_HOST_DEVICE inline int q_at(const uint8_t* lines, int bits, int64_t j, int64
   return i < 4 ? byte & 0xf : byte >> 4;
 }
 
+// Writes row j's q value at K offset kk of a group whose q lines start at `lines` (zeroed before).
+C10_HOST_DEVICE inline void store_q(uint8_t* lines, int bits, int64_t j, int64_t kk, int q) {
+  if (bits == 8) {
+    lines[(kk / 4) * kLineBytes + j * 4 + kk % 4] = static_cast<uint8_t>(q);
+    return;
+  }
+  const int64_t i = kk % 8;
+  lines[(kk / 8) * kLineBytes + j * 4 + i % 4] |= static_cast<uint8_t>(i < 4 ? q : q << 4);
+}
+
 C10_HOST_DEVICE inline float dequantize(int q, int zero, float scale) { return static_cast<float>(q - zero) * scale; }
 
 }  // namespace mistral_grpc::quant

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu/simd.h"
@@ -89,13 +90,7 @@ bool quantize_unit(uint8_t* tiles, const quant::Geometry& geo, const T* matrix, 
           gp->zero[j] = static_cast<uint8_t>(params.zero);
           uint8_t* lines = group + quant::kLineBytes;
           for (int64_t kk = 0; kk < geo.group_size; ++kk) {
-            const int q = quantize_value(w[kk], params, geo.bits);
-            if (geo.bits == 8) {
-              lines[(kk / 4) * quant::kLineBytes + j * 4 + kk % 4] = static_cast<uint8_t>(q);
-            } else {
-              const int64_t i = kk % 8;
-              lines[(kk / 8) * quant::kLineBytes + j * 4 + i % 4] |= static_cast<uint8_t>(i < 4 ? q : q << 4);
-            }
+            quant::store_q(lines, geo.bits, j, kk, quantize_value(w[kk], params, geo.bits));
           }
         }
       }
@@ -142,24 +137,32 @@ void check_source(const char* op, const char* name, const at::Tensor& w) {
               " must be float32 or bfloat16 (the dtype x and out will have), got ", w.scalar_type());
 }
 
-at::Tensor quantize(const char* op, const std::vector<at::Tensor>& units, c10::string_view scheme,
-                    int64_t group_size) {
-  const WeightDtype dtype = scheme_dtype(op, scheme);
-  const at::Tensor& first = units.front();
+// A zeroed quantized pack of `units` [n, k] matrices with its header written, and its geometry.
+std::pair<at::Tensor, quant::Geometry> empty_pack(const char* op, WeightDtype dtype, int64_t units, int64_t n, int64_t k,
+                                                  WeightDtype activation, int64_t group_size) {
   PackedHeader header{};
   header.magic = kPackedMagic;
   header.dtype = dtype;
-  header.kind = units.size() == 2 ? PackKind::kGateUp : PackKind::kLinear;
-  header.n = first.size(0);
-  header.k = first.size(1);
-  header.activation = first.scalar_type() == at::kFloat ? WeightDtype::kFloat32 : WeightDtype::kBFloat16;
-  const quant::Geometry requested = quant::geometry(bits_of(dtype), header.k, checked_group_size(op, dtype, group_size),
-                                                    units_per_tile(header.kind));
-  header.group_size = static_cast<uint32_t>(requested.group_size);
+  header.kind = units == 2 ? PackKind::kGateUp : PackKind::kLinear;
+  header.n = n;
+  header.k = k;
+  header.activation = activation;
+  const quant::Geometry geo =
+      quant::geometry(bits_of(dtype), k, checked_group_size(op, dtype, group_size), units_per_tile(header.kind));
+  header.group_size = static_cast<uint32_t>(geo.group_size);
   at::Tensor packed = zeroed_bytes(quant_packed_bytes(header));
   std::memcpy(packed.data_ptr<uint8_t>(), &header, sizeof header);
+  return {packed, geo};
+}
+
+at::Tensor quantize(const char* op, const std::vector<at::Tensor>& units, c10::string_view scheme,
+                    int64_t group_size) {
+  const at::Tensor& first = units.front();
+  const WeightDtype activation = first.scalar_type() == at::kFloat ? WeightDtype::kFloat32 : WeightDtype::kBFloat16;
+  auto [packed, geo] = empty_pack(op, scheme_dtype(op, scheme), static_cast<int64_t>(units.size()), first.size(0),
+                                  first.size(1), activation, group_size);
   for (size_t u = 0; u < units.size(); ++u) {
-    TORCH_CHECK(quantize_matrix(packed.data_ptr<uint8_t>() + kHeaderBytes, requested, units[u], static_cast<int64_t>(u)),
+    TORCH_CHECK(quantize_matrix(packed.data_ptr<uint8_t>() + kHeaderBytes, geo, units[u], static_cast<int64_t>(u)),
                 op, ": the weight holds a NaN or an infinity");
   }
   return packed;
@@ -178,6 +181,121 @@ at::Tensor quantize_gate_up_weight(const at::Tensor& gate, const at::Tensor& up,
               "quantize_gate_up_weight: gate and up must have one shape and dtype, got ", gate.sizes(), " ",
               gate.scalar_type(), " and ", up.sizes(), " ", up.scalar_type());
   return quantize("quantize_gate_up_weight", {gate, up}, scheme, group_size);
+}
+
+// ---- packing values quantized elsewhere (pre-quantized checkpoints) ---------------------------
+
+// One unit's quantized values, as a checkpoint holds them once unpacked: q uint8 [N, K] and, per
+// row and group of K, a scale and a zero point; the weight is (q - zero) * scale.
+struct QuantizedUnit {
+  at::Tensor q, scale, zero;
+};
+
+// The largest magnitude an fp16 scale holds.
+constexpr float kMaxScale = 65504.f;
+
+void check_quantized_unit(const char* op, const char* name, const QuantizedUnit& unit, int bits, int64_t groups) {
+  const at::Tensor &q = unit.q, &scale = unit.scale, &zero = unit.zero;
+  TORCH_CHECK(q.device().is_cpu() && scale.device().is_cpu() && zero.device().is_cpu(), op, ": ", name,
+              " q, scale and zero must be on the CPU");
+  TORCH_CHECK(q.scalar_type() == at::kByte && q.dim() == 2 && q.size(0) > 0 && q.size(1) > 0, op, ": ", name,
+              " q must be a non-empty uint8 [N, K] matrix, got ", q.scalar_type(), " ", q.sizes());
+  const std::vector<int64_t> params_shape{q.size(0), groups};
+  TORCH_CHECK(zero.scalar_type() == at::kByte && zero.sizes() == at::IntArrayRef(params_shape), op, ": ", name,
+              " zero must be uint8 [N, groups] = ", at::IntArrayRef(params_shape), ", got ", zero.scalar_type(), " ",
+              zero.sizes());
+  const at::ScalarType scale_type = scale.scalar_type();
+  TORCH_CHECK((scale_type == at::kFloat || scale_type == at::kBFloat16 || scale_type == at::kHalf) &&
+                  scale.sizes() == at::IntArrayRef(params_shape),
+              op, ": ", name, " scale must be float32, bfloat16 or float16 [N, groups] = ", at::IntArrayRef(params_shape),
+              ", got ", scale_type, " ", scale.sizes());
+  const at::Tensor scales = scale.to(at::kFloat).contiguous();
+  const float* s = scales.data_ptr<float>();
+  TORCH_CHECK(std::all_of(s, s + scales.numel(), [](float v) { return std::isfinite(v) && std::fabs(v) <= kMaxScale; }),
+              op, ": ", name, " scale must be finite and within fp16's range (|scale| <= 65504)");
+  if (bits == 4) {
+    const at::Tensor qs = q.contiguous(), zs = zero.contiguous();
+    const auto at_most_15 = [](const at::Tensor& t) {
+      const uint8_t* v = t.data_ptr<uint8_t>();
+      return std::all_of(v, v + t.numel(), [](uint8_t x) { return x <= 15; });
+    };
+    TORCH_CHECK(at_most_15(qs) && at_most_15(zs), op, ": ", name, " int4 q and zero must be in [0, 15]");
+  }
+}
+
+// Writes unit `unit_index` of every tile: each row's scales (rounded to the nearest fp16), zero
+// points and q values, group by group.
+void pack_unit(uint8_t* tiles, const quant::Geometry& geo, const QuantizedUnit& unit, int64_t unit_index) {
+  const at::Tensor q = unit.q.contiguous(), zero = unit.zero.contiguous();
+  const at::Tensor scale = unit.scale.to(at::kFloat).contiguous();
+  const int64_t rows = q.size(0), k = q.size(1), groups = geo.groups();
+  const uint8_t* q_rows = q.data_ptr<uint8_t>();
+  const uint8_t* zeros = zero.data_ptr<uint8_t>();
+  const float* scales = scale.data_ptr<float>();
+  at::parallel_for(0, tiles_for(rows), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      uint8_t* tile = tiles + t * geo.tile_bytes();
+      for (int64_t j = 0; j < std::min(kTileRows, rows - t * kTileRows); ++j) {
+        const int64_t n = t * kTileRows + j;
+        for (int64_t g = 0; g < groups; ++g) {
+          uint8_t* group = tile + geo.group_offset(g, unit_index);
+          auto* gp = reinterpret_cast<quant::GroupParams*>(group);
+          gp->scale[j] = c10::Half(scales[n * groups + g]);
+          gp->zero[j] = zeros[n * groups + g];
+          const int64_t first = g * geo.group_size, valid = std::min(geo.group_size, k - first);
+          for (int64_t kk = 0; kk < valid; ++kk) {
+            quant::store_q(group + quant::kLineBytes, geo.bits, j, kk, q_rows[n * k + first + kk]);
+          }
+        }
+      }
+    }
+  });
+}
+
+WeightDtype bits_dtype(const char* op, int64_t bits) {
+  if (bits == 8) return WeightDtype::kInt8;
+  if (bits == 4) return WeightDtype::kInt4;
+  TORCH_CHECK(false, op, ": bits must be 8 or 4, got ", bits);
+}
+
+WeightDtype activation_dtype(const char* op, at::ScalarType activation) {
+  if (activation == at::kFloat) return WeightDtype::kFloat32;
+  if (activation == at::kBFloat16) return WeightDtype::kBFloat16;
+  TORCH_CHECK(false, op, ": activation must be float32 or bfloat16 (the dtype x and out will have), got ", activation);
+}
+
+at::Tensor pack_quantized(const char* op, const std::vector<std::pair<const char*, QuantizedUnit>>& units, int64_t bits,
+                          int64_t group_size, at::ScalarType activation) {
+  const WeightDtype dtype = bits_dtype(op, bits);
+  const at::Tensor& first = units.front().second.q;
+  TORCH_CHECK(first.dim() == 2, op, ": ", units.front().first, " q must be a uint8 [N, K] matrix, got shape ",
+              first.sizes());
+  auto [packed, geo] = empty_pack(op, dtype, static_cast<int64_t>(units.size()), first.size(0), first.size(1),
+                                  activation_dtype(op, activation), group_size);
+  for (size_t u = 0; u < units.size(); ++u) {
+    const auto& [name, unit] = units[u];
+    check_quantized_unit(op, name, unit, geo.bits, geo.groups());
+    TORCH_CHECK(unit.q.sizes() == first.sizes(), op, ": ", name, " q must have the shape of ", units.front().first,
+                " q ", first.sizes(), ", got ", unit.q.sizes());
+  }
+  for (size_t u = 0; u < units.size(); ++u) {
+    pack_unit(packed.data_ptr<uint8_t>() + kHeaderBytes, geo, units[u].second, static_cast<int64_t>(u));
+  }
+  return packed;
+}
+
+at::Tensor pack_quantized_weight(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                                 int64_t group_size, at::ScalarType activation) {
+  return pack_quantized("pack_quantized_weight", {{"weight", {q, scale, zero}}}, bits, group_size, activation);
+}
+
+at::Tensor pack_quantized_gate_up_weight(const at::Tensor& gate_q, const at::Tensor& gate_scale,
+                                         const at::Tensor& gate_zero, const at::Tensor& up_q, const at::Tensor& up_scale,
+                                         const at::Tensor& up_zero, int64_t bits, int64_t group_size,
+                                         at::ScalarType activation) {
+  return pack_quantized("pack_quantized_gate_up_weight",
+                        {{"gate", {gate_q, gate_scale, gate_zero}}, {"up", {up_q, up_scale, up_zero}}}, bits, group_size,
+                        activation);
 }
 
 // ---- quantizing x ------------------------------------------------------------------------------
@@ -310,6 +428,8 @@ at::Tensor dequantize_packed(const PackedHeader& header, const at::Tensor& packe
 TORCH_LIBRARY_IMPL(mistral_grpc, CPU, m) {
   m.impl("quantize_linear_weight", &quantize_linear_weight);
   m.impl("quantize_gate_up_weight", &quantize_gate_up_weight);
+  m.impl("pack_quantized_weight", &pack_quantized_weight);
+  m.impl("pack_quantized_gate_up_weight", &pack_quantized_gate_up_weight);
 }
 
 }  // namespace mistral_grpc::linear

@@ -92,6 +92,23 @@ def quantize_gate_up_weight(gate: torch.Tensor, up: torch.Tensor, scheme: str, g
     return _ops.quantize_gate_up_weight(gate, up, scheme, group_size)
 
 
+def pack_quantized_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
+                          activation: torch.dtype) -> torch.Tensor:
+    """Packs values quantized elsewhere (a pre-quantized checkpoint) for `linear`: q uint8 [N, K], scale
+    (float32 / bfloat16 / float16, stored rounded to fp16) and zero uint8 [N, groups], the weight being
+    (q - zero) * scale. bits 8: group_size 0, one group per row; bits 4: group_size 32, 64 or 128 along K,
+    q and zero in [0, 15]. activation: the dtype of x and out (float32 or bfloat16)."""
+    return _ops.pack_quantized_weight(q, scale, zero, bits, group_size, activation)
+
+
+def pack_quantized_gate_up_weight(gate_q: torch.Tensor, gate_scale: torch.Tensor, gate_zero: torch.Tensor,
+                                  up_q: torch.Tensor, up_scale: torch.Tensor, up_zero: torch.Tensor, bits: int,
+                                  group_size: int, activation: torch.dtype) -> torch.Tensor:
+    """pack_quantized_weight for the MLP's gate and up [F, K] side by side, for `linear_silu_mul`."""
+    return _ops.pack_quantized_gate_up_weight(gate_q, gate_scale, gate_zero, up_q, up_scale, up_zero, bits,
+                                              group_size, activation)
+
+
 def linear(out: torch.Tensor, x: torch.Tensor, packed_weight: torch.Tensor, prompt_rows: int = -1) -> None:
     """out [T, N] = x [T, K] @ W.T on the CPU, fp32 accumulation; x, out in the weight's dtype.
     prompt_rows -1: the kernels go by T (the weight streamed for small T; batches of 7 rows and more in
@@ -156,11 +173,14 @@ def _packed_weight_bytes(weight: torch.Tensor, units: int) -> int:
     return 64 + units * math.ceil(n / 16) * lines * 64
 
 
-def _quantized_weight_bytes(weight: torch.Tensor, scheme: str, group_size: int, units: int) -> int:
+_SCHEME_BITS = {"int8": 8, "int4": 4}
+
+
+def _quantized_weight_bytes(weight: torch.Tensor, bits: int, group_size: int, units: int) -> int:
     """quant_packed_bytes() of csrc/cpu/linear_quant.cpp: a 64-byte header, then per 16 rows, per group of
     K and unit, a params line and the group's q lines (4 K values a line in int8, 8 in int4)."""
     n, k = weight.shape
-    if scheme == "int8":
+    if bits == 8:
         group = math.ceil(k / 32) * 32
         k_per_line = 4
     else:
@@ -188,11 +208,22 @@ def _register_linear_fakes() -> None:
 
     @torch.library.register_fake("mistral_grpc::quantize_linear_weight")
     def _(weight: torch.Tensor, scheme: str, group_size: int = 0) -> torch.Tensor:
-        return weight.new_empty(_quantized_weight_bytes(weight, scheme, group_size, 1), dtype=torch.uint8)
+        return weight.new_empty(_quantized_weight_bytes(weight, _SCHEME_BITS[scheme], group_size, 1), dtype=torch.uint8)
+
+    @torch.library.register_fake("mistral_grpc::pack_quantized_weight")
+    def _(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
+          activation: torch.dtype) -> torch.Tensor:
+        return q.new_empty(_quantized_weight_bytes(q, bits, group_size, 1), dtype=torch.uint8)
+
+    @torch.library.register_fake("mistral_grpc::pack_quantized_gate_up_weight")
+    def _(gate_q: torch.Tensor, gate_scale: torch.Tensor, gate_zero: torch.Tensor, up_q: torch.Tensor,
+          up_scale: torch.Tensor, up_zero: torch.Tensor, bits: int, group_size: int,
+          activation: torch.dtype) -> torch.Tensor:
+        return gate_q.new_empty(_quantized_weight_bytes(gate_q, bits, group_size, 2), dtype=torch.uint8)
 
     @torch.library.register_fake("mistral_grpc::quantize_gate_up_weight")
     def _(gate: torch.Tensor, up: torch.Tensor, scheme: str, group_size: int = 0) -> torch.Tensor:
-        return gate.new_empty(_quantized_weight_bytes(gate, scheme, group_size, 2), dtype=torch.uint8)
+        return gate.new_empty(_quantized_weight_bytes(gate, _SCHEME_BITS[scheme], group_size, 2), dtype=torch.uint8)
 
 
 _register_linear_fakes()

@@ -3,7 +3,7 @@ the logits of a prefill and of every greedy decode step after it."""
 
 import pytest
 import torch
-from mistral_checkpoints import V02, PagedRunner, save_random_model
+from mistral_checkpoints import SMALL, V02, PagedRunner, save_random_model
 
 from mistral_grpc.model.config import ConfigError, MistralConfig
 from mistral_grpc.model.decoder import MistralDecoder
@@ -54,7 +54,11 @@ def test_quantization_where_no_kernel_runs_is_a_clear_error(checkpoint) -> None:
         MistralDecoder.from_dir(checkpoint, quantization="fp8")
 
 
-def test_a_pre_quantized_checkpoint_is_refused_by_name() -> None:
-    config = {**V02, "model_type": "mistral", "quantization_config": {"quant_method": "awq", "bits": 4}}
-    with pytest.raises(ConfigError, match=r"already quantized \(awq\)"):
+def test_a_pre_quantized_checkpoint_is_detected_and_an_unsupported_one_refused_by_name() -> None:
+    """Pre-quantized checkpoints load as such (tests/model/test_prequantized.py); others are refused."""
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    config = {**SMALL, **V02, "torch_dtype": "float16", "quantization_config": awq}
+    assert MistralConfig.from_dict(config).quantization.method == "awq"
+    config["quantization_config"]["version"] = "marlin"
+    with pytest.raises(ConfigError, match=r"quantization_config.version: AWQ version 'marlin' does not load"):
         MistralConfig.from_dict(config)

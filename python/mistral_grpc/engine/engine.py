@@ -132,7 +132,7 @@ class LLMEngine:
                                 self.args.max_prefill_tokens, self._speculative_config(model))
         KV_CACHE_BLOCKS_TOTAL.set(num_blocks)
         log.info("loaded %s on %s (%s, quantization %s, weights %.2f GiB): %d KV blocks of %d tokens, context %d",
-                 model_dir, device, model.dtype, model.quantization, model.weight_bytes / 2**30, num_blocks,
+                 model_dir, device, model.dtype, model.quantization_description, model.weight_bytes / 2**30, num_blocks,
                  self.args.block_size, self.max_model_len)
 
     def _speculative_config(self, model: MistralDecoder) -> SpeculativeConfig:

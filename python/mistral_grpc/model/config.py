@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from mistral_grpc.model.prequantized import PrequantizedConfig, QuantizationConfigError, parse_quantization_config
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,6 +41,8 @@ class MistralConfig:
     max_position_embeddings: int
     torch_dtype: torch.dtype
     tie_word_embeddings: bool = False
+    # A pre-quantized checkpoint's quantization_config (model/prequantized.py); None: float weights.
+    quantization: PrequantizedConfig | None = None
 
     @property
     def q_size(self) -> int:
@@ -66,11 +70,7 @@ class MistralConfig:
     def from_dict(cls, d: dict[str, Any]) -> "MistralConfig":
         _expect_if_present(d, "model_type", "mistral")
         _expect_if_present(d, "hidden_act", "silu")
-        if d.get("quantization_config") is not None:
-            method = d["quantization_config"].get("quant_method", "?") if isinstance(d["quantization_config"], dict) else "?"
-            raise ConfigError("quantization_config", f"the checkpoint is already quantized ({method}); pre-quantized "
-                              "checkpoints do not load yet: serve its float (bf16/fp16/fp32) checkpoint, with "
-                              "--quantization int8 or int4 to quantize it while loading")
+        quantization = _quantization(d)
         if d.get("rope_scaling") is not None:
             raise ConfigError("rope_scaling", f"RoPE scaling is not supported (got {d['rope_scaling']!r})")
 
@@ -104,6 +104,7 @@ class MistralConfig:
             max_position_embeddings=_positive_int(d, "max_position_embeddings"),
             torch_dtype=_torch_dtype(d),
             tie_word_embeddings=_bool(d, "tie_word_embeddings", default=False),
+            quantization=quantization,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,6 +200,16 @@ def _torch_dtype(d: dict[str, Any]) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(field, f"expected one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def _quantization(d: dict[str, Any]) -> PrequantizedConfig | None:
+    """The checkpoint's quantization, detected from quantization_config; unsupported methods are refused."""
+    if d.get("quantization_config") is None:
+        return None
+    try:
+        return parse_quantization_config(d["quantization_config"])
+    except QuantizationConfigError as e:
+        raise ConfigError(f"quantization_config.{e.field}", str(e)) from None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mistral_grpc import ops
 from mistral_grpc.memory import zeros_on_huge_pages
 from mistral_grpc.model.config import DTYPES, MistralConfig
-from mistral_grpc.model.linear import PackedGateUpSilu, PackedLinear, check_quantization
+from mistral_grpc.model.linear import PackedGateUpSilu, PackedLinear, check_prequantized, check_quantization
 from mistral_grpc.model.weights import LayerWeights, MistralWeights, load_weights
 
 @dataclass
@@ -84,15 +84,27 @@ class MistralDecoder:
     @classmethod
     def from_dir(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
                  dtype: torch.dtype | str | None = None, quantization: str = "none") -> "MistralDecoder":
-        """Loads a Hugging Face model directory; dtype None (or "auto") keeps config.json's torch_dtype.
+        """Loads a Hugging Face model directory; dtype None (or "auto") keeps config.json's torch_dtype
+        (bfloat16 for a pre-quantized float16 one: the quantized kernels run float32 or bfloat16).
         Each layer is packed (quantized) as soon as it is read, so loading holds the packed model and
-        one layer in `dtype`, never the whole model in `dtype`."""
+        one layer in `dtype`, never the whole model in `dtype`. A pre-quantized checkpoint (detected from
+        its quantization_config) is packed as it was quantized; `quantization` must then be "none"."""
         config = MistralConfig.from_dir(path)
         dtype = _resolve_dtype(dtype, config)
-        check_quantization(quantization, device, dtype)
+        if config.quantization is None:
+            check_quantization(quantization, device, dtype)
+        else:
+            check_prequantized(config.quantization, quantization, device, dtype)
         weights = load_weights(path, config, dtype, device,
                                prepare_layer=lambda layer: _Layer(layer, quantization))
         return cls(config, weights, quantization)
+
+    @property
+    def quantization_description(self) -> str:
+        """The weights' quantization for the startup log: the --quantization scheme, or a pre-quantized
+        checkpoint's method, bits and group size."""
+        prequantized = self.config.quantization
+        return self.quantization if prequantized is None else prequantized.describe()
 
     @property
     def weight_bytes(self) -> int:
@@ -183,6 +195,8 @@ def _cos_sin_cache(config: MistralConfig, dtype: torch.dtype, device: torch.devi
 
 def _resolve_dtype(dtype: torch.dtype | str | None, config: MistralConfig) -> torch.dtype:
     if dtype is None or dtype == "auto":
+        if config.quantization is not None and config.torch_dtype == torch.float16:
+            return torch.bfloat16
         return config.torch_dtype
     if isinstance(dtype, str):
         if dtype not in DTYPES:

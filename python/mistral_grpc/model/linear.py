@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mistral_grpc import ops
+from mistral_grpc.model.prequantized import PrequantizedConfig, QuantizedWeight
 
 
 # The dtypes our CPU kernels stream; others (float16 on CPU) and every CUDA weight go to torch.
@@ -39,12 +40,24 @@ def check_quantization(scheme: str, device: torch.device | str, dtype: torch.dty
     """Raises QuantizationError unless the kernels exist for `scheme` on `device` in `dtype`."""
     if scheme not in QUANTIZATION_SCHEMES:
         raise QuantizationError(f"quantization must be one of {', '.join(QUANTIZATION_SCHEMES)}, got {scheme!r}")
-    if scheme == "none":
-        return
+    if scheme != "none":
+        _check_quantized_kernels(f"--quantization {scheme}", device, dtype)
+
+
+def check_prequantized(checkpoint: PrequantizedConfig, scheme: str, device: torch.device | str,
+                       dtype: torch.dtype) -> None:
+    """Raises QuantizationError unless a pre-quantized checkpoint runs as asked (as quantized, on the CPU)."""
+    if scheme != "none":
+        raise QuantizationError(f"the checkpoint is already quantized ({checkpoint.method}): --quantization must be "
+                                f"none, got {scheme!r}")
+    _check_quantized_kernels(f"a pre-quantized ({checkpoint.method}) checkpoint", device, dtype)
+
+
+def _check_quantized_kernels(what: str, device: torch.device | str, dtype: torch.dtype) -> None:
     if torch.device(device).type != "cpu":
-        raise QuantizationError(f"--quantization {scheme} runs on the CPU only so far (got --device {device})")
+        raise QuantizationError(f"{what} runs on the CPU only so far (got --device {device})")
     if dtype not in _PACKABLE:
-        raise QuantizationError(f"--quantization {scheme} needs --dtype float32 or bfloat16 on the CPU "
+        raise QuantizationError(f"{what} needs --dtype float32 or bfloat16 on the CPU "
                                 f"(the activations' dtype), got {str(dtype).removeprefix('torch.')}")
 
 
@@ -92,8 +105,12 @@ class PackedLinear(_PackedLayer):
     qkv is one of these over the concatenated q, k, v weights."""
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, quantization: str = "none") -> "PackedLinear":
+    def from_weight(cls, weight: torch.Tensor | QuantizedWeight, quantization: str = "none") -> "PackedLinear":
+        """A pre-quantized checkpoint's QuantizedWeight is packed as it is (`quantization` is not applied)."""
         n, k = weight.shape
+        if isinstance(weight, QuantizedWeight):
+            return cls(n, k, packed=ops.pack_quantized_weight(weight.q, weight.scale, weight.zero, weight.bits,
+                                                              weight.group_size, weight.activation))
         if quantization != "none":
             check_quantization(quantization, weight.device, weight.dtype)
             return cls(n, k, packed=ops.quantize_linear_weight(weight, quantization))
@@ -113,10 +130,15 @@ class PackedGateUpSilu(_PackedLayer):
     op reads the packed gate+up weight and writes [T, F] without materialising [T, 2F]."""
 
     @classmethod
-    def from_weights(cls, gate: torch.Tensor, up: torch.Tensor, quantization: str = "none") -> "PackedGateUpSilu":
+    def from_weights(cls, gate: torch.Tensor | QuantizedWeight, up: torch.Tensor | QuantizedWeight,
+                     quantization: str = "none") -> "PackedGateUpSilu":
         if gate.shape != up.shape:
             raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
         f, k = gate.shape
+        if isinstance(gate, QuantizedWeight):
+            return cls(f, k, packed=ops.pack_quantized_gate_up_weight(gate.q, gate.scale, gate.zero, up.q, up.scale,
+                                                                      up.zero, gate.bits, gate.group_size,
+                                                                      gate.activation))
         if quantization != "none":
             check_quantization(quantization, gate.device, gate.dtype)
             return cls(f, k, packed=ops.quantize_gate_up_weight(gate, up, quantization))
