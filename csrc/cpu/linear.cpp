@@ -27,8 +27,7 @@ namespace mistral_grpc {
 
 // Zeroed bytes, on 2 MiB pages where the kernel allows (transparent huge pages in "madvise" mode,
 // the usual default) and the weight fills one, so streaming a weight costs one TLB miss per 2 MiB
-// instead of per 4 KiB: a decode step reads every weight once (175M model, batch-1, runs
-// interleaved: bf16 75-77 -> 80-83 tok/s, fp32 43 -> 46-47 tok/s). The mapping starts on a 2 MiB
+// instead of per 4 KiB (a decode step reads every weight once). The mapping starts on a 2 MiB
 // boundary and is advised before its first touch.
 at::Tensor zeroed_bytes(int64_t bytes) {
 #ifdef MADV_HUGEPAGE
@@ -285,9 +284,8 @@ constexpr int64_t kMinBytesPerThread = 128 * 1024;
 constexpr int64_t kAmxMinRows = 7;
 
 // fp32 batches go to AMX (kAmxFp32) from this many rows (prefill chunks; decode batches stay on
-// the vector kernels). Below it the weight stream decides, and the vector kernel streams better:
-// the 33 linear calls of a 175M decode step at R rows, weights cold, both threads, ms vector vs
-// AMX: 16 rows 27.5 vs 51, 64: 79 vs 92, 96: 113 vs 95, 128: 148 vs 100, 256: 285 vs 171.
+// the vector kernels). Below it the weight stream decides, and the vector kernel streams better
+// (the crossover measured on a decode step's linear calls: docs/performance.md).
 constexpr int64_t kAmxFp32MinRows = 80;
 
 // The most bytes of x's parts one fp32 AMX call splits and reads at a time (run_tiles).
@@ -327,9 +325,8 @@ Kernels kernels_for_rows(const PackedHeader& header, int64_t rows) {
 }
 
 // Decode rows, whatever their number. fp32: the vector kernels, which stream the weights faster than
-// fp32 AMX below ~80 rows. bf16: AMX where the CPU has it, as for a prompt. That costs batch-1 (175M
-// bf16 decode 73 -> 61 tok/s) but keeps 16-stream decode on the tile unit (530 -> 760 tok/s), which the
-// vector kernels would hand back for the seed contract otherwise.
+// fp32 AMX below ~80 rows. bf16: AMX where the CPU has it, as for a prompt: it costs batch-1 some speed
+// but keeps many-stream decode on the tile unit, which the seed contract would otherwise hand back.
 Kernels decode_kernels(const PackedHeader& header) {
   return header.dtype == WeightDtype::kBFloat16 ? amx_kernels(header) : Kernels::kVector;
 }
@@ -397,10 +394,9 @@ void run_kernels(Kernels choice, const PackedHeader& header, at::Tensor out, con
     // x as its three bf16 parts, split by both threads into a buffer kept per calling thread (to
     // spare the allocation). Where the parts outgrow kFp32SegmentBytes and the sums of all rows
     // and outputs (the C carried between segments) do not, K goes in segments of about that many
-    // bytes of parts, each split into the same, still cached, memory: a 512-token prefill's
-    // down_proj, 11 MB of parts in one go, ran 1.9 ms slower right after gate_up (whose weights
-    // had flushed the buffer from the caches) than after another down_proj; in four segments
-    // (2 MB carried) 9.0-9.8 -> 7.8-8.2 ms. gate_up's 14 MB of sums would cost more than they save.
+    // bytes of parts, each split into the same, still cached, memory (gate_up's weights flush a
+    // buffer of the whole K from the caches before down_proj reads it); a gate_up's sums would cost
+    // more to carry than the segments save.
     // (The lambdas run on other threads, which have storage of their own: take the pointers here.)
     thread_local std::vector<uint16_t> storage;
     thread_local std::vector<float> carry_storage;

@@ -248,8 +248,7 @@ class LLMEngine:
         # Every torch op of the engine, loading included, runs on this one thread. torch's intra-op
         # threads are libgomp's, which keeps a pool of workers per thread that starts parallel work;
         # once the process has more of them than cores, idle workers sleep instead of spinning and
-        # each parallel region pays a wake-up (~100 us on the 2-core VM measured: 3 ms, 13%, of a
-        # batch-1 decode step when loading ran on another thread).
+        # each parallel region pays a wake-up, a large share of a batch-1 decode step.
         try:
             self._load()
         except Exception as error:

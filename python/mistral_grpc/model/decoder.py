@@ -122,8 +122,7 @@ class MistralDecoder:
         def zeros() -> list[torch.Tensor]:
             # On CPU the cache is resident from the start, as it is on a GPU: its memory is the
             # server's from startup (not an out-of-memory kill mid-stream), and no decode step pays
-            # for the first touch of fresh pages (on this VM one step in ~100 took ~100 ms instead of
-            # ~30 as the 16-stream benchmark's sequences crossed into new pages). Huge pages:
+            # for the first touch of fresh pages as sequences grow into them. Huge pages:
             # attention reads each sequence's blocks scattered over the cache.
             if self.device.type == "cpu":
                 return [zeros_on_huge_pages(shape, self.dtype, populate=True) for _ in self.layers]

@@ -8,10 +8,8 @@ the cores: ops.linear reads a weight packed once at load time at close to the ma
 bandwidth (benchmarks/bench_linear.py). On CPU every batch size goes to our ops, which switch
 to AMX for bf16 batches of 7 rows and more and for fp32 batches of 80 and more (through exact bf16
 parts); the engine's decoder picks the kernels per row instead (prompt_rows), so that a row's result
-never depends on the rest of the batch. Large fp32 batches were tried on MKL too: its batched GEMM
-reads the packed fp32 tiles in place (each is a row-major [K, 16] slice of W^T, no second copy), but
-a 512-token prefill of the 175M benchmark model took 447 ms that way against 440 ms on our FMA
-kernels (298 ms on AMX). On CUDA the weight is kept as is for cuBLAS.
+never depends on the rest of the batch. (MKL's batched GEMM on the packed fp32 tiles was no faster than
+our FMA kernels: docs/performance.md.) On CUDA the weight is kept as is for cuBLAS.
 """
 
 import torch
@@ -88,7 +86,7 @@ class _PackedLayer:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected x [..., {self.in_features}], got {tuple(x.shape)}")
         # 2-D x (the decoder's [T, K], some 30 calls a decode step) goes through without reshapes or
-        # views: 8.7 -> 5.4 us a call.
+        # views, which cost more than the small calls' kernels.
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         shape = (*x.shape[:-1], self.out_features)
         if self.packed is None:
