@@ -108,7 +108,7 @@ def worker_ours(model_dir: str, dtype: str, decode_tokens: int, quantization: st
     from mistral_grpc.engine.sampling_params import SamplingParams
 
     async def run() -> dict:
-        engine = LLMEngine.from_args(EngineArgs(model=model_dir, device="cpu", dtype=dtype, quantization=quantization,
+        engine = LLMEngine(EngineArgs(model=model_dir, device="cpu", dtype=dtype, quantization=quantization,
                                                 max_batch_size=STREAMS,
                                                 kv_cache_memory=KV_CACHE_BYTES, max_prefill_tokens=PROMPT_LEN_PREFILL))
         await engine.start()

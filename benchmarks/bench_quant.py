@@ -140,7 +140,7 @@ def worker_ours(model_dir: str, scheme: str) -> dict:
 
     async def run() -> dict:
         start = time.perf_counter()
-        engine = LLMEngine.from_args(EngineArgs(model=model_dir, device="cpu", dtype="bfloat16", quantization=scheme,
+        engine = LLMEngine(EngineArgs(model=model_dir, device="cpu", dtype="bfloat16", quantization=scheme,
                                                 kv_cache_memory=KV_CACHE_BYTES, max_prefill_tokens=PROMPT_LEN_PREFILL))
         await engine.start()
         out = {"load_s": time.perf_counter() - start, "load_peak_rss_mb": peak_rss_mb()}

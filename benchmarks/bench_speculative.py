@@ -96,7 +96,7 @@ def worker(model_dir: str, dtype: str, drafts: int, reference_path: str) -> dict
     from mistral_grpc.engine.sampling_params import SamplingParams
 
     async def run() -> dict:
-        engine = LLMEngine.from_args(EngineArgs(model=model_dir, device="cpu", dtype=dtype, max_batch_size=STREAMS,
+        engine = LLMEngine(EngineArgs(model=model_dir, device="cpu", dtype=dtype, max_batch_size=STREAMS,
                                                 kv_cache_memory=KV_CACHE_BYTES, speculative_tokens=drafts,
                                                 prompt_lookup=drafts > 0))
         await engine.start()

@@ -43,7 +43,7 @@ async def decode_rate(engine: LLMEngine, prompt: list[int], spec: StructuredSpec
 
 
 async def main(args: argparse.Namespace) -> None:
-    engine = LLMEngine.from_args(EngineArgs(device="cpu", kv_cache_memory=256 * 2**20,
+    engine = LLMEngine(EngineArgs(device="cpu", kv_cache_memory=256 * 2**20,
                                             max_batch_size=max(args.streams), max_prefill_tokens=4096))
     await engine.start()
     prompt = engine.tokenizer.encode_chat([ChatMessage(role="user", content="Describe a person as JSON.")])

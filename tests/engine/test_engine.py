@@ -20,7 +20,7 @@ class Harness:
 
     def __init__(self, device: str = "cpu", **engine_args) -> None:
         self.loop = asyncio.new_event_loop()
-        self.engine = LLMEngine.from_args(EngineArgs(device=device, **engine_args))
+        self.engine = LLMEngine(EngineArgs(device=device, **engine_args))
         self.run(self.engine.start())
         self._ids = iter(range(10**9))
 
@@ -349,7 +349,7 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_fails_the_start(tmp_path) 
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     save_file(demo_weights(config), str(tmp_path / "model.safetensors"))
     shutil.copyfile(TOKENIZER_SOURCE, tmp_path / "tokenizer.json")
-    engine = LLMEngine.from_args(EngineArgs(model=str(tmp_path), device="cpu", kv_cache_memory=2**20))
+    engine = LLMEngine(EngineArgs(model=str(tmp_path), device="cpu", kv_cache_memory=2**20))
     with pytest.raises(ValueError, match="32000 tokens but the model's vocab_size is 1000"):
         asyncio.run(engine.start())
     assert not engine.ready

@@ -71,7 +71,7 @@ class LiveServer:
 @contextmanager
 def demo_server(loop: LoopThread, **engine_args) -> Iterator[LiveServer]:
     """A LiveServer on the real engine with the demo model on the CPU, stopped on exit."""
-    server = LiveServer(LLMEngine.from_args(EngineArgs(device="cpu", **engine_args)), loop).start()
+    server = LiveServer(LLMEngine(EngineArgs(device="cpu", **engine_args)), loop).start()
     try:
         yield server
     finally:

@@ -55,16 +55,14 @@ def test_chat_reports_bad_fields(serve_fake, capsys):
 def test_serve_flags_build_the_engine_and_the_server(monkeypatch, tmp_path):
     built = {}
 
-    class Engine(FakeEngine):
-        @classmethod
-        def from_args(cls, args: EngineArgs) -> "Engine":
-            built["engine_args"] = args
-            return cls()
+    def engine(args: EngineArgs) -> FakeEngine:
+        built["engine_args"] = args
+        return FakeEngine()
 
     async def serve(engine, options):
         built["options"] = options
 
-    monkeypatch.setattr(serve_cli, "LLMEngine", Engine)
+    monkeypatch.setattr(serve_cli, "LLMEngine", engine)
     monkeypatch.setattr(serve_cli, "serve", serve)
     (tmp_path / "key").write_text("s3cret\n")
     (tmp_path / "cert.pem").write_bytes(b"CERT")
@@ -136,8 +134,7 @@ def test_serve_rejects_a_missing_or_empty_api_key_file(tmp_path, capsys):
 
 def test_serve_accepts_an_empty_queue(monkeypatch):
     built = {}
-    monkeypatch.setattr(serve_cli, "LLMEngine", type("Engine", (FakeEngine,), {
-        "from_args": classmethod(lambda cls, args: built.setdefault("args", args) and cls())}))
+    monkeypatch.setattr(serve_cli, "LLMEngine", lambda args: built.setdefault("args", args) and FakeEngine())
     monkeypatch.setattr(serve_cli, "serve", lambda engine, options: _nothing())
     assert cli.main(["serve", "--max-queue", "0", "--max-batch-size", "1"]) == 0
     assert (built["args"].max_queue, built["args"].max_batch_size) == (0, 1)

@@ -108,8 +108,7 @@ def test_grpcurl_sends_a_prediction_by_its_json_name(servers):
 
 def test_serve_flags_set_speculation(monkeypatch):
     built = {}
-    monkeypatch.setattr(serve_cli, "LLMEngine", type("Engine", (FakeEngine,), {
-        "from_args": classmethod(lambda cls, args: built.setdefault("args", args) and cls())}))
+    monkeypatch.setattr(serve_cli, "LLMEngine", lambda args: built.setdefault("args", args) and FakeEngine())
 
     async def serve(engine, options):
         pass

@@ -93,10 +93,6 @@ class LLMEngine:
         self._in_flight = 0
         self._idle = asyncio.Event()
 
-    @classmethod
-    def from_args(cls, args: EngineArgs) -> "LLMEngine":
-        return cls(args)
-
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         usage_error(f"argument --tls-cert/--tls-key: {_reason(error)}")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = LLMEngine.from_args(EngineArgs(
+    engine = LLMEngine(EngineArgs(
         model=args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
         served_model_name=args.served_model_name,
         max_batch_size=args.max_batch_size, max_queue=args.max_queue, kv_cache_memory=args.kv_cache_memory,
