@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from mistral_grpc import ops
 from mistral_grpc.memory import zeros_on_huge_pages
-from mistral_grpc.model.linear import PackedGateUpSilu, PackedLinear
+from mistral_grpc.model.linear import GateUpSilu, Linear
 
 LEVELS = ["portable", "avx2", "avx512", "avx512_bf16", "amx"]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -308,7 +308,7 @@ WRAPPER_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_linear_matches_torch(device: str, dtype: torch.dtype) -> None:
     weight = random_weight(50, 96, dtype).to(device)
-    layer = PackedLinear.from_weight(weight)
+    layer = Linear.from_weight(weight)
     x = torch.randn(2, 7, 96).to(device, dtype)
     expected = F.linear(x.float(), weight.float())
     assert_close(layer(x), expected)
@@ -321,7 +321,7 @@ def test_packed_linear_matches_torch(device: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_gate_up_silu_matches_torch(device: str, dtype: torch.dtype) -> None:
     gate, up = random_weight(40, 64, dtype).to(device), random_weight(40, 64, dtype).to(device)
-    layer = PackedGateUpSilu.from_weights(gate, up)
+    layer = GateUpSilu.from_weights(gate, up)
     x = torch.randn(3, 64).to(device, dtype)
     g = F.linear(x.float(), gate.float()).to(dtype).float()
     u = F.linear(x.float(), up.float()).to(dtype).float()
@@ -329,7 +329,7 @@ def test_packed_gate_up_silu_matches_torch(device: str, dtype: torch.dtype) -> N
 
 
 def test_packed_linear_rejects_wrong_width() -> None:
-    layer = PackedLinear.from_weight(random_weight(8, 16, torch.float32))
+    layer = Linear.from_weight(random_weight(8, 16, torch.float32))
     with pytest.raises(ValueError, match=r"expected x \[\.\.\., 16\]"):
         layer(torch.randn(2, 15))
 

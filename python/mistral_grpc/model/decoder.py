@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mistral_grpc import ops
 from mistral_grpc.memory import zeros_on_huge_pages
 from mistral_grpc.model.config import DTYPES, MistralConfig
-from mistral_grpc.model.linear import PackedGateUpSilu, PackedLinear, check_prequantized, check_quantization
+from mistral_grpc.model.linear import GateUpSilu, Linear, check_prequantized, check_quantization
 from mistral_grpc.model.weights import LayerWeights, MistralWeights, load_weights
 
 @dataclass
@@ -49,11 +49,11 @@ class _Layer:
     def __init__(self, weights: LayerWeights, quantization: str = "none") -> None:
         self.input_norm = weights.input_norm
         self.post_attention_norm = weights.post_attention_norm
-        self.qkv_proj = PackedLinear.from_weight(weights.qkv, quantization)
-        self.o_proj = PackedLinear.from_weight(weights.o_proj, quantization)
+        self.qkv_proj = Linear.from_weight(weights.qkv, quantization)
+        self.o_proj = Linear.from_weight(weights.o_proj, quantization)
         gate, up = weights.gate_up.chunk(2)
-        self.gate_up_silu = PackedGateUpSilu.from_weights(gate, up, quantization)
-        self.down_proj = PackedLinear.from_weight(weights.down_proj, quantization)
+        self.gate_up_silu = GateUpSilu.from_weights(gate, up, quantization)
+        self.down_proj = Linear.from_weight(weights.down_proj, quantization)
         # Packed (CPU, float32 / bfloat16): the whole layer runs as one op, ops.decoder_layer.
         self.packed = self.qkv_proj.packed is not None
 
@@ -75,7 +75,7 @@ class MistralDecoder:
             self.layers.append(layer if isinstance(layer, _Layer) else _Layer(layer, quantization))
         self.norm = weights.norm
         # The LM head picks the token: int4 rounding there costs more than it saves.
-        self.lm_head = PackedLinear.from_weight(weights.lm_head, "int8" if quantization == "int4" else quantization)
+        self.lm_head = Linear.from_weight(weights.lm_head, "int8" if quantization == "int4" else quantization)
         weights.lm_head = None
         self.cos_sin_cache = _cos_sin_cache(config, self.dtype, self.device)
         self.scale = config.head_dim ** -0.5  # as transformers writes it, so rounding matches

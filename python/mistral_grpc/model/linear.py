@@ -59,7 +59,7 @@ def _check_quantized_kernels(what: str, device: torch.device | str, dtype: torch
                                 f"(the activations' dtype), got {str(dtype).removeprefix('torch.')}")
 
 
-class _PackedLayer:
+class _Projection:
     """Packed weight and our op on CPU (float32, bfloat16); the dense weight and torch otherwise."""
 
     def __init__(self, out_features: int, in_features: int, *, packed: torch.Tensor | None = None,
@@ -98,12 +98,12 @@ class _PackedLayer:
         return out
 
 
-class PackedLinear(_PackedLayer):
+class Linear(_Projection):
     """y = x @ weight.T for an nn.Linear-layout weight [N, K] (no bias, as in Mistral). The decoder's
     qkv is one of these over the concatenated q, k, v weights."""
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor | QuantizedWeight, quantization: str = "none") -> "PackedLinear":
+    def from_weight(cls, weight: torch.Tensor | QuantizedWeight, quantization: str = "none") -> "Linear":
         """A pre-quantized checkpoint's QuantizedWeight is packed as it is (`quantization` is not applied)."""
         n, k = weight.shape
         if isinstance(weight, QuantizedWeight):
@@ -123,13 +123,13 @@ class PackedLinear(_PackedLayer):
         return F.linear(x, self.weight)
 
 
-class PackedGateUpSilu(_PackedLayer):
+class GateUpSilu(_Projection):
     """The Mistral MLP's first half: silu(x @ gate.T) * (x @ up.T) for gate, up [F, K]. On CPU one
     op reads the packed gate+up weight and writes [T, F] without materialising [T, 2F]."""
 
     @classmethod
     def from_weights(cls, gate: torch.Tensor | QuantizedWeight, up: torch.Tensor | QuantizedWeight,
-                     quantization: str = "none") -> "PackedGateUpSilu":
+                     quantization: str = "none") -> "GateUpSilu":
         if gate.shape != up.shape:
             raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
         f, k = gate.shape
