@@ -13,6 +13,9 @@ import mistral_grpc._C  # noqa: F401  (registers the ops)
 
 _ops = torch.ops.mistral_grpc
 
+# prompt_rows of linear, linear_silu_mul and decoder_layer: no split, the kernels go by the batch's size.
+KERNELS_BY_BATCH_SIZE = -1
+
 
 def _writes_in_place(name: str) -> None:
     """Registers the fake kernel of an op that returns nothing (it writes into the caller's tensors)."""
@@ -166,7 +169,8 @@ def quantize_gate_up_weight(gate: torch.Tensor, up: torch.Tensor, scheme: str, g
 
 
 @torch.library.register_fake("mistral_grpc::quantize_gate_up_weight")
-def _quantize_gate_up_weight_fake(gate: torch.Tensor, up: torch.Tensor, scheme: str, group_size: int = 0) -> torch.Tensor:
+def _quantize_gate_up_weight_fake(gate: torch.Tensor, up: torch.Tensor, scheme: str,
+                                  group_size: int = 0) -> torch.Tensor:
     return gate.new_empty(_quantized_weight_bytes(gate, _SCHEME_BITS[scheme], group_size, 2), dtype=torch.uint8)
 
 
@@ -194,13 +198,14 @@ def pack_quantized_gate_up_weight(gate_q: torch.Tensor, gate_scale: torch.Tensor
 
 
 @torch.library.register_fake("mistral_grpc::pack_quantized_gate_up_weight")
-def _pack_quantized_gate_up_weight_fake(gate_q: torch.Tensor, gate_scale: torch.Tensor, gate_zero: torch.Tensor, up_q: torch.Tensor,
-                                        up_scale: torch.Tensor, up_zero: torch.Tensor, bits: int, group_size: int,
-                                        activation: torch.dtype) -> torch.Tensor:
+def _pack_quantized_gate_up_weight_fake(gate_q: torch.Tensor, gate_scale: torch.Tensor, gate_zero: torch.Tensor,
+                                        up_q: torch.Tensor, up_scale: torch.Tensor, up_zero: torch.Tensor,
+                                        bits: int, group_size: int, activation: torch.dtype) -> torch.Tensor:
     return gate_q.new_empty(_quantized_weight_bytes(gate_q, bits, group_size, 2), dtype=torch.uint8)
 
 
-def linear(out: torch.Tensor, x: torch.Tensor, packed_weight: torch.Tensor, prompt_rows: int = -1) -> None:
+def linear(out: torch.Tensor, x: torch.Tensor, packed_weight: torch.Tensor,
+           prompt_rows: int = KERNELS_BY_BATCH_SIZE) -> None:
     """out [T, N] = x [T, K] @ W.T on the CPU, fp32 accumulation; x, out in the weight's dtype.
     prompt_rows -1: the kernels go by T (the weight streamed for small T; batches of 7 rows and more in
     bf16, 80 in fp32, on AMX where the CPU has it). prompt_rows >= 0: rows [0, prompt_rows) run on AMX
@@ -212,7 +217,8 @@ def linear(out: torch.Tensor, x: torch.Tensor, packed_weight: torch.Tensor, prom
 _writes_in_place("linear")
 
 
-def linear_silu_mul(out: torch.Tensor, x: torch.Tensor, packed_gate_up: torch.Tensor, prompt_rows: int = -1) -> None:
+def linear_silu_mul(out: torch.Tensor, x: torch.Tensor, packed_gate_up: torch.Tensor,
+                    prompt_rows: int = KERNELS_BY_BATCH_SIZE) -> None:
     """out [T, F] = silu(x @ gate.T) * (x @ up.T) in one pass over the packed gate_up weight; prompt_rows
     as for `linear`."""
     _ops.linear_silu_mul(out, x, packed_gate_up, prompt_rows)
@@ -227,7 +233,7 @@ def decoder_layer(hidden: torch.Tensor, residual: torch.Tensor, input_norm: torc
                   value_cache: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                   block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                   cos_sin_cache: torch.Tensor, eps: float, scale: float, sliding_window: int,
-                  prompt_rows: int = -1) -> None:
+                  prompt_rows: int = KERNELS_BY_BATCH_SIZE) -> None:
     """One decoder layer on CPU packed weights (pack_linear_weight: qkv, o, down; pack_gate_up_weight),
     in place: residual += hidden; hidden = the layer's MLP output; the new k/v go into the caches.
     The ops above chained in C++, without a Python round trip between them; prompt_rows as for `linear`."""

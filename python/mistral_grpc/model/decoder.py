@@ -30,8 +30,8 @@ class BatchInput:
     seq_lens: torch.Tensor  # int32 [B]: tokens in the cache after this step, this step's included
     query_start_loc: torch.Tensor  # int32 [B + 1]: sequence b owns tokens query_start_loc[b]:[b + 1]; >= 1 each
     # Tokens [0, prompt_rows) are prompt tokens, the rest decode tokens, each side on kernels that give
-    # a row the same result whatever else is in the batch (ops.linear); -1: kernels by the batch's size.
-    prompt_rows: int = -1
+    # a row the same result whatever else is in the batch (ops.linear); ops.KERNELS_BY_BATCH_SIZE: no split.
+    prompt_rows: int = ops.KERNELS_BY_BATCH_SIZE
     # int64 [R]: the token rows whose logits forward() returns; None: each sequence's last token.
     logits_rows: torch.Tensor | None = None
 
@@ -157,7 +157,9 @@ class MistralDecoder:
             last = (batch.query_start_loc[1:] - 1).long()
             hidden, residual = hidden[last], residual[last]
         ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
-        return self.lm_head(hidden, prompt_rows=min(batch.prompt_rows, 0)).float()
+        # The LM head's rows are the sequences' last tokens: all decode-side (0) unless the batch is unsplit.
+        lm_head_prompt_rows = ops.KERNELS_BY_BATCH_SIZE if batch.prompt_rows == ops.KERNELS_BY_BATCH_SIZE else 0
+        return self.lm_head(hidden, prompt_rows=lm_head_prompt_rows).float()
 
     def _layer(self, layer: _Layer, hidden: torch.Tensor, residual: torch.Tensor, batch: BatchInput,
                key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,8 @@ class _Projection:
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None, prompt_rows: int = -1) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None,
+                 prompt_rows: int = ops.KERNELS_BY_BATCH_SIZE) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features] in x's dtype (which must be the weight's),
         written into `out` if given; prompt_rows as for ops.linear (CPU only)."""
         if x.shape[-1] != self.in_features:
