@@ -347,78 +347,88 @@ void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::T
   }
 }
 
+#if MG_LINEAR_X86_KERNELS
+// fp32 rows on AMX: x split into its three bf16 parts, then the tiles.
+void run_amx_fp32(Problem problem, const PackedHeader& header, const at::Tensor& x, bool gate_up) {
+  // x as its three bf16 parts, split by both threads into a buffer kept per calling thread (to
+  // spare the allocation). Where the parts outgrow kFp32SegmentBytes and the sums of all rows
+  // and outputs (the C carried between segments) do not, K goes in segments of about that many
+  // bytes of parts, each split into the same, still cached, memory (gate_up's weights flush a
+  // buffer of the whole K from the caches before down_proj reads it); a gate_up's sums would cost
+  // more to carry than the segments save.
+  // (The lambdas run on other threads, which have storage of their own: take the pointers here.)
+  thread_local std::vector<uint16_t> storage;
+  thread_local std::vector<float> carry_storage;
+  const int64_t rows = x.size(0), padded = tiles_for(rows) * kTileRows;
+  const int64_t tiles = tiles_for(header.n), tiles_per_item = amx_fp32_tiles_per_item(gate_up ? 2 : 1);
+  const int64_t items = (tiles + tiles_per_item - 1) / tiles_per_item;
+  const int64_t carry_floats = items * tiles_for(rows) * kAmxFp32CarryFloats;
+  const int64_t chunk_k = kAmxFp32ChunkBlocks * kAmxKBlock;
+  const auto parts_bytes = [&](int64_t k) { return fp32_parts_elems(rows, k) * int64_t{sizeof(uint16_t)}; };
+  const bool segmented = parts_bytes(header.k) > kFp32SegmentBytes &&
+                         carry_floats * int64_t{sizeof(float)} <= kFp32SegmentBytes;
+  const int64_t segment_k =
+      segmented ? std::max<int64_t>(1, kFp32SegmentBytes / parts_bytes(chunk_k)) * chunk_k : header.k;
+  uint16_t* parts = line_aligned(storage, fp32_parts_elems(rows, std::min(segment_k, header.k)));
+  problem.carry = segmented ? line_aligned(carry_storage, carry_floats) : nullptr;
+  problem.x = parts;
+  const float* x_data = x.data_ptr<float>();
+  const TileRangeFn fn = gate_up ? kAmxFp32.silu_mul : kAmxFp32.linear;
+  for (int64_t k0 = 0; k0 < header.k; k0 += segment_k) {
+    const int64_t k1 = std::min(header.k, k0 + segment_k);
+    at::parallel_for(0, padded, kTileRows, [&](int64_t begin, int64_t end) {
+      split_fp32_rows(x_data + k0, x.stride(0), rows, k1 - k0, begin, end, parts);
+    });
+    problem.k_begin = k0;
+    problem.k_end = k1;
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      fn(problem, begin * tiles_per_item, std::min(tiles, end * tiles_per_item));
+    });
+  }
+}
+
+// bf16 rows on AMX.
+void run_amx_bf16(Problem problem, const at::Tensor& x, bool gate_up) {
+  // A small batch's tiles are as high as its rows; larger ones go in whole blocks of 32.
+  const bool small = x.size(0) <= kAmxSmallRows;
+  const at::Tensor rows = small ? x : amx_rows(x, kAmxRowBlock);
+  problem.x = rows.data_ptr();
+  problem.x_stride = rows.stride(0);
+  const KernelSet& amx = small ? kAmxBf16Rows16 : kAmxBf16;
+  const TileRangeFn fn = gate_up ? amx.silu_mul : amx.linear;
+  // Whole items per thread: 4 tiles (small linear), else 2.
+  const int64_t grain = small && !gate_up ? 4 : 2;
+  at::parallel_for(0, tiles_for(problem.n), grain, [&](int64_t begin, int64_t end) { fn(problem, begin, end); });
+}
+#endif
+
+// Rows on the vector kernels of the level in use, each thread streaming a contiguous share of the tiles.
+void run_vector(const Problem& problem, const PackedHeader& header, PackKind kind) {
+  const KernelSet& kernels = kernels_for(header.dtype);
+  const TileRangeFn fn = kind == PackKind::kGateUp ? kernels.silu_mul : kernels.linear;
+  const int64_t bytes_per_task = problem.steps * kStepBytes * units_per_tile(kind);
+  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / bytes_per_task);
+  at::parallel_for(0, tiles_for(header.n), grain, [&](int64_t begin, int64_t end) { fn(problem, begin, end); });
+}
+
 void run_kernels(Kernels choice, const PackedHeader& header, at::Tensor out, const at::Tensor& x,
                  const at::Tensor& packed, PackKind kind) {
   if (x.size(0) == 0) return;
-  const int64_t steps = steps_per_tile(header.dtype, header.k);
-  Problem problem{.tiles = packed.data_ptr<uint8_t>() + kHeaderBytes,
-                  .steps = steps,
-                  .k = header.k,
-                  .x = x.data_ptr(),
-                  .x_stride = x.stride(0),
-                  .out = out.data_ptr(),
-                  .out_stride = out.stride(0),
-                  .rows = x.size(0),
-                  .n = header.n};
+  const Problem problem{.tiles = packed.data_ptr<uint8_t>() + kHeaderBytes,
+                        .steps = steps_per_tile(header.dtype, header.k),
+                        .k = header.k,
+                        .x = x.data_ptr(),
+                        .x_stride = x.stride(0),
+                        .out = out.data_ptr(),
+                        .out_stride = out.stride(0),
+                        .rows = x.size(0),
+                        .n = header.n};
   const bool gate_up = kind == PackKind::kGateUp;
 #if MG_LINEAR_X86_KERNELS
-  if (choice == Kernels::kAmxFp32) {
-    // x as its three bf16 parts, split by both threads into a buffer kept per calling thread (to
-    // spare the allocation). Where the parts outgrow kFp32SegmentBytes and the sums of all rows
-    // and outputs (the C carried between segments) do not, K goes in segments of about that many
-    // bytes of parts, each split into the same, still cached, memory (gate_up's weights flush a
-    // buffer of the whole K from the caches before down_proj reads it); a gate_up's sums would cost
-    // more to carry than the segments save.
-    // (The lambdas run on other threads, which have storage of their own: take the pointers here.)
-    thread_local std::vector<uint16_t> storage;
-    thread_local std::vector<float> carry_storage;
-    const int64_t rows = x.size(0), padded = tiles_for(rows) * kTileRows;
-    const int64_t tiles = tiles_for(header.n), tiles_per_item = amx_fp32_tiles_per_item(gate_up ? 2 : 1);
-    const int64_t items = (tiles + tiles_per_item - 1) / tiles_per_item;
-    const int64_t carry_floats = items * tiles_for(rows) * kAmxFp32CarryFloats;
-    const int64_t chunk_k = kAmxFp32ChunkBlocks * kAmxKBlock;
-    const auto parts_bytes = [&](int64_t k) { return fp32_parts_elems(rows, k) * int64_t{sizeof(uint16_t)}; };
-    const bool segmented = parts_bytes(header.k) > kFp32SegmentBytes &&
-                           carry_floats * int64_t{sizeof(float)} <= kFp32SegmentBytes;
-    const int64_t segment_k =
-        segmented ? std::max<int64_t>(1, kFp32SegmentBytes / parts_bytes(chunk_k)) * chunk_k : header.k;
-    uint16_t* parts = line_aligned(storage, fp32_parts_elems(rows, std::min(segment_k, header.k)));
-    problem.carry = segmented ? line_aligned(carry_storage, carry_floats) : nullptr;
-    problem.x = parts;
-    const float* x_data = x.data_ptr<float>();
-    const TileRangeFn fn = gate_up ? kAmxFp32.silu_mul : kAmxFp32.linear;
-    for (int64_t k0 = 0; k0 < header.k; k0 += segment_k) {
-      const int64_t k1 = std::min(header.k, k0 + segment_k);
-      at::parallel_for(0, padded, kTileRows, [&](int64_t begin, int64_t end) {
-        split_fp32_rows(x_data + k0, x.stride(0), rows, k1 - k0, begin, end, parts);
-      });
-      problem.k_begin = k0;
-      problem.k_end = k1;
-      at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-        fn(problem, begin * tiles_per_item, std::min(tiles, end * tiles_per_item));
-      });
-    }
-    return;
-  }
-  if (choice == Kernels::kAmxBf16) {
-    // A small batch's tiles are as high as its rows; larger ones go in whole blocks of 32.
-    const bool small = x.size(0) <= kAmxSmallRows;
-    const at::Tensor rows = small ? x : amx_rows(x, kAmxRowBlock);
-    problem.x = rows.data_ptr();
-    problem.x_stride = rows.stride(0);
-    const KernelSet& amx = small ? kAmxBf16Rows16 : kAmxBf16;
-    const TileRangeFn fn = gate_up ? amx.silu_mul : amx.linear;
-    // Whole items per thread: 4 tiles (small linear), else 2.
-    const int64_t grain = small && !gate_up ? 4 : 2;
-    at::parallel_for(0, tiles_for(header.n), grain, [&](int64_t begin, int64_t end) { fn(problem, begin, end); });
-    return;
-  }
+  if (choice == Kernels::kAmxFp32) return run_amx_fp32(problem, header, x, gate_up);
+  if (choice == Kernels::kAmxBf16) return run_amx_bf16(problem, x, gate_up);
 #endif
-  const KernelSet& kernels = kernels_for(header.dtype);
-  const TileRangeFn fn = gate_up ? kernels.silu_mul : kernels.linear;
-  const int64_t bytes_per_task = steps * kStepBytes * units_per_tile(kind);
-  const int64_t grain = std::max<int64_t>(1, kMinBytesPerThread / bytes_per_task);
-  at::parallel_for(0, tiles_for(header.n), grain, [&](int64_t begin, int64_t end) { fn(problem, begin, end); });
+  run_vector(problem, header, kind);
 }
 
 // Best GB/s over `repeats` timed reads of the whole buffer, split across the intra-op threads as
