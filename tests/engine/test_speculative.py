@@ -29,7 +29,7 @@ class Pair:
     def __init__(self, dtype: str) -> None:
         args = dict(dtype=dtype, kv_cache_memory=32 * 2**20, max_batch_size=16, max_prefill_tokens=64)
         self.plain = Harness(speculative_tokens=0, **args)
-        self.spec = Harness(speculative_tokens=K, **args)
+        self.spec = Harness(speculative_tokens=K, prompt_lookup=True, **args)  # on whatever the dtype's default
         self._ids = iter(range(10**9))
 
     def prompt(self, text: str) -> list[int]:
@@ -249,7 +249,7 @@ def test_the_draft_metrics_count_drafts_and_accepted_ones(pair: Pair) -> None:
 def test_preemption_with_drafts_changes_no_seeded_result() -> None:
     block_bytes = 2 * 4 * 16 * 2 * 32 * 4  # k and v, 4 layers, 16 tokens, 2 KV heads, head_dim 32, fp32
     args = dict(kv_cache_memory=24 * block_bytes, max_batch_size=8, max_prefill_tokens=64)
-    plain, spec = Harness(speculative_tokens=0, **args), Harness(speculative_tokens=K, **args)
+    plain, spec = Harness(speculative_tokens=0, **args), Harness(speculative_tokens=K, prompt_lookup=True, **args)
     try:
         prompts = [plain.prompt(f"preempt me {i} " + "pad " * 20) for i in range(6)]
         params = [dict(temperature=0.9, seed=i, max_tokens=100, logprobs=True) for i in range(6)]
