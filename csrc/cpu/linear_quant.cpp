@@ -138,8 +138,8 @@ void check_source(const char* op, const char* name, const at::Tensor& w) {
 }
 
 // A zeroed quantized pack of `units` [n, k] matrices with its header written, and its geometry.
-std::pair<at::Tensor, quant::Geometry> empty_pack(const char* op, WeightDtype dtype, int64_t units, int64_t n, int64_t k,
-                                                  WeightDtype activation, int64_t group_size) {
+std::pair<at::Tensor, quant::Geometry> empty_pack(const char* op, WeightDtype dtype, int64_t units, int64_t n,
+                                                  int64_t k, WeightDtype activation, int64_t group_size) {
   PackedHeader header{};
   header.magic = kPackedMagic;
   header.dtype = dtype;
@@ -207,7 +207,8 @@ void check_quantized_unit(const char* op, const char* name, const QuantizedUnit&
   const at::ScalarType scale_type = scale.scalar_type();
   TORCH_CHECK((scale_type == at::kFloat || scale_type == at::kBFloat16 || scale_type == at::kHalf) &&
                   scale.sizes() == at::IntArrayRef(params_shape),
-              op, ": ", name, " scale must be float32, bfloat16 or float16 [N, groups] = ", at::IntArrayRef(params_shape),
+              op, ": ", name, " scale must be float32, bfloat16 or float16 [N, groups] = ",
+              at::IntArrayRef(params_shape),
               ", got ", scale_type, " ", scale.sizes());
   const at::Tensor scales = scale.to(at::kFloat).contiguous();
   const float* s = scales.data_ptr<float>();
@@ -290,12 +291,12 @@ at::Tensor pack_quantized_weight(const at::Tensor& q, const at::Tensor& scale, c
 }
 
 at::Tensor pack_quantized_gate_up_weight(const at::Tensor& gate_q, const at::Tensor& gate_scale,
-                                         const at::Tensor& gate_zero, const at::Tensor& up_q, const at::Tensor& up_scale,
-                                         const at::Tensor& up_zero, int64_t bits, int64_t group_size,
-                                         at::ScalarType activation) {
+                                         const at::Tensor& gate_zero, const at::Tensor& up_q,
+                                         const at::Tensor& up_scale, const at::Tensor& up_zero, int64_t bits,
+                                         int64_t group_size, at::ScalarType activation) {
   return pack_quantized("pack_quantized_gate_up_weight",
-                        {{"gate", {gate_q, gate_scale, gate_zero}}, {"up", {up_q, up_scale, up_zero}}}, bits, group_size,
-                        activation);
+                        {{"gate", {gate_q, gate_scale, gate_zero}}, {"up", {up_q, up_scale, up_zero}}}, bits,
+                        group_size, activation);
 }
 
 // ---- quantizing x ------------------------------------------------------------------------------

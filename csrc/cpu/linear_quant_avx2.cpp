@@ -86,7 +86,8 @@ struct Avx2 {
       acc = {_mm256_add_epi32(acc.lo, offset), _mm256_add_epi32(acc.hi, offset)};
     }
     const __m256 dv = _mm256_set1_ps(d);
-    return {_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc.lo), dv, t.lo), _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc.hi), dv, t.hi)};
+    return {_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc.lo), dv, t.lo),
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc.hi), dv, t.hi)};
   }
 
   static Params params(const uint8_t* line) {
@@ -95,7 +96,8 @@ struct Avx2 {
     const __m128i scales_hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gp->scale + 8));
     const __m128i zeros = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gp->zero));
     return {{_mm256_cvtph_ps(scales_lo), _mm256_cvtph_ps(scales_hi)},
-            {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zeros)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(zeros, 8)))}};
+            {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zeros)),
+             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(zeros, 8)))}};
   }
 
   static void finish(float* res, FAcc t, const Params& params, float x_group) {
