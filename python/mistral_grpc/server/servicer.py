@@ -61,6 +61,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self._no_calls = asyncio.Event()
         self._no_calls.set()
         self._ended_by: errors.RequestError | None = None  # the status end_running_calls gave them
+        self._sending: set[asyncio.Task] = set()  # StreamChat calls whose chunk grpc is sending
 
     def start_draining(self) -> None:
         """From now on new calls get UNAVAILABLE; calls already running go on."""
@@ -74,7 +75,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         """Cancels the running calls (their generation stops, their KV blocks are freed); each ends with
         `status`. The server then needs a moment (its stop grace) for the statuses to go out."""
         self._ended_by = status
-        for task in self._running_calls:
+        for task in self._running_calls - self._sending:
             task.cancel()
 
     async def Chat(self, request: bytes | chat_pb2.ChatRequest,
@@ -97,7 +98,16 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             try:
                 async with contextlib.aclosing(self._stream(decode_request(request))) as chunks:
                     async for chunk in chunks:
-                        yield chunk
+                        # While grpc sends the chunk the call's task runs grpc's code, not ours: a cancel
+                        # landing there would end the call with grpc's own status, so end_running_calls
+                        # leaves a sending call alone and it ends itself here, once the chunk is out.
+                        self._sending.add(task := asyncio.current_task())
+                        try:
+                            yield chunk
+                        finally:
+                            self._sending.discard(task)
+                        if self._ended_by is not None:
+                            raise asyncio.CancelledError
             except BaseException as error:  # noqa: BLE001
                 await self._fail("StreamChat", error, call, context)
                 raise
