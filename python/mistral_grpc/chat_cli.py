@@ -4,28 +4,15 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
+from mistral_grpc.argtypes import whole_number
 from mistral_grpc.client import ChatClient, check_api_key, field_violations
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
-
-
-def _whole_number(lowest: int, highest: int, what: str) -> Callable[[str], int]:
-    """An argparse type for an integer the request's field can hold (the server checks its range)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if not lowest <= value <= highest:
-            raise argparse.ArgumentTypeError(f"must be between {lowest} and {highest} ({what}; got {value})")
-        return value
-    return parse
 
 
 def _finite(text: str) -> float:
@@ -46,7 +33,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-_int32 = _whole_number(-(2**31), INT32_MAX, "a 32-bit integer")
+_int32 = whole_number(-(2**31), INT32_MAX, "a 32-bit integer")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -68,7 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sampling.add_argument("--top-k", type=_int32, help="0 = off (default)")
     sampling.add_argument("--max-tokens", type=_int32, help="default: what is left of the context")
     sampling.add_argument("--stop", action="append", help="a stop string (repeatable, up to 16)")
-    sampling.add_argument("--seed", type=_whole_number(-(2**63), INT64_MAX, "a 64-bit integer"),
+    sampling.add_argument("--seed", type=whole_number(-(2**63), INT64_MAX, "a 64-bit integer"),
                           help="same seed + same request = same reply")
     sampling.add_argument("--presence-penalty", type=_finite, help="[-2, 2]")
     sampling.add_argument("--frequency-penalty", type=_finite, help="[-2, 2]")

@@ -10,9 +10,9 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable
 from typing import NoReturn
 
+from mistral_grpc.argtypes import whole_number
 from mistral_grpc.engine.args import EngineArgs, parse_bytes
 from mistral_grpc.engine.engine import LLMEngine
 from mistral_grpc.model.linear import QUANTIZATION_SCHEMES
@@ -21,19 +21,6 @@ from mistral_grpc.server.auth import read_api_key
 
 logger = logging.getLogger(__name__)
 PROG = "mistral-grpc serve"
-
-
-def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            allowed = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-            raise argparse.ArgumentTypeError(f"must be {allowed} (got {value})")
-        return value
-    return parse
 
 
 def _size(text: str) -> int:
@@ -56,7 +43,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-_port = _integer(0, 65535)
+_port = whole_number(0, 65535)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -74,16 +61,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="quantize the weights while loading them (weight-only; CPU): int8 per output channel, "
                             "int4 in groups of 32 with zero points (default: %(default)s)")
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--max-batch-size", type=_integer(1), default=EngineArgs.max_batch_size,
+    engine.add_argument("--max-batch-size", type=whole_number(1), default=EngineArgs.max_batch_size,
                         help="sequences decoded together in one step, at least 1 (default %(default)s)")
     # The engine admits max-batch-size + max-queue requests: 0 = none waits beyond a full batch.
-    engine.add_argument("--max-queue", type=_integer(0), default=EngineArgs.max_queue,
+    engine.add_argument("--max-queue", type=whole_number(0), default=EngineArgs.max_queue,
                         help="requests that may wait for a place in the batch; beyond this they get "
                              "RESOURCE_EXHAUSTED (default %(default)s; 0 = none wait)")
     engine.add_argument("--kv-cache-memory", type=_size,
                         help="memory for the KV cache, e.g. 4GiB (default: 85%% of the GPU memory free after "
                              "loading; on CPU 2GiB, or half the available memory if less)")
-    engine.add_argument("--speculative-tokens", type=_integer(0), default=EngineArgs.speculative_tokens,
+    engine.add_argument("--speculative-tokens", type=whole_number(0), default=EngineArgs.speculative_tokens,
                         metavar="K", help="draft tokens each sequence verifies per step at most, from the request's "
                                           "prediction or prompt lookup; the output never changes (default "
                                           "%(default)s; 0 = no speculation)")
