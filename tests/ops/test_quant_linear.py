@@ -3,19 +3,17 @@ unpack_linear_weight on their packs) against plain torch.
 
 The reference quantizes x per 32 values as csrc/common/quant.h says and multiplies the dequantized x by
 the dequantized weight (unpack_linear_weight) in float64: the kernels add no error beyond those two
-roundings. Every kernel level the CPU has runs the same cases and must give the same bits; batches
-1..33 cross the register blocks (1-3 rows over 4 streams, up to 12 in one).
+roundings. Every kernel level the CPU has runs the same cases, and their dot products agree to the bit;
+batches 1..33 cross the register blocks (1-3 rows over 4 streams, up to 12 in one).
 """
-
-from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mistral_grpc import ops
+from test_linear import level, random_weight, supported_levels  # noqa: F401  (level: the fixture)
 
-LEVELS = ["portable", "avx2", "avx512", "avx512_bf16", "amx"]
 DTYPES = [torch.float32, torch.bfloat16]
 # (scheme, group_size): int8 per channel, int4 in each group size.
 SCHEMES = [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)]
@@ -23,22 +21,6 @@ SCHEMES = [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)]
 # but not a whole number of them; (300, 520) splits across both threads.
 SHAPES = [(1, 1), (17, 5), (37, 200), (48, 64), (300, 520), (64, 1000)]
 BATCHES = [1, 2, 3, 4, 5, 12, 13, 33]
-
-
-def supported_levels() -> list[str]:
-    best = ops.linear_cpu_isa("best")
-    return LEVELS[: LEVELS.index(best) + 1]
-
-
-@pytest.fixture(params=supported_levels())
-def level(request: pytest.FixtureRequest) -> Iterator[str]:
-    ops.linear_cpu_isa(request.param)
-    yield request.param
-    ops.linear_cpu_isa("best")
-
-
-def random_weight(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    return (torch.randn(n, k) / k**0.5).to(dtype)
 
 
 def quantized_activations(x: torch.Tensor) -> torch.Tensor:
