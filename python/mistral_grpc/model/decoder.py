@@ -60,8 +60,8 @@ class _Layer:
 class MistralDecoder:
     def __init__(self, config: MistralConfig, weights: MistralWeights, quantization: str = "none") -> None:
         """weights.layers: LayerWeights, or layers from_dir built as they were read. quantization: a
-        scheme of QUANTIZATION_SCHEMES for every linear layer (the LM head at least int8)."""
-        check_quantization(quantization, weights.embed_tokens.device, weights.embed_tokens.dtype)
+        scheme of QUANTIZATION_SCHEMES for every linear layer (the LM head at least int8); each projection
+        checks that its kernels exist as it is quantized."""
         self.config = config
         self.device = weights.embed_tokens.device
         self.dtype = weights.embed_tokens.dtype
