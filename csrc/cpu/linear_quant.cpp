@@ -82,8 +82,9 @@ bool quantize_unit(uint8_t* tiles, const quant::Geometry& geo, const T* matrix, 
         }
         for (int64_t g = 0; g < geo.groups(); ++g) {
           const float* w = row.data() + g * geo.group_size;
-          const int64_t valid = std::clamp<int64_t>(k - g * geo.group_size, 0, geo.group_size);
-          const RowParams params = geo.bits == 8 ? int8_params(w, valid) : int4_params(w, std::max<int64_t>(valid, 1));
+          // K is padded to whole groups, so every group holds at least one of the row's values.
+          const int64_t valid = std::min(geo.group_size, k - g * geo.group_size);
+          const RowParams params = geo.bits == 8 ? int8_params(w, valid) : int4_params(w, valid);
           uint8_t* group = tile + geo.group_offset(g, unit);
           auto* gp = reinterpret_cast<quant::GroupParams*>(group);
           gp->scale[j] = c10::Half(params.scale);
