@@ -28,6 +28,6 @@ class EngineArgs:
     block_size: int = 16  # tokens per KV cache block
     max_prefill_tokens: int = 512  # chunked prefill: prompt tokens per step, so decodes keep flowing
     speculative_tokens: int = 8  # draft tokens a sequence verifies per step at most; 0 = no speculation
-    # Draft from the prompt and the reply so far when a request has no prediction. None: where it measured
-    # faster (float32; in bfloat16 on a CPU without AMX a zero-acceptance draft row costs more than it saves).
-    prompt_lookup: bool | None = None
+    # Draft from the prompt and the reply so far when a request has no prediction (it measured faster in
+    # float32 and bfloat16 even on random weights, where few drafts are right: docs/speculative.md).
+    prompt_lookup: bool = True

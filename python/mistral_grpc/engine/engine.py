@@ -145,8 +145,7 @@ class LLMEngine:
                      "batch's size, and drafts must change no result", model.device.type, model.dtype)
             k = 0
         compute_bound_sooner = model.dtype == torch.float32
-        lookup = self.args.prompt_lookup if self.args.prompt_lookup is not None else model.dtype == torch.float32
-        return SpeculativeConfig(max_drafts=k, prompt_lookup=lookup,
+        return SpeculativeConfig(max_drafts=k, prompt_lookup=self.args.prompt_lookup,
                                  max_rows=(1 + k) if compute_bound_sooner else 2 * (1 + k))
 
     def _num_kv_blocks(self, model: MistralDecoder) -> int:

@@ -76,7 +76,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                           "%(default)s; 0 = no speculation)")
     engine.add_argument("--prompt-lookup", action=argparse.BooleanOptionalAction, default=EngineArgs.prompt_lookup,
                         help="without a prediction, draft what followed the reply's last tokens where they occur "
-                             "in the prompt or the reply (default: on for float32, off for bfloat16, as measured)")
+                             "in the prompt or the reply (default: on)")
     network = parser.add_argument_group("network")
     network.add_argument("--host", default="[::]", help="address to listen on (default: all, IPv4 and IPv6)")
     network.add_argument("--port", type=_port, default=50051, help="gRPC port (default %(default)s; 0 = any free)")
