@@ -10,6 +10,8 @@ own process, one after the other. Cases, all greedy, 128-token prompt:
 - right prediction: the prediction is the model's own output (every draft right: the best case);
 - half-right: right for the first half, unrelated tokens after;
 - all wrong: an unrelated prediction (the reply never picks it up: prompt lookup drafts after the first miss);
+- wrong at every token: the output with a wrong token after each of its tokens, so the prediction re-aligns
+  after every token and its next draft is always wrong (zero acceptance: what the back-off costs);
 - prompt lookup, batch 1: no prediction (on random weights lookup drafts are rarely right: the cost of trying);
 - 16 streams with prompt lookup on vs off: aggregate decode tokens/s while all 16 decode.
 
@@ -34,7 +36,7 @@ from bench_quant import build_model as build_7b_model
 
 PROMPT_LEN = 128
 DECODE_TOKENS = {"175m": 128, "7b": 64}
-KV_CACHE_BYTES = 256 * 2**20
+KV_CACHE_BYTES = 2**30  # 16 streams of 192 tokens in the 7B model take 384 MiB
 UNRELATED = list(range(20000, 20000 + max(DECODE_TOKENS.values())))
 ENGINES = ("plain", "spec")
 # Weights above this run one engine per process (two copies would not fit in memory).
@@ -44,8 +46,11 @@ MAX_SHARED_WEIGHT_BYTES = 6 * 2**30
 def cases(reference: list[int]) -> dict[str, list[int] | None]:
     """Each batch-1 case's prediction (None: prompt lookup)."""
     half = len(reference) // 2
+    wrong = next(t for t in UNRELATED if t not in reference)
     return {"right prediction": reference, "half-right prediction": reference[:half] + UNRELATED[half:len(reference)],
-            "all-wrong prediction": UNRELATED[:len(reference)], "prompt lookup, batch 1": None}
+            "all-wrong prediction": UNRELATED[:len(reference)],
+            "wrong at every token": [t for token in reference for t in (token, wrong)],
+            "prompt lookup, batch 1": None}
 
 
 # ---- the worker (one process, one or both engines) -------------------------------------------
@@ -128,7 +133,9 @@ def run_worker(model_dir: str, dtype: str, quantization: str, drafts: int, engin
     cmd = [sys.executable, __file__, "--worker", "--model-dir", model_dir, "--dtype", dtype, "--quantization",
            quantization, "--drafts", str(drafts), "--engines", *engines, "--decode-tokens", str(decode_tokens),
            "--rounds", str(rounds), "--reference", reference_path]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(engines)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
