@@ -170,7 +170,7 @@ def test_quantizing_a_pre_quantized_checkpoint_again_is_refused(int4_checkpoint)
         MistralDecoder.from_dir(int4_checkpoint, quantization="int8")
     with pytest.raises(QuantizationError, match=r"pre-quantized \(compressed-tensors\) checkpoint needs --dtype"):
         MistralDecoder.from_dir(int4_checkpoint, dtype="float16")
-    with pytest.raises(QuantizationError, match="runs on the CPU only"):
+    with pytest.raises(QuantizationError, match="runs on the CPU and CUDA only"):
         MistralDecoder.from_dir(int4_checkpoint, device="meta")
 
 
