@@ -7,7 +7,8 @@
 // tile once. A q line (64 bytes: one 4-byte word per row) is read as four 16-byte quarters, quarter c
 // holding rows 4c..4c+3. Thread t takes quarter t % 4 of the tile's q lines t / 4, t / 4 + kLineSlots, ...
 // in K order (for gate_up: the same line of both units), so a warp reads 8 consecutive whole lines per
-// step; each thread keeps fp32 sums for its 4 rows and every x row, then the block adds the threads up.
+// step, kLinesInFlight steps' loads issued before their multiplies; each thread keeps fp32 sums for its
+// 4 rows and every x row, then the block adds the threads up.
 // Prefill (more rows): the pack is dequantized into a dense [units * N, K] matrix in x's dtype (quarter by
 // quarter, the same unpacking) and cuBLAS multiplies it.
 #pragma once
@@ -122,21 +123,20 @@ C10_HOST_DEVICE inline void load_x(const T* row, int64_t k0, int64_t k, float (&
 }
 
 // Adds one q line's share to the sums of quarter `quarter`'s 4 rows against each of x's first `rows`
-// rows: sums[j][r] += scale_j * sum_i (q_ji - zero_j) * x[r][k0 + i]. `group` is the group's params line.
-// x row by x row, unpacking the words again for each: fewer values live at once (registers on CUDA).
+// rows: sums[j][r] += scale_j * sum_i (q_ji - zero_j) * x[r][k0 + i], from the quarter's words and the
+// group's params line. x row by x row, unpacking the words again for each: fewer values live at once
+// (registers on CUDA).
 template <int Bits, int Rows, typename T>
-C10_HOST_DEVICE inline void accumulate_line(const uint8_t* group, int64_t line, int quarter, const T* x,
-                                            int64_t x_stride, int rows, int64_t k0, int64_t k,
-                                            float (&sums)[kQuarterRows][Rows]) {
+C10_HOST_DEVICE inline void accumulate_quarter(const Quarter& words, const GroupParams& params, int quarter,
+                                               const T* x, int64_t x_stride, int rows, int64_t k0, int64_t k,
+                                               float (&sums)[kQuarterRows][Rows]) {
   constexpr int kValues = kWordValues<Bits>;
-  const auto* params = reinterpret_cast<const GroupParams*>(group);
-  const Quarter words = load_quarter(group + (1 + line) * kLineBytes + quarter * (kLineBytes / kQuarters));
   float scale[kQuarterRows];
   int zero[kQuarterRows];
   MG_UNROLL
   for (int j = 0; j < kQuarterRows; ++j) {
-    scale[j] = static_cast<float>(params->scale[quarter * kQuarterRows + j]);
-    zero[j] = params->zero[quarter * kQuarterRows + j];
+    scale[j] = static_cast<float>(params.scale[quarter * kQuarterRows + j]);
+    zero[j] = params.zero[quarter * kQuarterRows + j];
   }
   MG_UNROLL
   for (int r = 0; r < Rows; ++r) {
@@ -155,6 +155,10 @@ C10_HOST_DEVICE inline void accumulate_line(const uint8_t* group, int64_t line, 
   }
 }
 
+// Q lines a GEMV thread loads before it multiplies them: several 16-byte loads in flight per thread, which
+// a bandwidth-bound stream needs on a GPU (one tile's block is only 4 warps).
+constexpr int kLinesInFlight = 4;
+
 // Thread `thread`'s sums over a tile (see the top of this file): sums[u][j][r] for unit u, row
 // 4 * (thread % 4) + j of the tile and row r of x. The caller zeroes `sums`.
 template <int Bits, int Rows, int Units, typename T>
@@ -162,14 +166,33 @@ C10_HOST_DEVICE inline void gemv_thread_sums(const uint8_t* tile, const Geometry
                                              int64_t x_stride, int rows, int64_t k,
                                              float (&sums)[Units][kQuarterRows][Rows]) {
   const int quarter = thread % kQuarters;
-  const int64_t group_lines = geo.group_q_lines();
-  const int64_t lines = geo.groups() * group_lines;
-  for (int64_t line = thread / kQuarters; line < lines; line += kLineSlots) {
-    const int64_t g = line / group_lines, l = line % group_lines;
-    const int64_t k0 = g * geo.group_size + l * kWordValues<Bits>;
+  // A tile has at most K / 4 q lines per unit: 32-bit indices (cheaper divisions on a GPU).
+  const int group_lines = static_cast<int>(geo.group_q_lines());
+  const int lines = static_cast<int>(geo.groups()) * group_lines;
+  const auto group_of = [&](int line, int unit) { return tile + geo.group_offset(line / group_lines, unit); };
+  for (int first = thread / kQuarters; first < lines; first += kLineSlots * kLinesInFlight) {
+    Quarter words[kLinesInFlight][Units];
     MG_UNROLL
-    for (int u = 0; u < Units; ++u) {
-      accumulate_line<Bits, Rows>(tile + geo.group_offset(g, u), l, quarter, x, x_stride, rows, k0, k, sums[u]);
+    for (int b = 0; b < kLinesInFlight; ++b) {
+      const int line = first + b * kLineSlots;
+      if (line >= lines) break;
+      MG_UNROLL
+      for (int u = 0; u < Units; ++u) {
+        words[b][u] = load_quarter(group_of(line, u) + (1 + line % group_lines) * kLineBytes +
+                                   quarter * (kLineBytes / kQuarters));
+      }
+    }
+    MG_UNROLL
+    for (int b = 0; b < kLinesInFlight; ++b) {
+      const int line = first + b * kLineSlots;
+      if (line >= lines) break;
+      const int64_t k0 = static_cast<int64_t>(line / group_lines) * geo.group_size +
+                         static_cast<int64_t>(line % group_lines) * kWordValues<Bits>;
+      MG_UNROLL
+      for (int u = 0; u < Units; ++u) {
+        accumulate_quarter<Bits, Rows>(words[b][u], *reinterpret_cast<const GroupParams*>(group_of(line, u)),
+                                       quarter, x, x_stride, rows, k0, k, sums[u]);
+      }
     }
   }
 }
