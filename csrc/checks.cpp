@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include "common/attention.h"
+#include "common/quant_gemv.h"
 #include "ops.h"
 
 namespace mistral_grpc {
@@ -213,6 +214,36 @@ void check_attention_metadata(const at::Tensor& block_tables, const at::Tensor& 
                   " is outside the cache's ", num_blocks, " blocks");
     }
   }
+}
+
+}  // namespace mistral_grpc
+
+// Quantized linear ops on packs the host does not read (appended: see ops.h).
+namespace mistral_grpc {
+
+void check_quantized_linear_args(const char* op, const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+                                 int64_t units, int64_t prompt_rows) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.stride(1) == 1, op,
+              ": x must be [T, K] (K > 0) with unit stride along K, got shape ", x.sizes(), " strides ", x.strides());
+  TORCH_CHECK(is_float_dtype(x), op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  const int64_t rows = x.size(0);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == rows && out.size(1) > 0 && out.stride(1) == 1 &&
+                  out.scalar_type() == x.scalar_type(),
+              op, ": out must be [", rows, ", N] ", x.scalar_type(), " with unit stride along N, got shape ",
+              out.sizes(), " ", out.scalar_type(), " strides ", out.strides());
+  check_same_device(op, x, "x", out, "out");
+  check_same_device(op, x, "x", packed, "packed_weight");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 1 && packed.is_contiguous() &&
+                  reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 == 0,
+              op, ": expected a quantized packed weight (a 1-D uint8 tensor from quantize_*_weight or "
+              "pack_quantized_*_weight, moved as a whole), got a ", packed.scalar_type(), " tensor of shape ",
+              packed.sizes());
+  const int64_t n = out.size(1), k = x.size(1);
+  TORCH_CHECK(quant::is_quantized_pack_size(packed.numel(), n, k, units), op, ": the packed weight (",
+              packed.numel(), " bytes) is not an int8 or int4 ", units == 2 ? "gate_up " : "", "pack of [", n,
+              ", ", k, "] (out's N, x's K)");
+  TORCH_CHECK(prompt_rows >= -1 && prompt_rows <= rows, op, ": prompt_rows must be -1 or in [0, ", rows, "], got ",
+              prompt_rows);
 }
 
 }  // namespace mistral_grpc

@@ -39,4 +39,11 @@ void check_sample_args(const at::Tensor& logits, const at::Tensor& temperature, 
 // Structured output (defined in cpu/token_bitmask.cpp).
 void check_apply_token_bitmask_args(const at::Tensor& logits, const at::Tensor& bitmask);
 
+// Quantized linear ops on a pack the host cannot read (CUDA; defined at the end of checks.cpp): x [T, K]
+// and out [T, N] of one float dtype with unit stride along K / N, a 1-D contiguous 16-byte-aligned uint8
+// pack on their device whose size is that of some int8 / int4 pack of `units` [N, K] matrices (the kernels
+// check its header against the shapes), prompt_rows -1 or in [0, T].
+void check_quantized_linear_args(const char* op, const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+                                 int64_t units, int64_t prompt_rows);
+
 }  // namespace mistral_grpc

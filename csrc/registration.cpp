@@ -17,7 +17,8 @@ TORCH_LIBRARY(mistral_grpc, m) {
   m.def(
       "paged_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor seq_lens, Tensor query_start_loc, float scale, int sliding_window) -> ()");
-  // CPU linear layers on weights packed once at load (csrc/common/linear_pack.h); CUDA uses cuBLAS.
+  // CPU linear layers on weights packed once at load (csrc/common/linear_pack.h); CUDA uses cuBLAS for float
+  // weights and takes the quantized packs below (csrc/cuda/linear_quant.cu).
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
   m.def("pack_gate_up_weight(Tensor gate, Tensor up) -> Tensor");
   m.def("unpack_linear_weight(Tensor packed) -> Tensor");
@@ -38,6 +39,11 @@ TORCH_LIBRARY(mistral_grpc, m) {
   m.def(
       "pack_quantized_gate_up_weight(Tensor gate_q, Tensor gate_scale, Tensor gate_zero, Tensor up_q, "
       "Tensor up_scale, Tensor up_zero, int bits, int group_size, ScalarType activation) -> Tensor");
+  // The CUDA quantized kernels' arithmetic (csrc/common/quant_gemv.h) run on the CPU, for tests without a GPU:
+  // linear (plain pack) or linear_silu_mul (gate_up pack) as the decode GEMV computes it, and the dense
+  // [units * N, K] matrix the prefill path multiplies. Not serving paths.
+  m.def("cuda_quant_math_linear(Tensor(a!) out, Tensor x, Tensor packed_weight) -> ()");
+  m.def("cuda_quant_math_dequantize(Tensor packed_weight, ScalarType dtype) -> Tensor");
   m.def("read_bandwidth(Tensor buffer, int repeats) -> float");
   m.def("linear_cpu_isa(str isa=\"\") -> str");
   // A zeroed uint8 CPU tensor of nbytes, from 2 MiB on a 2 MiB-aligned mapping advised for huge pages

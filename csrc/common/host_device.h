@@ -16,3 +16,11 @@
 // code; GCC's warning that such values change the ABI of non-AVX-512 calls does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
+
+// Unrolls the next loop under nvcc (fixed trip counts: the GEMV's rows and values per word); the CPU
+// compilers unroll on their own.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define MG_UNROLL _Pragma("unroll")
+#else
+#define MG_UNROLL
+#endif

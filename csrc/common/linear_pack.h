@@ -30,7 +30,8 @@ constexpr int64_t kStepBytes = 64;
 constexpr int64_t kHeaderBytes = 64;
 constexpr uint32_t kPackedMagic = 0x574c474d;  // "MGLW"
 
-enum class WeightDtype : uint32_t { kFloat32 = 1, kBFloat16 = 2, kInt8 = 3, kInt4 = 4 };
+// kFloat16 names only a quantized pack's activation, and only the CUDA kernels run it.
+enum class WeightDtype : uint32_t { kFloat32 = 1, kBFloat16 = 2, kInt8 = 3, kInt4 = 4, kFloat16 = 5 };
 enum class PackKind : uint32_t { kLinear = 1, kGateUp = 2 };
 
 struct PackedHeader {
@@ -40,7 +41,7 @@ struct PackedHeader {
   uint32_t group_size;  // quantized: K values per scale (int8: the padded K); else 0
   int64_t n;  // output features: N for kLinear, F (per half) for kGateUp
   int64_t k;  // input features
-  WeightDtype activation;  // quantized: the dtype of x and out (kFloat32 / kBFloat16); else = dtype
+  WeightDtype activation;  // quantized: the dtype of x and out (kFloat32 / kBFloat16; CUDA: kFloat16 too); else = dtype
 };
 static_assert(sizeof(PackedHeader) <= kHeaderBytes);
 

@@ -204,9 +204,45 @@ def _pack_quantized_gate_up_weight_fake(gate_q: torch.Tensor, gate_scale: torch.
     return gate_q.new_empty(_quantized_weight_bytes(gate_q, bits, group_size, 2), dtype=torch.uint8)
 
 
+# PackedHeader.activation's byte offset and the WeightDtype codes of the activation dtypes
+# (csrc/common/linear_pack.h). float16 has one for the CUDA kernels only.
+_HEADER_ACTIVATION_OFFSET = 32
+_ACTIVATION_CODES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 5}
+
+
+def with_activation(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of a quantized CPU pack whose x and out are `dtype` (float32, bfloat16, or float16 for CUDA,
+    which the CPU quantize ops do not make: quantize the weight from float32, which holds float16 exactly,
+    then set float16 here). The weights are unchanged: they are int8 / int4 with fp16 scales whatever x is."""
+    if dtype not in _ACTIVATION_CODES:
+        raise ValueError(f"activation must be float32, bfloat16 or float16, got {dtype}")
+    copy = packed.clone()
+    field = copy[_HEADER_ACTIVATION_OFFSET:_HEADER_ACTIVATION_OFFSET + 4].view(torch.int32)
+    field.fill_(_ACTIVATION_CODES[dtype])
+    return copy
+
+
+def cuda_quant_math_linear(out: torch.Tensor, x: torch.Tensor, packed_weight: torch.Tensor) -> None:
+    """The CUDA quantized GEMV's arithmetic (csrc/common/quant_gemv.h) run on the CPU, for tests without a
+    GPU: out = x @ W.T for a plain pack, silu(x @ gate.T) * (x @ up.T) for a gate_up one, weight-only
+    (x unquantized, fp32 sums), x and out in the pack's activation dtype. Slow; not a serving path."""
+    _ops.cuda_quant_math_linear(out, x, packed_weight)
+
+
+_writes_in_place("cuda_quant_math_linear")
+
+
+def cuda_quant_math_dequantize(packed_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [units * N, K] weight in `dtype` (the pack's activation dtype) that the CUDA prefill path
+    dequantizes a quantized pack into and multiplies with cuBLAS, computed on the CPU with the same code.
+    (No fake kernel: the shape is in the pack's header.)"""
+    return _ops.cuda_quant_math_dequantize(packed_weight, dtype)
+
+
 def linear(out: torch.Tensor, x: torch.Tensor, packed_weight: torch.Tensor,
            prompt_rows: int = KERNELS_BY_BATCH_SIZE) -> None:
-    """out [T, N] = x [T, K] @ W.T on the CPU, fp32 accumulation; x, out in the weight's dtype.
+    """out [T, N] = x [T, K] @ W.T, fp32 accumulation; x, out in the weight's dtype. CPU: any pack; CUDA:
+    quantized packs moved there (float weights stay dense for cuBLAS), prompt_rows checked but unused.
     prompt_rows -1: the kernels go by T (the weight streamed for small T; batches of 7 rows and more in
     bf16, 80 in fp32, on AMX where the CPU has it). prompt_rows >= 0: rows [0, prompt_rows) run on AMX
     where the CPU has it, the others (decode rows) on the vector kernels in fp32 and on AMX in bf16, so

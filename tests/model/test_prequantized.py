@@ -26,6 +26,9 @@ CT_SCHEMES = [(4, "group", 32, True), (4, "group", 128, False), (4, "group", 64,
 # twin's exactly, so this is only the kernels' int8 rounding of the activations (per 32 values), 2-3% on this
 # small sharp model.
 LOGITS_BOUND = 0.05
+# On CUDA (weight-only) the same comparison leaves only the two sides' rounding: fp32 sums in another order,
+# or the float16 model's own roundings.
+CUDA_LOGITS_BOUNDS = {"float32": 1e-4, "float16": 2e-2}
 
 
 def source_model(dtype: torch.dtype):
@@ -47,15 +50,22 @@ def packed_weights(model: MistralDecoder) -> dict[str, torch.Tensor]:
     return weights
 
 
-def assert_logits_match_the_dense_twin(quantized_dir, dense_dir) -> None:
-    """Greedy tokens and logits of the pre-quantized model against the dense one holding its weights."""
+def logits_and_the_dense_twins(quantized_dir, dense_dir, device: str = "cpu",
+                               dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-quantized model's logits (a 19-token prefill, then 8 greedy steps) and the dense one's holding
+    its weights, teacher-forced on the dense model's tokens."""
     tokens = torch.randint(3, 1000, (19,), generator=torch.Generator().manual_seed(2)).tolist()
-    dense = MistralDecoder.from_dir(dense_dir, dtype="float32")
+    dense = MistralDecoder.from_dir(dense_dir, device, dtype=dtype)
     generated, reference = PagedRunner(dense, 16).greedy("a", tokens, steps=8)
-    model = MistralDecoder.from_dir(quantized_dir, dtype="float32")
+    model = MistralDecoder.from_dir(quantized_dir, device, dtype=dtype)
     runner = PagedRunner(model, 16)
     logits = [runner.step({"a": tokens})["a"]] + [runner.step({"a": [t]})["a"] for t in generated[:-1]]
-    got, want = torch.stack(logits), torch.stack(reference)
+    return torch.stack(logits), torch.stack(reference)
+
+
+def assert_logits_match_the_dense_twin(quantized_dir, dense_dir) -> None:
+    """Greedy tokens and logits of the pre-quantized model against the dense one holding its weights."""
+    got, want = logits_and_the_dense_twins(quantized_dir, dense_dir)
     error = ((got - want).norm() / want.norm()).item()
     assert 0 < error < LOGITS_BOUND
     for step_got, step_want in zip(got, want):
@@ -117,6 +127,31 @@ def test_awq_weights_equal_the_layout_and_logits_match_the_dense_model(tmp_path)
     assert_logits_match_the_dense_twin(tmp_path / "awq", tmp_path / "dense")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_on_cuda_an_awq_checkpoint_is_its_dense_twin_to_rounding(tmp_path, dtype: str) -> None:
+    """On CUDA nothing quantizes the activations: the packs moved to the GPU hold the twin's weights exactly."""
+    reference = save_awq_model(source_model(torch.float16), tmp_path / "awq", group_size=128)
+    save_dense_twin(source_model(torch.float16).float(), reference, tmp_path / "dense")
+    model = MistralDecoder.from_dir(tmp_path / "awq", "cuda", dtype=dtype)
+    assert model.layers[0].qkv_proj.packed.is_cuda and not model.layers[0].packed
+    packed = packed_weights_moved_to_the_cpu(model)
+    assert sorted(packed) == sorted(reference)
+    for name, weight in reference.items():
+        assert torch.equal(packed[name], weight), name
+    got, want = logits_and_the_dense_twins(tmp_path / "awq", tmp_path / "dense", "cuda", dtype)
+    assert ((got - want).norm() / want.norm()).item() < CUDA_LOGITS_BOUNDS[dtype]
+
+
+def packed_weights_moved_to_the_cpu(model: MistralDecoder) -> dict[str, torch.Tensor]:
+    """packed_weights of a CUDA model, whose layers' packs it moves back to the CPU (float32 in the header, so
+    that unpack_linear_weight reads a float16 one): the model cannot run after it."""
+    for layer in model.layers:
+        for projection in (layer.qkv_proj, layer.o_proj, layer.gate_up_silu, layer.down_proj):
+            projection.packed = ops.with_activation(projection.packed.cpu(), torch.float32)
+    return packed_weights(model)
+
+
 def test_awq_modules_to_not_convert_stay_dense(tmp_path) -> None:
     reference = save_awq_model(source_model(torch.float16), tmp_path, group_size=64, modules_to_not_convert=["mlp"])
     model = MistralDecoder.from_dir(tmp_path, dtype="float32")
@@ -170,7 +205,7 @@ def test_quantizing_a_pre_quantized_checkpoint_again_is_refused(int4_checkpoint)
         MistralDecoder.from_dir(int4_checkpoint, quantization="int8")
     with pytest.raises(QuantizationError, match=r"pre-quantized \(compressed-tensors\) checkpoint needs --dtype"):
         MistralDecoder.from_dir(int4_checkpoint, dtype="float16")
-    with pytest.raises(QuantizationError, match="runs on the CPU only"):
+    with pytest.raises(QuantizationError, match="runs on the CPU and CUDA only"):
         MistralDecoder.from_dir(int4_checkpoint, device="meta")
 
 

@@ -118,10 +118,19 @@ def test_serve_wants_both_tls_files(flags, capsys):
     (["--grace-period", "-5"], "argument --grace-period: must be 0 or more seconds (got -5)"),
     (["--model", "/no/such/model"], "argument --model: no such directory: '/no/such/model'"),
     (["--quantization", "int2"], "argument --quantization: invalid choice: 'int2'"),
-    (["--quantization", "int8", "--device", "cuda"], "argument --quantization: int8 runs on the CPU only so far"),
 ])
 def test_serve_rejects_bad_values_at_startup(flags, message, capsys):
     assert _usage_error(flags, capsys).startswith(f"mistral-grpc serve: error: {message}")
+
+
+def test_quantization_on_cuda_is_a_usage_error_only_without_the_cuda_kernels(monkeypatch, capsys):
+    """With the CUDA kernels built, --quantization on CUDA gets past the flags (to the missing model here)."""
+    for built in (False, True):
+        monkeypatch.setattr(serve_cli, "cuda_quantized_kernels_built", lambda: built)
+        error = _usage_error(["--quantization", "int4", "--device", "cuda", "--model", "/no/such/model"], capsys)
+        expected = ("argument --quantization: int4 on CUDA needs the extension built with its CUDA kernels "
+                    "(this build has the CPU's only)") if not built else "argument --model: no such directory"
+        assert error.startswith(f"mistral-grpc serve: error: {expected}")
 
 
 def test_serve_rejects_a_missing_or_empty_api_key_file(tmp_path, capsys):

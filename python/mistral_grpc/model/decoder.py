@@ -49,13 +49,15 @@ class _Layer:
     def __init__(self, weights: LayerWeights, quantization: str = "none") -> None:
         self.input_norm = weights.input_norm
         self.post_attention_norm = weights.post_attention_norm
-        self.qkv_proj = Linear.from_weight(weights.qkv, quantization)
-        self.o_proj = Linear.from_weight(weights.o_proj, quantization)
+        # A pre-quantized checkpoint's projections are read on the CPU: their packs go where the norms are.
+        device = weights.input_norm.device
+        self.qkv_proj = Linear.from_weight(weights.qkv, quantization, device)
+        self.o_proj = Linear.from_weight(weights.o_proj, quantization, device)
         gate, up = weights.gate_up.chunk(2)
-        self.gate_up_silu = GateUpSilu.from_weights(gate, up, quantization)
-        self.down_proj = Linear.from_weight(weights.down_proj, quantization)
-        # Packed (CPU, float32 / bfloat16): the whole layer runs as one op, ops.decoder_layer.
-        self.packed = self.qkv_proj.packed is not None
+        self.gate_up_silu = GateUpSilu.from_weights(gate, up, quantization, device)
+        self.down_proj = Linear.from_weight(weights.down_proj, quantization, device)
+        # Packed on the CPU (float32 / bfloat16): the whole layer runs as one op, ops.decoder_layer.
+        self.packed = self.qkv_proj.packed is not None and device.type == "cpu"
 
 class MistralDecoder:
     def __init__(self, config: MistralConfig, weights: MistralWeights, quantization: str = "none") -> None:
@@ -75,7 +77,8 @@ class MistralDecoder:
             self.layers.append(layer if isinstance(layer, _Layer) else _Layer(layer, quantization))
         self.norm = weights.norm
         # The LM head picks the token: int4 rounding there costs more than it saves.
-        self.lm_head = Linear.from_weight(weights.lm_head, "int8" if quantization == "int4" else quantization)
+        self.lm_head = Linear.from_weight(weights.lm_head, "int8" if quantization == "int4" else quantization,
+                                          self.device)
         weights.lm_head = None
         self.cos_sin_cache = _cos_sin_cache(config, self.dtype, self.device)
         self.scale = config.head_dim ** -0.5  # as transformers writes it, so rounding matches
@@ -85,7 +88,7 @@ class MistralDecoder:
     def from_dir(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
                  dtype: torch.dtype | str | None = None, quantization: str = "none") -> "MistralDecoder":
         """Loads a Hugging Face model directory; dtype None (or "auto") keeps config.json's torch_dtype
-        (bfloat16 for a pre-quantized float16 one: the quantized kernels run float32 or bfloat16).
+        (bfloat16 for a pre-quantized float16 one: the CPU's quantized kernels run float32 or bfloat16).
         Each layer is packed (quantized) as soon as it is read, so loading holds the packed model and
         one layer in `dtype`, never the whole model in `dtype`. A pre-quantized checkpoint (detected from
         its quantization_config) is packed as it was quantized; `quantization` must then be "none"."""

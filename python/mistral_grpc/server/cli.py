@@ -15,7 +15,7 @@ from typing import NoReturn
 from mistral_grpc.argtypes import whole_number
 from mistral_grpc.engine.args import EngineArgs, parse_bytes
 from mistral_grpc.engine.engine import LLMEngine
-from mistral_grpc.model.linear import QUANTIZATION_SCHEMES
+from mistral_grpc.model.linear import QUANTIZATION_SCHEMES, cuda_quantized_kernels_built
 from mistral_grpc.server.app import ServeOptions, StartupError, StoppedBySignal, serve
 from mistral_grpc.server.auth import read_api_key
 
@@ -100,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.tls_cert is None) != (args.tls_key is None):
         usage_error("--tls-cert and --tls-key go together")
-    if args.quantization != "none" and args.device == "cuda":
-        usage_error(f"argument --quantization: {args.quantization} runs on the CPU only so far (--device cpu)")
+    if args.quantization != "none" and args.device == "cuda" and not cuda_quantized_kernels_built():
+        usage_error(f"argument --quantization: {args.quantization} on CUDA needs the extension built with its CUDA "
+                    f"kernels (this build has the CPU's only)")
     if args.model != "demo" and not os.path.isdir(args.model):
         usage_error(f"argument --model: no such directory: {args.model!r} (or 'demo' for the demo model)")
     try:
