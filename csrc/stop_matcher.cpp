@@ -22,7 +22,7 @@ StopMatcher::StopMatcher(const std::vector<std::string>& stops) : nodes_(1) {
       int32_t next = child(node, byte);
       if (next == 0) {
         next = static_cast<int32_t>(nodes_.size());
-        nodes_.push_back(Node{{}, 0, nodes_[node].depth + 1, 0});
+        nodes_.push_back(Node{.children = {}, .fail = 0, .depth = nodes_[node].depth + 1, .match = 0});
         nodes_[node].children.emplace_back(byte, next);
       }
       node = next;

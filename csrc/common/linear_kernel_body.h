@@ -157,7 +157,7 @@ inline void for_tile_streams(const Problem& p, int64_t begin, int64_t end, Epilo
   // tile at a time (a chunk always fits).
   const bool side_by_side = G > 1 && (p.rows <= R || chunked || G * tile_bytes <= kReusedBytes);
   const int64_t per_stream = side_by_side ? (end - begin) / G : 0;
-  const StepRange all_steps{0, p.steps};
+  const StepRange all_steps{.begin = 0, .end = p.steps};
   alignas(64) float block_sums[kMaxChunkedBlocks * kBlockFloats];  // each block's sums so far
   const int64_t chunk_steps = std::max<int64_t>(2, chunk_bytes(blocks) / (G * kUnits * kStepBytes));
 
@@ -167,20 +167,20 @@ inline void for_tile_streams(const Problem& p, int64_t begin, int64_t end, Epilo
     if (!chunked) {
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t row0 = b * block_rows, rows = std::min<int64_t>(block_rows, p.rows - row0);
-        group_block<S, kUnits, Gn, false>(p, first, stride, row0, rows, sums, false, BlockPlan{b, ahead_blocks},
-                                          all_steps, row_counts);
+        group_block<S, kUnits, Gn, false>(p, first, stride, row0, rows, sums, false,
+                                          BlockPlan{.block = b, .blocks = ahead_blocks}, all_steps, row_counts);
         epilogue(ids, Gn, row0, rows, sums);
       }
       return;
     }
     for (int64_t s0 = 0; s0 < p.steps; s0 += chunk_steps) {
-      const StepRange chunk{s0, std::min(p.steps, s0 + chunk_steps)};
+      const StepRange chunk{.begin = s0, .end = std::min(p.steps, s0 + chunk_steps)};
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t row0 = b * block_rows, rows = std::min<int64_t>(block_rows, p.rows - row0);
         // Each chunk takes up the block's sums where the chunk before left them: the same chain
         // of adds as one pass over K.
         group_block<S, kUnits, Gn, true>(p, first, stride, row0, rows, block_sums + b * kBlockFloats, s0 > 0,
-                                         BlockPlan{b, ahead_blocks}, chunk, row_counts);
+                                         BlockPlan{.block = b, .blocks = ahead_blocks}, chunk, row_counts);
       }
     }
     for (int64_t b = 0; b < blocks; ++b) {
@@ -250,5 +250,5 @@ float read_lines(const uint8_t* data, int64_t lines) {
 
 template <class S>
 constexpr KernelSet kernel_set() {
-  return KernelSet{&linear_tiles<S>, &silu_mul_tiles<S>, &read_lines<S>};
+  return KernelSet{.linear = &linear_tiles<S>, .silu_mul = &silu_mul_tiles<S>, .read_lines = &read_lines<S>};
 }

@@ -60,6 +60,13 @@ struct KernelSet {
   ReadLinesFn read_lines;
 };
 
+// The set of the level linear_cpu_isa has in use, for a weight dtype (cpu/linear.cpp).
+const KernelSet& kernels_for(WeightDtype dtype);
+
+// A thread's share of a call should stream at least this much, or waking the second thread costs
+// more than it saves (tiny matrices, tests).
+constexpr int64_t kMinBytesPerThread = 128 * 1024;
+
 extern const KernelSet kPortableFp32;
 extern const KernelSet kPortableBf16;
 #if MG_LINEAR_X86_KERNELS

@@ -29,7 +29,7 @@ MG_HOST_DEVICE PhiloxBlock philox4x32_10(PhiloxBlock counter, uint32_t key0, uin
     uint32_t hi0, lo0, hi1, lo1;
     philox_mulhilo(kMul0, counter.word[0], hi0, lo0);
     philox_mulhilo(kMul1, counter.word[2], hi1, lo1);
-    counter = PhiloxBlock{{hi1 ^ counter.word[1] ^ key0, lo1, hi0 ^ counter.word[3] ^ key1, lo0}};
+    counter = PhiloxBlock{.word = {hi1 ^ counter.word[1] ^ key0, lo1, hi0 ^ counter.word[3] ^ key1, lo0}};
     key0 += kWeyl0;
     key1 += kWeyl1;
   }
@@ -39,7 +39,7 @@ MG_HOST_DEVICE PhiloxBlock philox4x32_10(PhiloxBlock counter, uint32_t key0, uin
 // The sampler's one uniform draw for a row: key = seed, counter = (offset, 0); the first output
 // word's top 24 bits give a float in [0, 1) with every value exactly representable.
 MG_HOST_DEVICE float philox_uniform(uint64_t seed, uint64_t offset) {
-  const PhiloxBlock counter{{static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), 0u, 0u}};
+  const PhiloxBlock counter{.word = {static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32), 0u, 0u}};
   const PhiloxBlock out = philox4x32_10(counter, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   return static_cast<float>(out.word[0] >> 8) * (1.0f / 16777216.0f);
 }

@@ -73,6 +73,11 @@ struct Geometry {
 // group_size 0 picks the scheme's own: int8 one group per row, int4 kDefaultInt4Group.
 constexpr int64_t kDefaultInt4Group = 32;
 
+// The group size geometry() takes for a quantize or pack call's (checked) group_size: int8 ignores it.
+constexpr int64_t group_size_for(int bits, int64_t group_size) {
+  return bits == 8 ? 0 : (group_size == 0 ? kDefaultInt4Group : group_size);
+}
+
 C10_HOST_DEVICE constexpr Geometry geometry(int bits, int64_t k, int64_t group_size, int64_t units) {
   if (bits == 8) {
     const int64_t padded = round_up(k, kActBlock);

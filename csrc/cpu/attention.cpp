@@ -386,50 +386,109 @@ struct AmxScratch {
   }
 };
 
-template <typename T>
-MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s, float* partials) {
-  const int64_t group = p.group, head_dim = p.head_dim, padded_dim = p.padded_dim, heads = task.num_kv_heads;
-  const int64_t rows = task.rows(group), padded_rows = cpu::round_up_to_lanes(rows);
-  const bool outer_product = task.prefill;
-  const bool amx = outer_product && p.amx_prefill;
-  // Staging pays off when many rows reuse each K/V row, or when rows need zero padding.
-  const bool stage = outer_product ? !std::is_same_v<T, float> || head_dim != padded_dim : head_dim % kLanes != 0;
-  const int64_t seq_len = p.seq_lens[task.seq];
-  const int64_t q_start = p.query_start_loc[task.seq], q_len = p.query_start_loc[task.seq + 1] - q_start;
-  const int64_t first_pos = query_position(seq_len, q_len, task.first_query);
-  const int64_t last_pos = first_pos + task.num_queries - 1;
+// Offset of row r's head_dim values in a [tokens, heads, head_dim] tensor whose tokens lie
+// token_stride apart (q or out): its query's token, its query head.
+MG_ALWAYS_INLINE int64_t row_offset(const Task& task, int64_t q_start, int64_t r, int64_t group, int64_t token_stride,
+                                    int64_t head_dim) {
+  return (q_start + task.row_query(r, group)) * token_stride + task.row_head(r, group) * head_dim;
+}
 
-  const auto q_row = [&](int64_t r) {
-    return p.q + (q_start + task.row_query(r, group)) * p.q_token_stride + task.row_head(r, group) * head_dim;
-  };
-  AmxScratch* amx_scratch = nullptr;
+template <typename T>
+MG_ALWAYS_INLINE const T* query_row(const Problem<T>& p, const Task& task, int64_t q_start, int64_t r) {
+  return p.q + row_offset(task, q_start, r, p.group, p.q_token_stride, p.head_dim);
+}
+
+template <typename T>
+MG_ALWAYS_INLINE T* output_row(const Problem<T>& p, const Task& task, int64_t q_start, int64_t r) {
+  return p.out + row_offset(task, q_start, r, p.group, p.out_token_stride, p.head_dim);
+}
+
+// The AMX path's queries: Q^T of the task's rows packed as B tiles (bf16 caches only; the AMX path
+// never runs for other types, which get no scratch).
+template <typename T>
+MG_ALWAYS_INLINE AmxScratch* pack_amx_queries(const Problem<T>& p, const Task& task, int64_t q_start) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (amx) {
-      amx_scratch = &AmxScratch::of_this_thread(rows, head_dim);
-      for (int64_t r = 0; r < rows; ++r) amx_scratch->q_rows[r] = q_row(r);
-      attention_amx::pack_queries(amx_scratch->q_rows.data(), rows, head_dim, amx_scratch->packed_q.data());
-    }
+    const int64_t rows = task.rows(p.group);
+    AmxScratch& amx_scratch = AmxScratch::of_this_thread(rows, p.head_dim);
+    for (int64_t r = 0; r < rows; ++r) amx_scratch.q_rows[r] = query_row(p, task, q_start, r);
+    attention_amx::pack_queries(amx_scratch.q_rows.data(), rows, p.head_dim, amx_scratch.packed_q.data());
+    return &amx_scratch;
   }
-  if (!amx) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* src = q_row(r);
-      float* dst = &s.queries[r * padded_dim];
-      cpu::for_each_lane_step(head_dim, [&](int64_t d, int64_t n) MG_ALWAYS_INLINE_LAMBDA {
-        cpu::store(dst + d, cpu::load_n(src + d, n) * p.scale_log2);
-      });
-    }
+  return nullptr;
+}
+
+// The vector paths' queries: each row widened into s.queries, pre-scaled by scale * log2(e).
+template <typename T>
+MG_ALWAYS_INLINE void scale_queries(const Problem<T>& p, const Task& task, int64_t q_start, Scratch& s) {
+  const int64_t head_dim = p.head_dim, padded_dim = p.padded_dim, rows = task.rows(p.group);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* src = query_row(p, task, q_start, r);
+    float* dst = &s.queries[r * padded_dim];
+    cpu::for_each_lane_step(head_dim, [&](int64_t d, int64_t n) MG_ALWAYS_INLINE_LAMBDA {
+      cpu::store(dst + d, cpu::load_n(src + d, n) * p.scale_log2);
+    });
   }
-  if (outer_product && !amx) {
-    std::fill(s.queries_t, s.queries_t + padded_dim * padded_rows, 0.f);
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t d = 0; d < head_dim; ++d) s.queries_t[d * padded_rows + r] = s.queries[r * padded_dim + d];
-    }
+}
+
+// Q^T for the outer-product scores: s.queries transposed into s.queries_t, zero past `rows`.
+MG_ALWAYS_INLINE void transpose_queries(Scratch& s, int64_t rows, int64_t head_dim, int64_t padded_dim) {
+  const int64_t padded_rows = cpu::round_up_to_lanes(rows);
+  std::fill(s.queries_t, s.queries_t + padded_dim * padded_rows, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < head_dim; ++d) s.queries_t[d * padded_rows + r] = s.queries[r * padded_dim + d];
   }
+}
+
+// The online softmax's start: acc and scores zero, every row's running max -inf and sum 0.
+MG_ALWAYS_INLINE void reset_rows(Scratch& s, int64_t padded_rows, int64_t padded_dim) {
   std::fill(s.acc, s.acc + padded_rows * padded_dim, 0.f);  // AMX's P V runs whole 16-row blocks
   std::fill(s.scores, s.scores + kKeyTile * padded_rows, 0.f);  // rows past `rows` stay 0
   std::fill(s.row_max, s.row_max + padded_rows, -INFINITY);
   std::fill(s.row_sum, s.row_sum + padded_rows, 0.f);
+}
 
+// The prefetches of the tile after [k0, k0 + kt), spread over the `passes` passes the current tile
+// makes over its keys; none after the task's last tile. The next tile's rows go in next_keys and
+// next_values, which the prefetch reads from.
+template <typename T>
+MG_ALWAYS_INLINE NextTilePrefetch<T> next_tile_prefetch(const Problem<T>& p, const Task& task, int64_t k0, int64_t kt,
+                                                        int64_t passes, int64_t lines_per_row, TileRows<T>& next_keys,
+                                                        TileRows<T>& next_values) {
+  NextTilePrefetch<T> next_tile;
+  if (k0 + kKeyTile < task.key_end) {
+    const int64_t next_kt = std::min(kKeyTile, task.key_end - k0 - kKeyTile);
+    locate_rows(p, task, k0 + kKeyTile, next_kt, next_keys.rows, next_values.rows);
+    const int64_t steps = passes * kt + 1;
+    next_tile = {.keys = next_keys.rows, .values = next_values.rows, .rows = next_kt,
+                 .lines_per_row = lines_per_row,
+                 .per_key = (2 * next_kt * lines_per_row + steps - 1) / steps};
+  }
+  return next_tile;
+}
+
+// One tile's scores, mask, softmax update and P V on the tile unit: K and V go to it as they are.
+MG_ALWAYS_INLINE void fold_tile_amx(const Problem<c10::BFloat16>& p, const Task& task, Scratch& s,
+                                    AmxScratch& amx_scratch, const TileRows<c10::BFloat16>& key_rows,
+                                    const TileRows<c10::BFloat16>& value_rows, int64_t k0, int64_t kt,
+                                    int64_t first_pos, bool masked, int64_t padded_rows) {
+  attention_amx::score_tile(amx_scratch.packed_q.data(), padded_rows, p.head_dim, key_rows.rows, kt, p.scale_log2,
+                            s.scores, amx_scratch.key_staging.data());
+  if (masked) mask_tile(p, task, s, k0, kt, first_pos);
+  softmax_tile(s, kt, padded_rows);
+  attention_amx::accumulate_tile(s.scores, s.rescale, padded_rows, value_rows.rows, kt, p.head_dim, s.acc,
+                                 amx_scratch.pv_staging.data());
+}
+
+// Folds the task's keys into its rows' softmax state and acc, a tile of kKeyTile keys at a time: on
+// the tile unit when amx_scratch is given (pack_amx_queries), else on the vector paths.
+template <typename T>
+MG_ALWAYS_INLINE void fold_keys(const Problem<T>& p, const Task& task, Scratch& s, AmxScratch* amx_scratch,
+                                int64_t first_pos) {
+  const int64_t group = p.group, head_dim = p.head_dim, padded_dim = p.padded_dim, heads = task.num_kv_heads;
+  const int64_t padded_rows = cpu::round_up_to_lanes(task.rows(group));
+  // Staging pays off when many rows reuse each K/V row, or when rows need zero padding.
+  const bool stage = task.prefill ? !std::is_same_v<T, float> || head_dim != padded_dim : head_dim % kLanes != 0;
+  const int64_t last_pos = first_pos + task.num_queries - 1;
   // Tiles wholly inside every row's visible range skip the mask.
   const int64_t unmasked_begin = first_visible_key(last_pos, p.sliding_window), unmasked_end = first_pos + 1;
   const int64_t lines_per_row = (heads * head_dim * static_cast<int64_t>(sizeof(T)) + kCacheLine - 1) / kCacheLine;
@@ -443,24 +502,11 @@ MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s
   for (int64_t k0 = task.key_begin; k0 < task.key_end; k0 += kKeyTile) {
     const int64_t kt = std::min(kKeyTile, task.key_end - k0);
     locate_rows(p, task, k0, kt, key_rows.rows, value_rows.rows);
-    NextTilePrefetch<T> next_tile;
-    if (k0 + kKeyTile < task.key_end) {
-      const int64_t next_kt = std::min(kKeyTile, task.key_end - k0 - kKeyTile);
-      locate_rows(p, task, k0 + kKeyTile, next_kt, next_keys.rows, next_values.rows);
-      const int64_t steps = passes * kt + 1;
-      next_tile = {.keys = next_keys.rows, .values = next_values.rows, .rows = next_kt,
-                   .lines_per_row = lines_per_row,
-                   .per_key = (2 * next_kt * lines_per_row + steps - 1) / steps};
-    }
+    NextTilePrefetch<T> next_tile = next_tile_prefetch(p, task, k0, kt, passes, lines_per_row, next_keys, next_values);
     const bool masked = k0 < unmasked_begin || k0 + kt > unmasked_end;
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      if (amx) {  // K and V go to the tile unit as they are
-        attention_amx::score_tile(amx_scratch->packed_q.data(), padded_rows, head_dim, key_rows.rows, kt,
-                                  p.scale_log2, s.scores, amx_scratch->key_staging.data());
-        if (masked) mask_tile(p, task, s, k0, kt, first_pos);
-        softmax_tile(s, kt, padded_rows);
-        attention_amx::accumulate_tile(s.scores, s.rescale, padded_rows, value_rows.rows, kt, head_dim, s.acc,
-                                       amx_scratch->pv_staging.data());
+      if (amx_scratch != nullptr) {
+        fold_tile_amx(p, task, s, *amx_scratch, key_rows, value_rows, k0, kt, first_pos, masked, padded_rows);
         next_tile.rest();
         continue;
       }
@@ -475,21 +521,48 @@ MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s
     }
     next_tile.rest();  // any the rounding left
   }
+}
 
-  if (task.partial >= 0) {
-    float* slot = partials + task.partial;
-    std::copy(s.acc, s.acc + rows * padded_dim, slot);
-    std::copy(s.row_max, s.row_max + rows, slot + rows * padded_dim);
-    std::copy(s.row_sum, s.row_sum + rows, slot + rows * padded_dim + rows);
-    return;
-  }
+// A split task's state into its slot of the partials: acc, then the row maxima, then the row sums.
+MG_ALWAYS_INLINE void save_partial(const Scratch& s, int64_t rows, int64_t padded_dim, float* slot) {
+  std::copy(s.acc, s.acc + rows * padded_dim, slot);
+  std::copy(s.row_max, s.row_max + rows, slot + rows * padded_dim);
+  std::copy(s.row_sum, s.row_sum + rows, slot + rows * padded_dim + rows);
+}
+
+// The task's output rows: acc over each row's sum, in out's dtype.
+template <typename T>
+MG_ALWAYS_INLINE void write_rows(const Problem<T>& p, const Task& task, const Scratch& s, int64_t q_start) {
+  const int64_t rows = task.rows(p.group);
   for (int64_t r = 0; r < rows; ++r) {
-    T* dst = p.out + (q_start + task.row_query(r, group)) * p.out_token_stride + task.row_head(r, group) * head_dim;
+    T* dst = output_row(p, task, q_start, r);
     const float inv_sum = s.row_sum[r] > 0.f ? 1.f / s.row_sum[r] : 0.f;
-    const float* src = &s.acc[r * padded_dim];
-    cpu::for_each_lane_step(head_dim, [&](int64_t d, int64_t n) MG_ALWAYS_INLINE_LAMBDA {
+    const float* src = &s.acc[r * p.padded_dim];
+    cpu::for_each_lane_step(p.head_dim, [&](int64_t d, int64_t n) MG_ALWAYS_INLINE_LAMBDA {
       cpu::store_n(dst + d, cpu::load(src + d) * inv_sum, n);
     });
+  }
+}
+
+template <typename T>
+MG_ALWAYS_INLINE void run_task(const Problem<T>& p, const Task& task, Scratch& s, float* partials) {
+  const int64_t rows = task.rows(p.group);
+  const bool amx = task.prefill && p.amx_prefill;
+  const int64_t seq_len = p.seq_lens[task.seq];
+  const int64_t q_start = p.query_start_loc[task.seq], q_len = p.query_start_loc[task.seq + 1] - q_start;
+  const int64_t first_pos = query_position(seq_len, q_len, task.first_query);
+
+  AmxScratch* amx_scratch = amx ? pack_amx_queries(p, task, q_start) : nullptr;
+  if (!amx) {
+    scale_queries(p, task, q_start, s);
+    if (task.prefill) transpose_queries(s, rows, p.head_dim, p.padded_dim);
+  }
+  reset_rows(s, cpu::round_up_to_lanes(rows), p.padded_dim);
+  fold_keys(p, task, s, amx_scratch, first_pos);
+  if (task.partial >= 0) {
+    save_partial(s, rows, p.padded_dim, partials + task.partial);
+  } else {
+    write_rows(p, task, s, q_start);
   }
 }
 
@@ -518,7 +591,7 @@ MG_ALWAYS_INLINE void merge_splits(const Problem<T>& p, const SplitGroup& split,
         cpu::store(merged + d, cpu::load(merged + d) * weight_merged + part * weight_split);
       }
     }
-    T* dst = p.out + (q_start + task.row_query(r, group)) * p.out_token_stride + task.row_head(r, group) * p.head_dim;
+    T* dst = output_row(p, task, q_start, r);
     const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
     cpu::for_each_lane_step(p.head_dim, [&](int64_t d, int64_t n) MG_ALWAYS_INLINE_LAMBDA {
       cpu::store_n(dst + d, cpu::load(merged + d) * inv_sum, n);
@@ -561,7 +634,7 @@ void add_decode_task(Plan& plan, const Task& whole, int64_t group, int64_t padde
     plan.tasks.back().cost = rows * keys;
     return;
   }
-  SplitGroup group_of_splits{whole, splits, slot_floats(rows, padded_dim)};
+  SplitGroup group_of_splits{.whole = whole, .num_splits = splits, .slot_floats = slot_floats(rows, padded_dim)};
   group_of_splits.whole.partial = plan.partial_floats;
   for (int64_t i = 0; i < splits; ++i) {
     Task part = whole;
@@ -607,7 +680,16 @@ Plan plan_tasks(const int32_t* seq_lens, const int32_t* query_start_loc, int64_t
         const int64_t first_pos = query_position(seq_lens[b], q_len, i0);
         const int64_t key_begin = first_visible_key(first_pos, sliding_window), key_end = first_pos + n;
         for (int64_t h = 0; h < num_kv_heads; ++h) {
-          plan.tasks.push_back({b, h, 1, i0, n, key_begin, key_end, -1, n * group * (key_end - key_begin), true});
+          plan.tasks.push_back({.seq = b,
+                                .kv_head_begin = h,
+                                .num_kv_heads = 1,
+                                .first_query = i0,
+                                .num_queries = n,
+                                .key_begin = key_begin,
+                                .key_end = key_end,
+                                .partial = -1,
+                                .cost = n * group * (key_end - key_begin),
+                                .prefill = true});
         }
         plan.max_rows = std::max(plan.max_rows, n * group);
       }
@@ -617,8 +699,16 @@ Plan plan_tasks(const int32_t* seq_lens, const int32_t* query_start_loc, int64_t
     const int64_t first_pos = query_position(seq_lens[b], q_len, 0);
     for (int64_t hs = 0; hs < head_splits; ++hs) {
       const int64_t head_begin = num_kv_heads * hs / head_splits, head_end = num_kv_heads * (hs + 1) / head_splits;
-      const Task whole{b, head_begin, head_end - head_begin, 0, q_len, first_visible_key(first_pos, sliding_window),
-                       seq_lens[b], -1, 0, false};
+      const Task whole{.seq = b,
+                       .kv_head_begin = head_begin,
+                       .num_kv_heads = head_end - head_begin,
+                       .first_query = 0,
+                       .num_queries = q_len,
+                       .key_begin = first_visible_key(first_pos, sliding_window),
+                       .key_end = seq_lens[b],
+                       .partial = -1,
+                       .cost = 0,
+                       .prefill = false};
       add_decode_task(plan, whole, group, padded_dim);
     }
   }
@@ -644,25 +734,26 @@ void paged_attention_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor&
   if (plan.tasks.empty()) return;
   std::vector<float> partials(plan.partial_floats);
   MG_DISPATCH_FLOAT_TYPES(q.scalar_type(), "paged_attention_cpu", [&] {
-    const Problem<scalar_t> problem{out.mutable_data_ptr<scalar_t>(),
-                                    q.const_data_ptr<scalar_t>(),
-                                    k_cache.const_data_ptr<scalar_t>(),
-                                    v_cache.const_data_ptr<scalar_t>(),
-                                    block_tables.const_data_ptr<int32_t>(),
-                                    seq_lens.const_data_ptr<int32_t>(),
-                                    query_start_loc.const_data_ptr<int32_t>(),
-                                    out.stride(0),
-                                    q.stride(0),
-                                    num_kv_heads,
-                                    group,
-                                    head_dim,
-                                    padded_dim,
-                                    block_size,
-                                    block_tables.size(1),
-                                    static_cast<float>(scale) * kLog2e,
-                                    sliding_window,
-                                    std::is_same_v<scalar_t, c10::BFloat16> && head_dim % attention_amx::kDimBlock == 0 &&
-                                        attention_amx::usable()};
+    const Problem<scalar_t> problem{
+        .out = out.mutable_data_ptr<scalar_t>(),
+        .q = q.const_data_ptr<scalar_t>(),
+        .k_cache = k_cache.const_data_ptr<scalar_t>(),
+        .v_cache = v_cache.const_data_ptr<scalar_t>(),
+        .block_tables = block_tables.const_data_ptr<int32_t>(),
+        .seq_lens = seq_lens.const_data_ptr<int32_t>(),
+        .query_start_loc = query_start_loc.const_data_ptr<int32_t>(),
+        .out_token_stride = out.stride(0),
+        .q_token_stride = q.stride(0),
+        .num_kv_heads = num_kv_heads,
+        .group = group,
+        .head_dim = head_dim,
+        .padded_dim = padded_dim,
+        .block_size = block_size,
+        .max_blocks = block_tables.size(1),
+        .scale_log2 = static_cast<float>(scale) * kLog2e,
+        .sliding_window = sliding_window,
+        .amx_prefill = std::is_same_v<scalar_t, c10::BFloat16> && head_dim % attention_amx::kDimBlock == 0 &&
+                       attention_amx::usable()};
     std::atomic<int64_t> next{0};
     const int64_t workers = std::min<int64_t>(threads, static_cast<int64_t>(plan.tasks.size()));
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { run_tasks(problem, plan, next, partials.data()); });

@@ -12,13 +12,13 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <chrono>
 #include <string>
 #include <vector>
 
 #include "common/linear_kernels.h"
 #include "cpu/linear_quant.h"
 #include "cpu/ops_cpu.h"
+#include "ops.h"
 
 namespace mistral_grpc {
 
@@ -59,7 +59,9 @@ std::atomic<Isa>& active_isa() {
   return active;
 }
 
-const KernelSet& kernels_for(WeightDtype dtype) {
+}  // namespace
+
+const KernelSet& linear::kernels_for(WeightDtype dtype) {
   const bool fp32 = dtype == WeightDtype::kFloat32;
   switch (active_isa().load(std::memory_order_relaxed)) {
 #if MG_LINEAR_X86_KERNELS
@@ -75,6 +77,8 @@ const KernelSet& kernels_for(WeightDtype dtype) {
       return fp32 ? kPortableFp32 : kPortableBf16;
   }
 }
+
+namespace {
 
 // The quantized kernels for the level in use: int8 dot products need AVX-512 VNNI (found beside
 // AVX512_BF16) or AVX2's vpmaddubsw; the "avx512" level (AVX-512F only) runs the AVX2 set.
@@ -113,16 +117,8 @@ std::string linear_cpu_isa(std::string_view isa) {
 
 // ---- packing ---------------------------------------------------------------------------------
 
-at::ScalarType scalar_type(WeightDtype dtype) {
-  return dtype == WeightDtype::kFloat32 ? at::kFloat : at::kBFloat16;
-}
-
-WeightDtype check_weight(const at::Tensor& w, const char* op, const char* name) {
-  TORCH_CHECK(w.device().is_cpu(), op, ": ", name, " must be on the CPU (CUDA uses the weight as is)");
-  TORCH_CHECK(w.dim() == 2 && w.size(0) > 0 && w.size(1) > 0, op, ": ", name,
-              " must be a non-empty [N, K] matrix, got shape ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, op, ": ", name,
-              " must be float32 or bfloat16, got ", w.scalar_type());
+// The WeightDtype of a (checked) float32 or bfloat16 weight.
+WeightDtype weight_dtype(const at::Tensor& w) {
   return w.scalar_type() == at::kFloat ? WeightDtype::kFloat32 : WeightDtype::kBFloat16;
 }
 
@@ -185,7 +181,8 @@ at::Tensor new_packed(WeightDtype dtype, PackKind kind, int64_t n, int64_t k) {
 }
 
 at::Tensor pack_linear_weight(const at::Tensor& weight) {
-  const WeightDtype dtype = check_weight(weight, "pack_linear_weight", "weight");
+  check_pack_linear_weight_args(weight);
+  const WeightDtype dtype = weight_dtype(weight);
   const at::Tensor w = weight.contiguous();
   at::Tensor packed = new_packed(dtype, PackKind::kLinear, w.size(0), w.size(1));
   copy_matrix<true>(packed.data_ptr<uint8_t>() + kHeaderBytes, w, 1, 0);
@@ -193,11 +190,8 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
 }
 
 at::Tensor pack_gate_up_weight(const at::Tensor& gate, const at::Tensor& up) {
-  const WeightDtype dtype = check_weight(gate, "pack_gate_up_weight", "gate");
-  check_weight(up, "pack_gate_up_weight", "up");
-  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(),
-              "pack_gate_up_weight: gate and up must have one shape and dtype, got ", gate.sizes(), " ",
-              gate.scalar_type(), " and ", up.sizes(), " ", up.scalar_type());
+  check_pack_gate_up_weight_args(gate, up);
+  const WeightDtype dtype = weight_dtype(gate);
   const at::Tensor g = gate.contiguous(), u = up.contiguous();
   at::Tensor packed = new_packed(dtype, PackKind::kGateUp, g.size(0), g.size(1));
   copy_matrix<true>(packed.data_ptr<uint8_t>() + kHeaderBytes, g, 2, 0);
@@ -205,33 +199,12 @@ at::Tensor pack_gate_up_weight(const at::Tensor& gate, const at::Tensor& up) {
   return packed;
 }
 
-PackedHeader read_header(const at::Tensor& packed, const char* op) {
-  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 1 &&
-                  packed.is_contiguous() && packed.numel() >= kHeaderBytes,
-              op, ": expected a packed weight (a 1-D uint8 CPU tensor from pack_linear_weight or "
-              "pack_gate_up_weight), got a ", packed.scalar_type(), " tensor of shape ", packed.sizes(), " on ",
-              packed.device());
-  PackedHeader header;
-  std::memcpy(&header, packed.data_ptr<uint8_t>(), sizeof header);
-  const bool dense = header.dtype == WeightDtype::kFloat32 || header.dtype == WeightDtype::kBFloat16;
-  const bool known = header.magic == kPackedMagic && (dense || is_quantized(header.dtype)) &&
-                     (header.kind == PackKind::kLinear || header.kind == PackKind::kGateUp) && header.n > 0 &&
-                     header.k > 0 && (dense ? header.activation == header.dtype : quant_header_valid(header));
-  const int64_t bytes = !known ? -1
-                        : dense ? packed_bytes(header.dtype, header.kind, header.n, header.k)
-                                : quant_packed_bytes(header);
-  TORCH_CHECK(known && packed.numel() == bytes, op,
-              ": the packed weight is corrupt or was not made by pack_linear_weight / pack_gate_up_weight / "
-              "quantize_linear_weight / quantize_gate_up_weight");
-  return header;
-}
-
 at::Tensor unpack_linear_weight(const at::Tensor& packed) {
-  const PackedHeader header = read_header(packed, "unpack_linear_weight");
+  const PackedHeader header = check_packed_weight("unpack_linear_weight", packed);
   if (is_quantized(header.dtype)) return dequantize_packed(header, packed);
   const bool gate_up = header.kind == PackKind::kGateUp;
   at::Tensor weight = at::empty({header.n * (gate_up ? 2 : 1), header.k},
-                                at::TensorOptions().dtype(scalar_type(header.dtype)));
+                                at::TensorOptions().dtype(torch_dtype(header.dtype)));
   uint8_t* tiles = packed.data_ptr<uint8_t>() + kHeaderBytes;
   if (gate_up) {
     copy_matrix<false>(tiles, weight.narrow(0, 0, header.n), 2, 0);
@@ -243,10 +216,6 @@ at::Tensor unpack_linear_weight(const at::Tensor& packed) {
 }
 
 // ---- the ops ---------------------------------------------------------------------------------
-
-// A thread's share should stream at least this much, or waking the second thread costs more
-// than it saves (tiny matrices, tests).
-constexpr int64_t kMinBytesPerThread = 128 * 1024;
 
 #if MG_LINEAR_X86_KERNELS
 // Up to 6 rows the vector kernel streams the weights in one block of rows, as fast as AMX; from
@@ -311,23 +280,9 @@ void run_kernels(Kernels choice, const PackedHeader& header, at::Tensor out, con
 // on its values and its side only, never on what else is in the batch.
 void run_tiles(const char* op, at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, PackKind kind,
                int64_t prompt_rows) {
-  const PackedHeader header = read_header(packed, op);
-  TORCH_CHECK(header.kind == kind, op, ": got a ",
-              header.kind == PackKind::kGateUp ? "gate_up weight (from pack_gate_up_weight); use linear_silu_mul"
-                                               : "plain weight (from pack_linear_weight); use linear");
-  const at::ScalarType dtype = scalar_type(header.activation);
-  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu(), op, ": x and out must be on the CPU");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == header.k && x.stride(1) == 1, op, ": x must be [T, ", header.k,
-              "] with unit stride along K, got shape ", x.sizes(), " strides ", x.strides());
-  TORCH_CHECK(x.scalar_type() == dtype, op, ": x must be ", dtype, " like the weight, got ", x.scalar_type());
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == header.n && out.stride(1) == 1 &&
-                  out.scalar_type() == dtype,
-              op, ": out must be [", x.size(0), ", ", header.n, "] ", dtype,
-              " with unit stride along N, got shape ", out.sizes(), " ", out.scalar_type(), " strides ",
-              out.strides());
+  const PackedHeader header = check_packed_weight(op, packed);
+  check_linear_args(op, out, x, header, kind, prompt_rows);
   const int64_t rows = x.size(0);
-  TORCH_CHECK(prompt_rows >= -1 && prompt_rows <= rows, op, ": prompt_rows must be -1 or in [0, ", rows, "], got ",
-              prompt_rows);
   if (is_quantized(header.dtype)) {
     // One kernel family whatever the rows: each row's result is already independent of the batch.
     run_quant(quant_kernels(), header, out, x, packed);
@@ -431,29 +386,6 @@ void run_kernels(Kernels choice, const PackedHeader& header, at::Tensor out, con
   run_vector(problem, header, kind);
 }
 
-// Best GB/s over `repeats` timed reads of the whole buffer, split across the intra-op threads as
-// the linear ops split a weight, through the same load loop (fp32 kernel set).
-double read_bandwidth_cpu(const at::Tensor& buffer, int64_t repeats) {
-  TORCH_CHECK(buffer.device().is_cpu() && buffer.is_contiguous(), "read_bandwidth: buffer must be a contiguous CPU tensor");
-  TORCH_CHECK(repeats >= 1, "read_bandwidth: repeats must be >= 1, got ", repeats);
-  const int64_t lines = buffer.nbytes() / kStepBytes;
-  TORCH_CHECK(lines > 0, "read_bandwidth: buffer must hold at least ", kStepBytes, " bytes");
-  const auto* data = static_cast<const uint8_t*>(buffer.const_data_ptr());
-  const ReadLinesFn read = kernels_for(WeightDtype::kFloat32).read_lines;
-  const int64_t grain = kMinBytesPerThread / kStepBytes;
-  std::atomic<float> sink{0.f};
-  double best_seconds = 0.;
-  for (int64_t r = 0; r < repeats; ++r) {
-    const auto start = std::chrono::steady_clock::now();
-    at::parallel_for(0, lines, grain, [&](int64_t begin, int64_t end) {
-      sink.store(read(data + begin * kStepBytes, end - begin), std::memory_order_relaxed);
-    });
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    best_seconds = r == 0 ? seconds : std::min(best_seconds, seconds);
-  }
-  return static_cast<double>(lines * kStepBytes) / best_seconds / 1e9;
-}
-
 }  // namespace
 
 bool cpu_amx_selected() { return active_isa().load(std::memory_order_relaxed) == Isa::kAmx; }
@@ -467,18 +399,12 @@ void linear_silu_mul_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor&
   run_tiles("linear_silu_mul", out, x, packed_gate_up, PackKind::kGateUp, prompt_rows);
 }
 
-PackedWeightShape packed_weight_shape(const at::Tensor& packed, const char* op) {
-  const PackedHeader header = read_header(packed, op);
-  return {header.kind == PackKind::kGateUp, header.n, header.k, scalar_type(header.activation)};
-}
-
 TORCH_LIBRARY_IMPL(mistral_grpc, CPU, m) {
   m.impl("pack_linear_weight", &pack_linear_weight);
   m.impl("pack_gate_up_weight", &pack_gate_up_weight);
   m.impl("unpack_linear_weight", &unpack_linear_weight);
   m.impl("linear", &linear_cpu);
   m.impl("linear_silu_mul", &linear_silu_mul_cpu);
-  m.impl("read_bandwidth", &read_bandwidth_cpu);
 }
 
 // No tensor arguments, so no backend to dispatch on.

@@ -67,14 +67,14 @@ MG_ALWAYS_INLINE void zero_accumulator_tiles() {
   _tile_zero(3);
 }
 
-// Hands a kernel's sums ([output set][row][16]) to the epilogue of its op.
-template <int kUnits>
+// Hands a kernel's sums ([output set][row][16]) to the epilogue of its op, for x and out of type T.
+template <typename T, int kUnits>
 MG_ALWAYS_INLINE void store_sums(const Problem& p, const int64_t* ids, int tiles, int64_t row0, int64_t rows,
                                  const float* sums) {
   if constexpr (kUnits == 2) {
-    store_silu_mul<c10::BFloat16>(p, ids, tiles, row0, rows, sums);
+    store_silu_mul<T>(p, ids, tiles, row0, rows, sums);
   } else {
-    store_linear<c10::BFloat16>(p, ids, tiles, row0, rows, sums);
+    store_linear<T>(p, ids, tiles, row0, rows, sums);
   }
 }
 
@@ -111,7 +111,7 @@ void amx_tiles(const Problem& p, int64_t begin, int64_t end) {
       _tile_stored(2, sums + 16 * kTileRows, 64);
       _tile_stored(1, sums + rows * kTileRows, 64);
       if (rows > 16) _tile_stored(3, sums + (rows + 16) * kTileRows, 64);
-      store_sums<kUnits>(p, ids, tiles, row0, rows, sums);  // a gate_up item is one tile
+      store_sums<c10::BFloat16, kUnits>(p, ids, tiles, row0, rows, sums);  // a gate_up item is one tile
     }
   }
 }
@@ -166,7 +166,7 @@ void amx_tiles_16(const Problem& p, int64_t begin, int64_t end) {
     _tile_stored(2, sums + 2 * rows * kTileRows, 64);
     _tile_stored(3, sums + 3 * rows * kTileRows, 64);
     const int64_t ids[4] = {t, t + 1, t + 2, t + 3};
-    store_sums<kUnits>(p, ids, tiles, 0, rows, sums);
+    store_sums<c10::BFloat16, kUnits>(p, ids, tiles, 0, rows, sums);
   }
 }
 
@@ -265,6 +265,108 @@ MG_ALWAYS_INLINE void prefetch_l1(const uint8_t* p, int64_t bytes) {
 // (more pushes the parts out of L2).
 constexpr int64_t kFp32CarryBytes = 512 << 10;
 
+constexpr int64_t kSplitBytes = 3 * 1024;                             // a set's three B tiles for 32 K
+constexpr int64_t kPartBytes = kTileRows * kAmxFp32ChunkBlocks * 64;  // a part of 16 rows over a chunk
+constexpr int64_t kATilesBytes = 3 * 1024;                            // a row block's three A tiles for 32 K
+
+// An item's weights for K blocks [kb0, kb1), split into `split`: per block, the first output set's
+// three B tiles, then the second's.
+MG_ALWAYS_INLINE void split_item_weights(const uint8_t* b0, const uint8_t* b1, int64_t kb0, int64_t kb1,
+                                         int64_t block_bytes, int64_t line_stride, uint8_t* split) {
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    split_weights(b0 + kb * block_bytes, line_stride, split + 2 * (kb - kb0) * kSplitBytes);
+    split_weights(b1 + kb * block_bytes, line_stride, split + (2 * (kb - kb0) + 1) * kSplitBytes);
+  }
+}
+
+// The (item, chunk) after `item` at chunk [kb0, kb1) in amx_fp32_tiles' loops: the group's next
+// item, else the group's first item at the next chunk, else past the group (g1) at the first chunk.
+MG_ALWAYS_INLINE std::pair<int64_t, int64_t> next_item_chunk(int64_t item, int64_t g0, int64_t g1, int64_t kb0,
+                                                             int64_t kb1, int64_t kb_begin, int64_t kb_end) {
+  int64_t next_item = item + 1, next_kb = kb0;
+  if (next_item == g1) {
+    next_item = kb1 == kb_end ? g1 : g0;
+    next_kb = kb1 == kb_end ? kb_begin : kb1;
+  }
+  return {next_item, next_kb};
+}
+
+// What the next (item, chunk) splits, spread over this one's steps: its sets' lines for the chunk
+// (linear: two regions, one per tile, a tile's `steps` lines apart; gate_up: one, the sets
+// interleave), a share asked for at each step.
+template <int kUnits>
+struct NextWeightsPrefetch {
+  // `first_line`: the first region's first line (none: null, and no lines); `steps`: the current
+  // (item, chunk)'s steps, row blocks times K blocks.
+  NextWeightsPrefetch(const uint8_t* first_line, int64_t lines_per_region, int64_t steps, int64_t lines_per_tile)
+      : next(first_line),
+        region_lines(lines_per_region),
+        next_lines((kUnits == 1 ? 2 : 1) * lines_per_region),
+        per_step((next_lines + steps - 1) / steps),
+        tile_steps(lines_per_tile) {}
+
+  MG_ALWAYS_INLINE void some() {
+    for (const int64_t stop = std::min(next_lines, next_line + per_step); next_line < stop; ++next_line) {
+      const int64_t line = next_line < region_lines ? next_line : next_line - region_lines + tile_steps;
+      __builtin_prefetch(next + line * kStepBytes, 0, 3);
+    }
+  }
+
+  const uint8_t* next;
+  int64_t region_lines, next_lines, per_step, tile_steps;
+  int64_t next_line = 0;  // lines asked for so far
+};
+
+// A row block's C (tmm0, tmm1) at the start of a chunk: zero at K's first chunk, else as carried.
+MG_ALWAYS_INLINE void load_carry(const float* c, bool first_chunk) {
+  if (first_chunk) {
+    _tile_zero(0);
+    _tile_zero(1);
+  } else {
+    _tile_loadd(0, c, 64);
+    _tile_loadd(1, c + kTileRows * kTileRows, 64);
+  }
+}
+
+MG_ALWAYS_INLINE void store_carry(float* c) {
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + kTileRows * kTileRows, 64);
+}
+
+// C += row block rb's parts of x for K blocks [kb0, kb1) (in x_chunk) times the split weights of
+// both output sets. Each step also prefetches the next 32 K's A tiles (the next step's, or the next
+// row block's first) from L2, where the chunk of x's parts lives, into L1: an A tile load from L2
+// holds up the tile unit for its whole latency, one from L1 does not. A tile load also waits for
+// the loads issued before it, prefetches included, so the prefetches go right after a set's B tile
+// loads, where six products follow before the next tile load.
+template <int kUnits>
+MG_ALWAYS_INLINE void multiply_chunk(const uint8_t* x_chunk, int64_t rb, int64_t kb0, int64_t kb1,
+                                     const uint8_t* split, NextWeightsPrefetch<kUnits>& next_weights) {
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const uint8_t* a = x_chunk + rb * 3 * kPartBytes + (kb - kb0) * kATilesBytes;
+    _tile_loadd(2, a, 64);
+    _tile_loadd(3, a + 1024, 64);
+    _tile_loadd(4, a + 2048, 64);
+    load_weight_parts(split + 2 * (kb - kb0) * kSplitBytes);
+    prefetch_l1(a + kATilesBytes, kATilesBytes / 2);
+    next_weights.some();
+    MG_SIX_PRODUCTS(0);
+    load_weight_parts(split + (2 * (kb - kb0) + 1) * kSplitBytes);
+    prefetch_l1(a + kATilesBytes + kATilesBytes / 2, kATilesBytes / 2);
+    MG_SIX_PRODUCTS(1);
+  }
+}
+
+// Row block rb's outputs from its final C, through the op's epilogue: ids t and t + 1, `tiles` of them.
+template <int kUnits>
+MG_ALWAYS_INLINE void store_outputs(const Problem& p, int64_t t, int tiles, int64_t rb, float* sums) {
+  const int64_t row0 = rb * kTileRows, rows = std::min(kTileRows, p.rows - row0);
+  _tile_stored(0, sums, 64);
+  _tile_stored(1, sums + rows * kTileRows, 64);  // its rows past `rows` land in the spare end
+  const int64_t ids[2] = {t, t + 1};
+  store_sums<float, kUnits>(p, ids, tiles, row0, rows, sums);
+}
+
 // Items are pairs of tiles (linear) or single gate_up tiles: two output sets, C in tmm0 and tmm1.
 // Loops: groups of items, chunks of K, the group's items, row blocks. A chunk of x's parts (all
 // rows, 768 bytes a row) stays in L2 while the group's items run against it; each item's weights
@@ -277,9 +379,6 @@ template <int kUnits>
 void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
   constexpr int64_t kTilesPerItem = amx_fp32_tiles_per_item(kUnits);
   constexpr int64_t kChunk = kAmxFp32ChunkBlocks;
-  constexpr int64_t kSplitBytes = 3 * 1024;                    // a set's three B tiles for 32 K
-  constexpr int64_t kPartBytes = kTileRows * kChunk * 64;       // a part of 16 rows over a chunk
-  constexpr int64_t kATilesBytes = 3 * 1024;                    // a row block's three A tiles for 32 K
   constexpr int64_t kCarryFloats = kAmxFp32CarryFloats;           // both sets' C
   const int64_t k_blocks = p.k / kAmxKBlock, line_stride = kUnits * kStepBytes;
   const int64_t kb_begin = p.k_begin / kAmxKBlock, kb_end = p.k_end / kAmxKBlock;
@@ -316,68 +415,23 @@ void amx_fp32_tiles(const Problem& p, int64_t begin, int64_t end) {
       const uint8_t* x_chunk = parts + (kb0 - kb_begin) / kChunk * row_blocks * 3 * kPartBytes;
       for (int64_t item = g0; item < g1; ++item) {
         const auto [b0, b1] = sets(item);
-        for (int64_t kb = kb0; kb < kb1; ++kb) {
-          split_weights(b0 + kb * block_bytes, line_stride, split + 2 * (kb - kb0) * kSplitBytes);
-          split_weights(b1 + kb * block_bytes, line_stride, split + (2 * (kb - kb0) + 1) * kSplitBytes);
-        }
-        // What the next (item, chunk) splits, spread over this one's steps: its sets' lines for the
-        // chunk (linear: two regions, one per tile; gate_up: one, the sets interleave).
-        int64_t next_item = item + 1, next_kb = kb0;
-        if (next_item == g1) {
-          next_item = kb1 == kb_end ? g1 : g0;
-          next_kb = kb1 == kb_end ? kb_begin : kb1;
-        }
+        split_item_weights(b0, b1, kb0, kb1, block_bytes, line_stride, split);
+        const auto [next_item, next_kb] = next_item_chunk(item, g0, g1, kb0, kb1, kb_begin, kb_end);
         const bool more = next_item < items;
-        const uint8_t* next = more ? sets(next_item).first + next_kb * block_bytes : nullptr;
-        const int64_t region_lines = more ? std::min(kChunk, k_blocks - next_kb) * block_bytes / kStepBytes : 0;
-        const int64_t next_lines = (kUnits == 1 ? 2 : 1) * region_lines;
-        const int64_t per_step = (next_lines + row_blocks * (kb1 - kb0) - 1) / (row_blocks * (kb1 - kb0));
-        int64_t next_line = 0;
+        NextWeightsPrefetch<kUnits> next_weights(
+            more ? sets(next_item).first + next_kb * block_bytes : nullptr,
+            more ? std::min(kChunk, k_blocks - next_kb) * block_bytes / kStepBytes : 0, row_blocks * (kb1 - kb0),
+            p.steps);
         const int64_t t = begin + item * kTilesPerItem;
         const int tiles = static_cast<int>(std::min(kTilesPerItem, end - t));
         for (int64_t rb = 0; rb < row_blocks; ++rb) {
           float* c = carried(item, g0, rb);
-          if (kb0 == 0) {
-            _tile_zero(0);
-            _tile_zero(1);
+          load_carry(c, kb0 == 0);
+          multiply_chunk(x_chunk, rb, kb0, kb1, split, next_weights);
+          if (last) {
+            store_outputs<kUnits>(p, t, tiles, rb, sums);
           } else {
-            _tile_loadd(0, c, 64);
-            _tile_loadd(1, c + kTileRows * kTileRows, 64);
-          }
-          // Each step also prefetches the next 32 K's A tiles (the next step's, or the next row
-          // block's first) from L2, where the chunk of x's parts lives, into L1: an A tile load from
-          // L2 holds up the tile unit for its whole latency, one from L1 does not. A tile load also
-          // waits for the loads issued before it, prefetches included, so the prefetches go right
-          // after a set's B tile loads, where six products follow before the next tile load.
-          for (int64_t kb = kb0; kb < kb1; ++kb) {
-            const uint8_t* a = x_chunk + rb * 3 * kPartBytes + (kb - kb0) * kATilesBytes;
-            _tile_loadd(2, a, 64);
-            _tile_loadd(3, a + 1024, 64);
-            _tile_loadd(4, a + 2048, 64);
-            load_weight_parts(split + 2 * (kb - kb0) * kSplitBytes);
-            prefetch_l1(a + kATilesBytes, kATilesBytes / 2);
-            for (const int64_t stop = std::min(next_lines, next_line + per_step); next_line < stop; ++next_line) {
-              const int64_t line = next_line < region_lines ? next_line : next_line - region_lines + p.steps;
-              __builtin_prefetch(next + line * kStepBytes, 0, 3);
-            }
-            MG_SIX_PRODUCTS(0);
-            load_weight_parts(split + (2 * (kb - kb0) + 1) * kSplitBytes);
-            prefetch_l1(a + kATilesBytes + kATilesBytes / 2, kATilesBytes / 2);
-            MG_SIX_PRODUCTS(1);
-          }
-          if (!last) {
-            _tile_stored(0, c, 64);
-            _tile_stored(1, c + kTileRows * kTileRows, 64);
-            continue;
-          }
-          const int64_t row0 = rb * kTileRows, rows = std::min(kTileRows, p.rows - row0);
-          _tile_stored(0, sums, 64);
-          _tile_stored(1, sums + rows * kTileRows, 64);  // its rows past `rows` land in the spare end
-          const int64_t ids[2] = {t, t + 1};
-          if constexpr (kUnits == 2) {
-            store_silu_mul<float>(p, ids, tiles, row0, rows, sums);
-          } else {
-            store_linear<float>(p, ids, tiles, row0, rows, sums);
+            store_carry(c);
           }
         }
       }
@@ -396,9 +450,9 @@ bool amx_usable() {
   return usable;
 }
 
-const KernelSet kAmxBf16{&amx_tiles<1>, &amx_tiles<2>, nullptr};
-const KernelSet kAmxBf16Rows16{&amx_tiles_16<1>, &amx_tiles_16<2>, nullptr};
-const KernelSet kAmxFp32{&amx_fp32_tiles<1>, &amx_fp32_tiles<2>, nullptr};
+const KernelSet kAmxBf16{.linear = &amx_tiles<1>, .silu_mul = &amx_tiles<2>, .read_lines = nullptr};
+const KernelSet kAmxBf16Rows16{.linear = &amx_tiles_16<1>, .silu_mul = &amx_tiles_16<2>, .read_lines = nullptr};
+const KernelSet kAmxFp32{.linear = &amx_fp32_tiles<1>, .silu_mul = &amx_fp32_tiles<2>, .read_lines = nullptr};
 
 }  // namespace mistral_grpc::linear
 

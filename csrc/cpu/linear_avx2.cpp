@@ -19,9 +19,9 @@ struct VectorPart {
   // plus the weight lines and broadcasts.
   static constexpr int kStreams = 2;
   static constexpr int kAccumulators = 6;
-  static Acc zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
-  static Acc add(Acc a, Acc b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
-  static Acc load(const float* src) { return {_mm256_loadu_ps(src), _mm256_loadu_ps(src + 8)}; }
+  static Acc zero() { return {.lo = _mm256_setzero_ps(), .hi = _mm256_setzero_ps()}; }
+  static Acc add(Acc a, Acc b) { return {.lo = _mm256_add_ps(a.lo, b.lo), .hi = _mm256_add_ps(a.hi, b.hi)}; }
+  static Acc load(const float* src) { return {.lo = _mm256_loadu_ps(src), .hi = _mm256_loadu_ps(src + 8)}; }
   static void store(Acc a, float* dst) {
     _mm256_storeu_ps(dst, a.lo);
     _mm256_storeu_ps(dst + 8, a.hi);

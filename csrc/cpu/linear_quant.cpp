@@ -12,13 +12,13 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <string>
 #include <utility>
 #include <vector>
 
 #include "cpu/simd.h"
 
 #include "cpu/ops_cpu.h"
+#include "ops.h"
 
 namespace mistral_grpc::linear {
 namespace {
@@ -46,7 +46,7 @@ float stored_scale(float scale) {
 RowParams int8_params(const float* w, int64_t count) {
   float max_abs = 0.f;
   for (int64_t i = 0; i < count; ++i) max_abs = std::max(max_abs, std::fabs(w[i]));
-  return {stored_scale(max_abs / 127.f), quant::kInt8Zero};
+  return {.scale = stored_scale(max_abs / 127.f), .zero = quant::kInt8Zero};
 }
 
 // The range spans 0, so the zero point is one of the 16 levels and every value rounds within scale / 2.
@@ -54,7 +54,7 @@ RowParams int4_params(const float* w, int64_t count) {
   const auto [low, high] = std::minmax_element(w, w + count);
   const float lowest = std::min(*low, 0.f), highest = std::max(*high, 0.f);
   const float scale = stored_scale((highest - lowest) / 15.f);
-  return {scale, static_cast<int>(std::clamp(std::nearbyint(-lowest / scale), 0.f, 15.f))};
+  return {.scale = scale, .zero = static_cast<int>(std::clamp(std::nearbyint(-lowest / scale), 0.f, 15.f))};
 }
 
 int quantize_value(float w, RowParams params, int bits) {
@@ -113,34 +113,13 @@ bool quantize_matrix(uint8_t* tiles, const quant::Geometry& geo, const at::Tenso
   }
 }
 
-WeightDtype scheme_dtype(const char* op, c10::string_view scheme) {
-  if (scheme == "int8") return WeightDtype::kInt8;
-  if (scheme == "int4") return WeightDtype::kInt4;
-  TORCH_CHECK(false, op, ": scheme must be \"int8\" or \"int4\", got \"", std::string(scheme), "\"");
-}
+// The WeightDtype of a (checked) quantization scheme: "int8" or "int4".
+WeightDtype scheme_dtype(c10::string_view scheme) { return scheme == "int8" ? WeightDtype::kInt8 : WeightDtype::kInt4; }
 
-int64_t checked_group_size(const char* op, WeightDtype dtype, int64_t group_size) {
-  if (dtype == WeightDtype::kInt8) {
-    TORCH_CHECK(group_size == 0, op, ": int8 is per output channel; group_size must be 0, got ", group_size);
-    return 0;
-  }
-  if (group_size == 0) return quant::kDefaultInt4Group;
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, op,
-              ": int4 group_size must be 32, 64 or 128 (0: ", quant::kDefaultInt4Group, "), got ", group_size);
-  return group_size;
-}
-
-void check_source(const char* op, const char* name, const at::Tensor& w) {
-  TORCH_CHECK(w.device().is_cpu(), op, ": ", name, " must be on the CPU");
-  TORCH_CHECK(w.dim() == 2 && w.size(0) > 0 && w.size(1) > 0, op, ": ", name,
-              " must be a non-empty [N, K] matrix, got shape ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, op, ": ", name,
-              " must be float32 or bfloat16 (the dtype x and out will have), got ", w.scalar_type());
-}
-
-// A zeroed quantized pack of `units` [n, k] matrices with its header written, and its geometry.
-std::pair<at::Tensor, quant::Geometry> empty_pack(const char* op, WeightDtype dtype, int64_t units, int64_t n,
-                                                  int64_t k, WeightDtype activation, int64_t group_size) {
+// A zeroed quantized pack of `units` [n, k] matrices with its header written, and its geometry
+// (group_size as the op took it, checked).
+std::pair<at::Tensor, quant::Geometry> empty_pack(WeightDtype dtype, int64_t units, int64_t n, int64_t k,
+                                                  WeightDtype activation, int64_t group_size) {
   PackedHeader header{};
   header.magic = kPackedMagic;
   header.dtype = dtype;
@@ -148,8 +127,8 @@ std::pair<at::Tensor, quant::Geometry> empty_pack(const char* op, WeightDtype dt
   header.n = n;
   header.k = k;
   header.activation = activation;
-  const quant::Geometry geo =
-      quant::geometry(bits_of(dtype), k, checked_group_size(op, dtype, group_size), units_per_tile(header.kind));
+  const quant::Geometry geo = quant::geometry(bits_of(dtype), k, quant::group_size_for(bits_of(dtype), group_size),
+                                              units_per_tile(header.kind));
   header.group_size = static_cast<uint32_t>(geo.group_size);
   at::Tensor packed = zeroed_bytes(quant_packed_bytes(header));
   std::memcpy(packed.data_ptr<uint8_t>(), &header, sizeof header);
@@ -160,7 +139,7 @@ at::Tensor quantize(const char* op, const std::vector<at::Tensor>& units, c10::s
                     int64_t group_size) {
   const at::Tensor& first = units.front();
   const WeightDtype activation = first.scalar_type() == at::kFloat ? WeightDtype::kFloat32 : WeightDtype::kBFloat16;
-  auto [packed, geo] = empty_pack(op, scheme_dtype(op, scheme), static_cast<int64_t>(units.size()), first.size(0),
+  auto [packed, geo] = empty_pack(scheme_dtype(scheme), static_cast<int64_t>(units.size()), first.size(0),
                                   first.size(1), activation, group_size);
   for (size_t u = 0; u < units.size(); ++u) {
     TORCH_CHECK(quantize_matrix(packed.data_ptr<uint8_t>() + kHeaderBytes, geo, units[u], static_cast<int64_t>(u)),
@@ -170,60 +149,17 @@ at::Tensor quantize(const char* op, const std::vector<at::Tensor>& units, c10::s
 }
 
 at::Tensor quantize_linear_weight(const at::Tensor& weight, c10::string_view scheme, int64_t group_size) {
-  check_source("quantize_linear_weight", "weight", weight);
+  check_quantize_linear_weight_args(weight, scheme, group_size);
   return quantize("quantize_linear_weight", {weight}, scheme, group_size);
 }
 
 at::Tensor quantize_gate_up_weight(const at::Tensor& gate, const at::Tensor& up, c10::string_view scheme,
                                    int64_t group_size) {
-  check_source("quantize_gate_up_weight", "gate", gate);
-  check_source("quantize_gate_up_weight", "up", up);
-  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(),
-              "quantize_gate_up_weight: gate and up must have one shape and dtype, got ", gate.sizes(), " ",
-              gate.scalar_type(), " and ", up.sizes(), " ", up.scalar_type());
+  check_quantize_gate_up_weight_args(gate, up, scheme, group_size);
   return quantize("quantize_gate_up_weight", {gate, up}, scheme, group_size);
 }
 
 // ---- packing values quantized elsewhere (pre-quantized checkpoints) ---------------------------
-
-// One unit's quantized values, as a checkpoint holds them once unpacked: q uint8 [N, K] and, per
-// row and group of K, a scale and a zero point; the weight is (q - zero) * scale.
-struct QuantizedUnit {
-  at::Tensor q, scale, zero;
-};
-
-// The largest magnitude an fp16 scale holds.
-constexpr float kMaxScale = 65504.f;
-
-void check_quantized_unit(const char* op, const char* name, const QuantizedUnit& unit, int bits, int64_t groups) {
-  const at::Tensor &q = unit.q, &scale = unit.scale, &zero = unit.zero;
-  TORCH_CHECK(q.device().is_cpu() && scale.device().is_cpu() && zero.device().is_cpu(), op, ": ", name,
-              " q, scale and zero must be on the CPU");
-  TORCH_CHECK(q.scalar_type() == at::kByte && q.dim() == 2 && q.size(0) > 0 && q.size(1) > 0, op, ": ", name,
-              " q must be a non-empty uint8 [N, K] matrix, got ", q.scalar_type(), " ", q.sizes());
-  const std::vector<int64_t> params_shape{q.size(0), groups};
-  TORCH_CHECK(zero.scalar_type() == at::kByte && zero.sizes() == at::IntArrayRef(params_shape), op, ": ", name,
-              " zero must be uint8 [N, groups] = ", at::IntArrayRef(params_shape), ", got ", zero.scalar_type(), " ",
-              zero.sizes());
-  const at::ScalarType scale_type = scale.scalar_type();
-  TORCH_CHECK((scale_type == at::kFloat || scale_type == at::kBFloat16 || scale_type == at::kHalf) &&
-                  scale.sizes() == at::IntArrayRef(params_shape),
-              op, ": ", name, " scale must be float32, bfloat16 or float16 [N, groups] = ",
-              at::IntArrayRef(params_shape),
-              ", got ", scale_type, " ", scale.sizes());
-  const at::Tensor scales = scale.to(at::kFloat).contiguous();
-  const float* s = scales.data_ptr<float>();
-  TORCH_CHECK(std::all_of(s, s + scales.numel(), [](float v) { return std::isfinite(v) && std::fabs(v) <= kMaxScale; }),
-              op, ": ", name, " scale must be finite and within fp16's range (|scale| <= 65504)");
-  if (bits == 4) {
-    const at::Tensor qs = q.contiguous(), zs = zero.contiguous();
-    const auto at_most_15 = [](const at::Tensor& t) {
-      const uint8_t* v = t.data_ptr<uint8_t>();
-      return std::all_of(v, v + t.numel(), [](uint8_t x) { return x <= 15; });
-    };
-    TORCH_CHECK(at_most_15(qs) && at_most_15(zs), op, ": ", name, " int4 q and zero must be in [0, 15]");
-  }
-}
 
 // Writes unit `unit_index` of every tile: each row's scales (rounded to the nearest fp16), zero
 // points and q values, group by group.
@@ -254,41 +190,24 @@ void pack_unit(uint8_t* tiles, const quant::Geometry& geo, const QuantizedUnit& 
   });
 }
 
-WeightDtype bits_dtype(const char* op, int64_t bits) {
-  if (bits == 8) return WeightDtype::kInt8;
-  if (bits == 4) return WeightDtype::kInt4;
-  TORCH_CHECK(false, op, ": bits must be 8 or 4, got ", bits);
-}
-
-WeightDtype activation_dtype(const char* op, at::ScalarType activation) {
-  if (activation == at::kFloat) return WeightDtype::kFloat32;
-  if (activation == at::kBFloat16) return WeightDtype::kBFloat16;
-  TORCH_CHECK(false, op, ": activation must be float32 or bfloat16 (the dtype x and out will have), got ", activation);
-}
-
-at::Tensor pack_quantized(const char* op, const std::vector<std::pair<const char*, QuantizedUnit>>& units, int64_t bits,
-                          int64_t group_size, at::ScalarType activation) {
-  const WeightDtype dtype = bits_dtype(op, bits);
-  const at::Tensor& first = units.front().second.q;
-  TORCH_CHECK(first.dim() == 2, op, ": ", units.front().first, " q must be a uint8 [N, K] matrix, got shape ",
-              first.sizes());
-  auto [packed, geo] = empty_pack(op, dtype, static_cast<int64_t>(units.size()), first.size(0), first.size(1),
-                                  activation_dtype(op, activation), group_size);
+at::Tensor pack_quantized(const char* op, const std::vector<QuantizedUnit>& units, int64_t bits, int64_t group_size,
+                          at::ScalarType activation) {
+  check_pack_quantized_args(op, units, bits, group_size, activation);
+  const WeightDtype dtype = bits == 8 ? WeightDtype::kInt8 : WeightDtype::kInt4;
+  const at::Tensor& first = units.front().q;
+  auto [packed, geo] = empty_pack(dtype, static_cast<int64_t>(units.size()), first.size(0), first.size(1),
+                                  activation == at::kFloat ? WeightDtype::kFloat32 : WeightDtype::kBFloat16,
+                                  group_size);
   for (size_t u = 0; u < units.size(); ++u) {
-    const auto& [name, unit] = units[u];
-    check_quantized_unit(op, name, unit, geo.bits, geo.groups());
-    TORCH_CHECK(unit.q.sizes() == first.sizes(), op, ": ", name, " q must have the shape of ", units.front().first,
-                " q ", first.sizes(), ", got ", unit.q.sizes());
-  }
-  for (size_t u = 0; u < units.size(); ++u) {
-    pack_unit(packed.data_ptr<uint8_t>() + kHeaderBytes, geo, units[u].second, static_cast<int64_t>(u));
+    pack_unit(packed.data_ptr<uint8_t>() + kHeaderBytes, geo, units[u], static_cast<int64_t>(u));
   }
   return packed;
 }
 
 at::Tensor pack_quantized_weight(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
                                  int64_t group_size, at::ScalarType activation) {
-  return pack_quantized("pack_quantized_weight", {{"weight", {q, scale, zero}}}, bits, group_size, activation);
+  return pack_quantized("pack_quantized_weight", {{.name = "weight", .q = q, .scale = scale, .zero = zero}}, bits,
+                        group_size, activation);
 }
 
 at::Tensor pack_quantized_gate_up_weight(const at::Tensor& gate_q, const at::Tensor& gate_scale,
@@ -296,8 +215,9 @@ at::Tensor pack_quantized_gate_up_weight(const at::Tensor& gate_q, const at::Ten
                                          const at::Tensor& up_scale, const at::Tensor& up_zero, int64_t bits,
                                          int64_t group_size, at::ScalarType activation) {
   return pack_quantized("pack_quantized_gate_up_weight",
-                        {{"gate", {gate_q, gate_scale, gate_zero}}, {"up", {up_q, up_scale, up_zero}}}, bits,
-                        group_size, activation);
+                        {{.name = "gate", .q = gate_q, .scale = gate_scale, .zero = gate_zero},
+                         {.name = "up", .q = up_q, .scale = up_scale, .zero = up_zero}},
+                        bits, group_size, activation);
 }
 
 // ---- quantizing x ------------------------------------------------------------------------------
@@ -365,9 +285,6 @@ void quantize_rows(const at::Tensor& x, const quant::Geometry& geo, QuantizedRow
     }
   });
 }
-
-// A thread's share should stream at least this much, as for the float kernels.
-constexpr int64_t kMinBytesPerThread = 128 * 1024;
 
 }  // namespace
 

@@ -35,8 +35,8 @@ struct Avx2 {
   static constexpr int kStreams = 2;
   static constexpr int kRegisters = 2;
 
-  static IAcc izero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
-  static FAcc fzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static IAcc izero() { return {.lo = _mm256_setzero_si256(), .hi = _mm256_setzero_si256()}; }
+  static FAcc fzero() { return {.lo = _mm256_setzero_ps(), .hi = _mm256_setzero_ps()}; }
 
   template <int kBits>
   static Line line(const uint8_t* q) {
@@ -45,11 +45,13 @@ struct Avx2 {
     if constexpr (kBits == 8) {
       const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
       const __m256i signed_lo = _mm256_xor_si256(lo, offset), signed_hi = _mm256_xor_si256(hi, offset);
-      return {{_mm256_abs_epi8(signed_lo), _mm256_abs_epi8(signed_hi)}, {signed_lo, signed_hi}};
+      return {.magnitude = {.lo = _mm256_abs_epi8(signed_lo), .hi = _mm256_abs_epi8(signed_hi)},
+              .sign = {.lo = signed_lo, .hi = signed_hi}};
     } else {
       const __m256i nibble = _mm256_set1_epi8(0x0f);
-      return {{_mm256_and_si256(lo, nibble), _mm256_and_si256(hi, nibble)},
-              {_mm256_and_si256(_mm256_srli_epi16(lo, 4), nibble), _mm256_and_si256(_mm256_srli_epi16(hi, 4), nibble)}};
+      return {.magnitude = {.lo = _mm256_and_si256(lo, nibble), .hi = _mm256_and_si256(hi, nibble)},
+              .sign = {.lo = _mm256_and_si256(_mm256_srli_epi16(lo, 4), nibble),
+                       .hi = _mm256_and_si256(_mm256_srli_epi16(hi, 4), nibble)}};
     }
   }
 
@@ -68,14 +70,14 @@ struct Avx2 {
   static IAcc dot(IAcc acc, const Line& w, const int8_t* x) {
     const __m256i x4 = broadcast4(x);
     if constexpr (kBits == 8) {
-      return {add_pairs(acc.lo, _mm256_maddubs_epi16(w.magnitude.lo, _mm256_sign_epi8(x4, w.sign.lo))),
-              add_pairs(acc.hi, _mm256_maddubs_epi16(w.magnitude.hi, _mm256_sign_epi8(x4, w.sign.hi)))};
+      return {.lo = add_pairs(acc.lo, _mm256_maddubs_epi16(w.magnitude.lo, _mm256_sign_epi8(x4, w.sign.lo))),
+              .hi = add_pairs(acc.hi, _mm256_maddubs_epi16(w.magnitude.hi, _mm256_sign_epi8(x4, w.sign.hi)))};
     } else {
       const __m256i x_high = broadcast4(x + 4);
-      return {add_pairs(acc.lo, _mm256_add_epi16(_mm256_maddubs_epi16(w.magnitude.lo, x4),
-                                                 _mm256_maddubs_epi16(w.sign.lo, x_high))),
-              add_pairs(acc.hi, _mm256_add_epi16(_mm256_maddubs_epi16(w.magnitude.hi, x4),
-                                                 _mm256_maddubs_epi16(w.sign.hi, x_high)))};
+      return {.lo = add_pairs(acc.lo, _mm256_add_epi16(_mm256_maddubs_epi16(w.magnitude.lo, x4),
+                                                       _mm256_maddubs_epi16(w.sign.lo, x_high))),
+              .hi = add_pairs(acc.hi, _mm256_add_epi16(_mm256_maddubs_epi16(w.magnitude.hi, x4),
+                                                       _mm256_maddubs_epi16(w.sign.hi, x_high)))};
     }
   }
 
@@ -83,11 +85,11 @@ struct Avx2 {
   static FAcc block(FAcc t, IAcc acc, float d, int32_t x_sum) {
     if constexpr (kBits == 8) {
       const __m256i offset = _mm256_set1_epi32(quant::kInt8Zero * x_sum);
-      acc = {_mm256_add_epi32(acc.lo, offset), _mm256_add_epi32(acc.hi, offset)};
+      acc = {.lo = _mm256_add_epi32(acc.lo, offset), .hi = _mm256_add_epi32(acc.hi, offset)};
     }
     const __m256 dv = _mm256_set1_ps(d);
-    return {_mm256_fmadd_ps(_mm256_cvtepi32_ps(acc.lo), dv, t.lo),
-            _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc.hi), dv, t.hi)};
+    return {.lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc.lo), dv, t.lo),
+            .hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc.hi), dv, t.hi)};
   }
 
   static Params params(const uint8_t* line) {
@@ -95,9 +97,9 @@ struct Avx2 {
     const __m128i scales_lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gp->scale));
     const __m128i scales_hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gp->scale + 8));
     const __m128i zeros = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gp->zero));
-    return {{_mm256_cvtph_ps(scales_lo), _mm256_cvtph_ps(scales_hi)},
-            {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zeros)),
-             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(zeros, 8)))}};
+    return {.scale = {.lo = _mm256_cvtph_ps(scales_lo), .hi = _mm256_cvtph_ps(scales_hi)},
+            .zero = {.lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zeros)),
+                     .hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(zeros, 8)))}};
   }
 
   static void finish(float* res, FAcc t, const Params& params, float x_group) {

@@ -33,10 +33,10 @@ struct Vnni {
   static Line line(const uint8_t* q) {
     const __m512i bytes = _mm512_loadu_si512(q);
     if constexpr (kBits == 8) {
-      return {bytes, bytes};
+      return {.low = bytes, .high = bytes};
     } else {
       const __m512i nibble = _mm512_set1_epi8(0x0f);
-      return {_mm512_and_si512(bytes, nibble), _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble)};
+      return {.low = _mm512_and_si512(bytes, nibble), .high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble)};
     }
   }
 
@@ -61,8 +61,8 @@ struct Vnni {
   static Params params(const uint8_t* line) {
     const auto* gp = reinterpret_cast<const quant::GroupParams*>(line);
     const __m512i zeros = _mm512_maskz_cvtepu8_epi32(kAll, _mm_loadu_si128(reinterpret_cast<const __m128i*>(gp->zero)));
-    return {_mm512_maskz_cvtph_ps(kAll, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp->scale))),
-            _mm512_maskz_cvtepi32_ps(kAll, zeros)};
+    return {.scale = _mm512_maskz_cvtph_ps(kAll, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp->scale))),
+            .zero = _mm512_maskz_cvtepi32_ps(kAll, zeros)};
   }
 
   static void finish(float* res, FAcc t, const Params& params, float x_group) {

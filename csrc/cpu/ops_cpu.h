@@ -22,12 +22,5 @@ void linear_silu_mul_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor&
 bool cpu_amx_selected();
 // Zeroed bytes on 2 MiB pages where the kernel allows: the packed weights' allocation.
 at::Tensor zeroed_bytes(int64_t bytes);
-// What a packed weight's header says (after checking it): n is F for a gate_up pack.
-struct PackedWeightShape {
-  bool gate_up;
-  int64_t n, k;
-  at::ScalarType dtype;
-};
-PackedWeightShape packed_weight_shape(const at::Tensor& packed, const char* op);
 
 }  // namespace mistral_grpc

@@ -178,6 +178,8 @@ void quant_silu_mul_tiles(const QuantProblem& p, int64_t begin, int64_t end) {
 
 template <class S>
 constexpr QuantKernelSet quant_kernel_set() {
-  return QuantKernelSet{&quant_linear_tiles<S, 8>, &quant_silu_mul_tiles<S, 8>, &quant_linear_tiles<S, 4>,
-                        &quant_silu_mul_tiles<S, 4>};
+  return QuantKernelSet{.int8_linear = &quant_linear_tiles<S, 8>,
+                        .int8_silu_mul = &quant_silu_mul_tiles<S, 8>,
+                        .int4_linear = &quant_linear_tiles<S, 4>,
+                        .int4_silu_mul = &quant_silu_mul_tiles<S, 4>};
 }

@@ -47,7 +47,8 @@ MG_CPU_CLONES void rotate_tokens(const int64_t* positions, T* q, HeadsView q_vie
 
 template <typename T, typename C>
 void rotate(const at::Tensor& positions, at::Tensor& q, at::Tensor& k, const at::Tensor& cos_sin_cache) {
-  const HeadsView q_view{q.stride(0), q.size(1)}, k_view{k.stride(0), k.size(1)};
+  const HeadsView q_view{.token_stride = q.stride(0), .num_heads = q.size(1)};
+  const HeadsView k_view{.token_stride = k.stride(0), .num_heads = k.size(1)};
   at::parallel_for(0, q.size(0), kTokenGrain, [&](int64_t begin, int64_t end) {
     rotate_tokens(positions.const_data_ptr<int64_t>(), q.mutable_data_ptr<T>(), q_view, k.mutable_data_ptr<T>(),
                   k_view, cos_sin_cache.const_data_ptr<C>(), q.size(2), begin, end);

@@ -1,7 +1,6 @@
 // Penalty and sampling kernels on CPU, rows split across threads (at::parallel_for). Sampling
 // follows the rule of common/sampling.h and finds its thresholds by selection rather than sorting
 // (a bounded heap for top-k, a weighted quickselect for top-p), so a row costs O(V).
-// Also the argument checks both backends share (declared in ops.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -20,55 +19,6 @@
 #include "ops.h"
 
 namespace mistral_grpc {
-
-namespace {
-
-void check_logits(const at::Tensor& logits, const char* op) {
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [B, V] (got shape ", logits.sizes(), ")");
-  const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-              ": logits must be float32, bfloat16 or float16 (got ", dtype, ")");
-  TORCH_CHECK(logits.size(1) > 0, op, ": logits need a non-empty vocabulary dimension");
-  TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous");
-}
-
-void check_like_rows(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dims,
-                     const at::Tensor& logits, const char* op) {
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, " (got ", t.scalar_type(), ")");
-  TORCH_CHECK(t.dim() == dims && t.size(0) == logits.size(0), op, ": ", name, " must be ", dims,
-              "-D with one row per logits row (", logits.size(0), "), got shape ", t.sizes());
-  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on logits' device (", logits.device(),
-              "), got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
-}  // namespace
-
-void check_apply_penalties_args(const at::Tensor& logits, const at::Tensor& prompt_tokens,
-                                const at::Tensor& output_tokens, const at::Tensor& repetition,
-                                const at::Tensor& presence, const at::Tensor& frequency) {
-  constexpr const char* op = "apply_penalties";
-  check_logits(logits, op);
-  check_like_rows(prompt_tokens, "prompt_tokens", at::kLong, 2, logits, op);
-  check_like_rows(output_tokens, "output_tokens", at::kLong, 2, logits, op);
-  check_like_rows(repetition, "repetition", at::kFloat, 1, logits, op);
-  check_like_rows(presence, "presence", at::kFloat, 1, logits, op);
-  check_like_rows(frequency, "frequency", at::kFloat, 1, logits, op);
-}
-
-void check_sample_args(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_p,
-                       const at::Tensor& top_k, const at::Tensor& seeds, const at::Tensor& offsets,
-                       const at::Tensor& tokens, const at::Tensor& logprobs) {
-  constexpr const char* op = "sample";
-  check_logits(logits, op);
-  check_like_rows(temperature, "temperature", at::kFloat, 1, logits, op);
-  check_like_rows(top_p, "top_p", at::kFloat, 1, logits, op);
-  check_like_rows(top_k, "top_k", at::kLong, 1, logits, op);
-  check_like_rows(seeds, "seeds", at::kLong, 1, logits, op);
-  check_like_rows(offsets, "offsets", at::kLong, 1, logits, op);
-  check_like_rows(tokens, "tokens", at::kLong, 1, logits, op);
-  check_like_rows(logprobs, "logprobs", at::kFloat, 1, logits, op);
-}
 
 namespace {
 
@@ -196,7 +146,7 @@ class RowSampler {
   MG_ALWAYS_INLINE Draw sample(const T* row, const RowSettings& settings) {
     const auto [max_logit, best] = load_logits(row);
     if (settings.temperature == 0.f || max_logit == -INFINITY) {
-      return {best, max_logit - log_normalizer(max_logit)};
+      return {.token = best, .logprob = max_logit - log_normalizer(max_logit)};
     }
     const double total = fill_weights(max_logit, settings.temperature);
     const float log_norm =
@@ -221,7 +171,7 @@ class RowSampler {
       if (passes_target(running, target)) break;
     }
     // Without a crossing (the two double sums differing by a rounding) `last` is the CDF's end.
-    return {last, x[last] - log_norm};
+    return {.token = last, .logprob = x[last] - log_norm};
   }
 
  private:
@@ -366,8 +316,11 @@ template <typename T>
 MG_CPU_CLONES void sample_rows(const T* logits, const SampleBatch& b, int64_t begin, int64_t end) {
   RowSampler sampler(b.vocab);
   for (int64_t r = begin; r < end; ++r) {
-    const RowSettings settings{b.temperature[r], b.top_p[r], b.top_k[r], static_cast<uint64_t>(b.seeds[r]),
-                               static_cast<uint64_t>(b.offsets[r])};
+    const RowSettings settings{.temperature = b.temperature[r],
+                               .top_p = b.top_p[r],
+                               .top_k = b.top_k[r],
+                               .seed = static_cast<uint64_t>(b.seeds[r]),
+                               .offset = static_cast<uint64_t>(b.offsets[r])};
     const Draw draw = sampler.sample(logits + r * b.vocab, settings);
     b.tokens[r] = draw.token;
     b.logprobs[r] = draw.logprob;
@@ -378,14 +331,14 @@ void sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const a
                 const at::Tensor& top_k, const at::Tensor& seeds, const at::Tensor& offsets, at::Tensor& tokens,
                 at::Tensor& logprobs) {
   check_sample_args(logits, temperature, top_p, top_k, seeds, offsets, tokens, logprobs);
-  const SampleBatch batch{logits.size(1),
-                          temperature.const_data_ptr<float>(),
-                          top_p.const_data_ptr<float>(),
-                          top_k.const_data_ptr<int64_t>(),
-                          seeds.const_data_ptr<int64_t>(),
-                          offsets.const_data_ptr<int64_t>(),
-                          tokens.mutable_data_ptr<int64_t>(),
-                          logprobs.mutable_data_ptr<float>()};
+  const SampleBatch batch{.vocab = logits.size(1),
+                          .temperature = temperature.const_data_ptr<float>(),
+                          .top_p = top_p.const_data_ptr<float>(),
+                          .top_k = top_k.const_data_ptr<int64_t>(),
+                          .seeds = seeds.const_data_ptr<int64_t>(),
+                          .offsets = offsets.const_data_ptr<int64_t>(),
+                          .tokens = tokens.mutable_data_ptr<int64_t>(),
+                          .logprobs = logprobs.mutable_data_ptr<float>()};
   MG_DISPATCH_FLOAT_TYPES(logits.scalar_type(), "sample_cpu", [&] {
     const scalar_t* data = logits.const_data_ptr<scalar_t>();
     at::parallel_for(0, logits.size(0), 1,

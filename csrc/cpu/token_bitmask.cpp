@@ -1,6 +1,5 @@
 // apply_token_bitmask on CPU: rows split across threads; a word with every bit set (the usual case
-// inside a JSON string, and every row without a grammar) costs one test. Also the argument checks
-// both backends share (declared in ops.h).
+// inside a JSON string, and every row without a grammar) costs one test.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -15,23 +14,6 @@
 #include "ops.h"
 
 namespace mistral_grpc {
-
-void check_apply_token_bitmask_args(const at::Tensor& logits, const at::Tensor& bitmask) {
-  constexpr const char* op = "apply_token_bitmask";
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [B, V] (got shape ", logits.sizes(), ")");
-  const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-              ": logits must be float32, bfloat16 or float16 (got ", dtype, ")");
-  TORCH_CHECK(logits.is_contiguous(), op, ": logits must be contiguous");
-  TORCH_CHECK(bitmask.scalar_type() == at::kInt, op, ": bitmask must be int32 (got ", bitmask.scalar_type(), ")");
-  const int64_t words = token_mask_words(logits.size(1));
-  TORCH_CHECK(bitmask.dim() == 2 && bitmask.size(0) == logits.size(0) && bitmask.size(1) == words, op,
-              ": bitmask must be [B, ceil(V / 32)] = [", logits.size(0), ", ", words, "] for logits of shape ",
-              logits.sizes(), " (got shape ", bitmask.sizes(), ")");
-  TORCH_CHECK(bitmask.is_contiguous(), op, ": bitmask must be contiguous");
-  TORCH_CHECK(bitmask.device() == logits.device(), op, ": bitmask must be on logits' device (", logits.device(),
-              "), got ", bitmask.device());
-}
 
 namespace {
 

@@ -178,18 +178,18 @@ void paged_attention_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor
               ", got ", head_dim);
   const c10::cuda::CUDAGuard guard(q.device());
   if (q.size(0) == 0 || q.size(1) == 0 || head_dim == 0 || block_tables.size(0) == 0) return;
-  const AttentionShape shape{out.stride(0),
-                             q.stride(0),
-                             k_cache.size(0),
-                             sliding_window,
-                             static_cast<int>(block_tables.size(0)),
-                             static_cast<int>(k_cache.size(2)),
-                             static_cast<int>(q.size(1) / k_cache.size(2)),
-                             static_cast<int>(head_dim),
-                             static_cast<int>(k_cache.size(1)),
-                             static_cast<int>(block_tables.size(1)),
-                             static_cast<float>(scale) * kLog2e,
-                             false};
+  const AttentionShape shape{.out_token_stride = out.stride(0),
+                             .q_token_stride = q.stride(0),
+                             .num_blocks = k_cache.size(0),
+                             .sliding_window = sliding_window,
+                             .num_seqs = static_cast<int>(block_tables.size(0)),
+                             .num_kv_heads = static_cast<int>(k_cache.size(2)),
+                             .group = static_cast<int>(q.size(1) / k_cache.size(2)),
+                             .head_dim = static_cast<int>(head_dim),
+                             .block_size = static_cast<int>(k_cache.size(1)),
+                             .max_blocks = static_cast<int>(block_tables.size(1)),
+                             .scale_log2 = static_cast<float>(scale) * kLog2e,
+                             .packed = false};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Elements per lane: head_dim / 32 rounded up to a power of two, so a lane's slice can be one pack.
   const int64_t per_lane = (head_dim + cuda::kWarpSize - 1) / cuda::kWarpSize;

@@ -51,8 +51,11 @@ void reshape_and_cache_cuda(const at::Tensor& k, const at::Tensor& v, at::Tensor
   check_reshape_and_cache_args(k, v, k_cache, v_cache, slot_mapping);
   const c10::cuda::CUDAGuard guard(k_cache.device());
   if (k.size(0) == 0 || k.numel() == 0) return;
-  const CacheShape shape{k.stride(0), v.stride(0), k_cache.size(0) * k_cache.size(1),
-                         static_cast<int>(k_cache.size(2)), static_cast<int>(k_cache.size(3))};
+  const CacheShape shape{.k_token_stride = k.stride(0),
+                         .v_token_stride = v.stride(0),
+                         .num_slots = k_cache.size(0) * k_cache.size(1),
+                         .num_kv_heads = static_cast<int>(k_cache.size(2)),
+                         .head_dim = static_cast<int>(k_cache.size(3))};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Pack boundaries must fall on cache rows and on source token rows alike.
   const int64_t granularity =

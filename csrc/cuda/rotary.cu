@@ -59,8 +59,12 @@ __global__ void rotary_kernel(const int64_t* __restrict__ positions, T* __restri
 template <typename T, typename C>
 void launch_rotary(const at::Tensor& positions, at::Tensor& q, at::Tensor& k, const at::Tensor& cos_sin_cache,
                    cudaStream_t stream) {
-  const RotaryShape shape{q.stride(0), k.stride(0), cos_sin_cache.size(0), static_cast<int>(q.size(1)),
-                          static_cast<int>(k.size(1)), static_cast<int>(q.size(2))};
+  const RotaryShape shape{.q_token_stride = q.stride(0),
+                          .k_token_stride = k.stride(0),
+                          .max_position = cos_sin_cache.size(0),
+                          .num_q_heads = static_cast<int>(q.size(1)),
+                          .num_kv_heads = static_cast<int>(k.size(1)),
+                          .head_dim = static_cast<int>(q.size(2))};
   // Packs start at token, head and half-row offsets: all must be whole packs.
   const int64_t granularity = std::gcd(std::gcd(q.size(2) / 2, q.stride(0)), k.stride(0));
   cuda::with_pack_width<T>({q.data_ptr(), k.data_ptr()}, granularity, [&](auto pack) {

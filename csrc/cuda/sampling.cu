@@ -155,10 +155,10 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* x = logits + row * vocab;
   const auto logit = [x](int64_t i) { return sanitize_logit(static_cast<float>(x[i])); };
 
-  ArgMax best{-INFINITY, vocab};
+  ArgMax best{.value = -INFINITY, .index = vocab};
   for (int64_t i = threadIdx.x; i < vocab; i += kThreads) {
     const float v = logit(i);
-    if (greedy_prefers(v, i, best.value, best.index)) best = {v, i};
+    if (greedy_prefers(v, i, best.value, best.index)) best = {.value = v, .index = i};
   }
   best = block.argmax(best);
   const float max_logit = best.value;
