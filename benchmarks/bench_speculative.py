@@ -57,8 +57,8 @@ def cases(reference: list[int]) -> dict[str, list[int] | None]:
 
 def worker(model_dir: str, dtype: str, quantization: str, drafts: int, engines: list[str], decode_tokens: int,
            rounds: int, reference_path: str) -> dict:
-    """Best decode tokens/s of each engine in `engines` on each case. The plain engine, where it runs,
-    writes the reference output; otherwise it is read from reference_path."""
+    """Best decode tokens/s of each engine in `engines` on each case. Every run's tokens must equal the
+    reference: the output an earlier process wrote to reference_path, else the first engine's, written there."""
     from mistral_grpc.engine.args import EngineArgs
     from mistral_grpc.engine.engine import LLMEngine
     from mistral_grpc.engine.request import GenerationRequest
@@ -92,13 +92,13 @@ def worker(model_dir: str, dtype: str, quantization: str, drafts: int, engines: 
             await engine.start()
             await one(engine, prompt(PROMPT_LEN, 99), "warm")
         ids = prompt(PROMPT_LEN)
-        if "plain" in running:
-            _, reference, _ = await one(running["plain"], ids, "reference")
-            with open(reference_path, "w") as out:
-                json.dump(reference, out)
-        else:
+        if os.path.exists(reference_path):  # an earlier process's output: every run must give it
             with open(reference_path) as f:
                 reference = json.load(f)
+        else:
+            _, reference, _ = await one(next(iter(running.values())), ids, "reference")
+            with open(reference_path, "w") as out:
+                json.dump(reference, out)
         best: dict[str, dict[str, float]] = {name: {} for name in running}
         drafts: dict[str, tuple[int, int]] = {}  # the speculative engine's (accepted, verified) per case
         streams_case = f"{STREAMS} streams, prompt lookup"
@@ -146,15 +146,19 @@ def weight_bytes(model: str, dtype: str, quantization: str) -> float:
 
 
 def measure(model_dir: str, model: str, dtype: str, quantization: str, drafts: int, rounds: int,
-            scratch: str) -> dict:
-    """{engine: {case: best tok/s}}: both engines in one process where two copies of the weights fit."""
+            scratch: str, spec_first: bool) -> dict:
+    """{engine: {case: best tok/s}}: both engines in one process where two copies of the weights fit, else
+    one process each, the plain one first unless spec_first (which goes first can change the numbers:
+    docs/speculative.md)."""
     reference = os.path.join(scratch, "reference.json")
     common = dict(model_dir=model_dir, dtype=dtype, quantization=quantization, drafts=drafts,
                   decode_tokens=DECODE_TOKENS[model], rounds=rounds, reference_path=reference)
     if weight_bytes(model, dtype, quantization) <= MAX_SHARED_WEIGHT_BYTES:
         return run_worker(engines=list(ENGINES), **common)
-    plain = run_worker(engines=["plain"], **common)
-    return {**plain, **run_worker(engines=["spec"], **common)}
+    best = {}
+    for name in (reversed(ENGINES) if spec_first else ENGINES):
+        best.update(run_worker(engines=[name], **common))
+    return best
 
 
 def main() -> None:
@@ -166,6 +170,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each case per engine (the best is kept)")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/mistral-grpc-bench"),
                         help="where bench_quant.py keeps the 7B-geometry model (built there if missing)")
+    parser.add_argument("--spec-first", action="store_true",
+                        help="where the engines run in two processes, start with the speculative one")
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--engines", nargs="+", choices=ENGINES)
     parser.add_argument("--decode-tokens", type=int)
@@ -191,7 +197,8 @@ def main() -> None:
                     model_dir = os.path.join(args.cache_dir, "mistral-7b-random-bf16")
                     if not os.path.exists(os.path.join(model_dir, "config.json")):
                         build_7b_model(model_dir)
-                best = measure(model_dir, model, dtype, quantization, args.drafts, args.rounds, scratch)
+                best = measure(model_dir, model, dtype, quantization, args.drafts, args.rounds, scratch,
+                               args.spec_first)
             weights = dtype if quantization == "none" else quantization
             for case, plain in best["plain"].items():
                 spec = best["spec"][case]
