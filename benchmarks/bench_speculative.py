@@ -3,9 +3,9 @@
 Models: the 175M Mistral-geometry model of bench_engine.py (float32 and bfloat16) and the random model of
 Mistral-7B's geometry that bench_quant.py builds and caches (bfloat16, and int4 with --quantization).
 Two engines on the same weights, one plain (--speculative-tokens 0) and one speculative (K drafts, prompt
-lookup on), run each case in turn, alternating, `--rounds` times; the table keeps each one's best. Both
-engines share one process where the weights fit twice in memory, else (the 7B model in bf16) each runs in its
-own process, one after the other. Cases, all greedy, 128-token prompt:
+lookup on), run each case in turn, `--rounds` times, which goes first alternating by round; the table keeps
+each one's best. Both engines share one process where the weights fit twice in memory, else (the 7B model
+in bf16) each runs in its own process, one after the other. Cases, all greedy, 128-token prompt:
 
 - right prediction: the prediction is the model's own output (every draft right: the best case);
 - half-right: right for the first half, unrelated tokens after;
@@ -103,14 +103,17 @@ def worker(model_dir: str, dtype: str, quantization: str, drafts: int, engines: 
         drafts: dict[str, tuple[int, int]] = {}  # the speculative engine's (accepted, verified) per case
         streams_case = f"{STREAMS} streams, prompt lookup"
         for r in range(rounds):
+            # Which engine goes first alternates by round: the one that runs second may find the caches
+            # and the host's bandwidth in a different state.
+            order = list(running.items())[::-1 if r % 2 else 1]
             for case, prediction in cases(reference).items():
-                for name, engine in running.items():
+                for name, engine in order:
                     marks, tokens, counts = await one(engine, ids, f"{case}{r}", prediction)
                     assert tokens == reference, f"{name} {case}: speculation changed the output"
                     best[name][case] = max(best[name].get(case, 0.0), rate(marks))
                     if name == "spec":
                         drafts[case] = counts
-            for name, engine in running.items():
+            for name, engine in order:
                 streams = await asyncio.gather(*(one(engine, prompt(PROMPT_LEN, 100 + i), f"s{r}.{i}")
                                                  for i in range(STREAMS)))
                 best[name][streams_case] = max(best[name].get(streams_case, 0.0),
