@@ -13,6 +13,7 @@ import pytest
 from fake_engine import FakeEngine, choice_text
 from mistral_grpc import cli
 from mistral_grpc.engine.args import EngineArgs
+from mistral_grpc.model import linear
 from mistral_grpc.server import cli as serve_cli
 
 LONG = tuple(f" w{i}" for i in range(2000))
@@ -126,7 +127,7 @@ def test_serve_rejects_bad_values_at_startup(flags, message, capsys):
 def test_quantization_on_cuda_is_a_usage_error_only_without_the_cuda_kernels(monkeypatch, capsys):
     """With the CUDA kernels built, --quantization on CUDA gets past the flags (to the missing model here)."""
     for built in (False, True):
-        monkeypatch.setattr(serve_cli, "cuda_quantized_kernels_built", lambda: built)
+        monkeypatch.setattr(linear, "cuda_quantized_kernels_built", lambda: built)
         error = _usage_error(["--quantization", "int4", "--device", "cuda", "--model", "/no/such/model"], capsys)
         expected = ("argument --quantization: int4 on CUDA needs the extension built with its CUDA kernels "
                     "(this build has the CPU's only)") if not built else "argument --model: no such directory"

@@ -59,13 +59,18 @@ def cuda_quantized_kernels_built() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("mistral_grpc::linear", "CUDA")
 
 
+def check_cuda_quantized_kernels(what: str) -> None:
+    """Raises QuantizationError unless the extension has its CUDA kernels (for every activation dtype:
+    float32, bfloat16 and float16)."""
+    if not cuda_quantized_kernels_built():
+        raise QuantizationError(f"{what} on CUDA needs the extension built with its CUDA kernels "
+                                f"(this build has the CPU's only)")
+
+
 def _check_quantized_kernels(what: str, device: torch.device | str, dtype: torch.dtype) -> None:
     device_type = torch.device(device).type
     if device_type == "cuda":
-        # float32, bfloat16 and float16 activations all have CUDA kernels.
-        if not cuda_quantized_kernels_built():
-            raise QuantizationError(f"{what} on CUDA needs the extension built with its CUDA kernels "
-                                    f"(this build has the CPU's only)")
+        check_cuda_quantized_kernels(what)
         return
     if device_type != "cpu":
         raise QuantizationError(f"{what} runs on the CPU and CUDA only (got --device {device})")

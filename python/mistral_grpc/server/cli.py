@@ -15,7 +15,7 @@ from typing import NoReturn
 from mistral_grpc.argtypes import whole_number
 from mistral_grpc.engine.args import EngineArgs, parse_bytes
 from mistral_grpc.engine.engine import LLMEngine
-from mistral_grpc.model.linear import QUANTIZATION_SCHEMES, cuda_quantized_kernels_built
+from mistral_grpc.model.linear import QUANTIZATION_SCHEMES, QuantizationError, check_cuda_quantized_kernels
 from mistral_grpc.server.app import ServeOptions, StartupError, StoppedBySignal, serve
 from mistral_grpc.server.auth import read_api_key
 
@@ -100,9 +100,11 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.tls_cert is None) != (args.tls_key is None):
         usage_error("--tls-cert and --tls-key go together")
-    if args.quantization != "none" and args.device == "cuda" and not cuda_quantized_kernels_built():
-        usage_error(f"argument --quantization: {args.quantization} on CUDA needs the extension built with its CUDA "
-                    f"kernels (this build has the CPU's only)")
+    if args.quantization != "none" and args.device == "cuda":
+        try:
+            check_cuda_quantized_kernels(args.quantization)
+        except QuantizationError as error:
+            usage_error(f"argument --quantization: {error}")
     if args.model != "demo" and not os.path.isdir(args.model):
         usage_error(f"argument --model: no such directory: {args.model!r} (or 'demo' for the demo model)")
     try:
