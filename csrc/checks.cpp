@@ -105,7 +105,7 @@ void check_group_size(const char* op, int bits, int64_t group_size) {
     return;
   }
   if (group_size == 0) return;
-  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128, op,
+  TORCH_CHECK(quant::is_int4_group_size(group_size), op,
               ": int4 group_size must be 32, 64 or 128 (0: ", quant::kDefaultInt4Group, "), got ", group_size);
 }
 
@@ -435,7 +435,7 @@ linear::PackedHeader check_packed_weight(const char* op, const at::Tensor& packe
                      header.k > 0 && (dense ? header.activation == header.dtype : quant_header_valid(header));
   const int64_t bytes = !known ? -1
                         : dense ? packed_bytes(header.dtype, header.kind, header.n, header.k)
-                                : quant_packed_bytes(header);
+                                : quant::packed_bytes(header);
   TORCH_CHECK(known && packed.numel() == bytes, op,
               ": the packed weight is corrupt or was not made by pack_linear_weight / pack_gate_up_weight / "
               "quantize_linear_weight / quantize_gate_up_weight");
@@ -467,7 +467,8 @@ void check_linear_args(const char* op, const at::Tensor& out, const at::Tensor& 
 }
 
 void check_read_bandwidth_args(const at::Tensor& buffer, int64_t repeats) {
-  TORCH_CHECK(buffer.device().is_cpu() && buffer.is_contiguous(), "read_bandwidth: buffer must be a contiguous CPU tensor");
+  TORCH_CHECK(buffer.device().is_cpu() && buffer.is_contiguous(),
+              "read_bandwidth: buffer must be a contiguous CPU tensor");
   TORCH_CHECK(repeats >= 1, "read_bandwidth: repeats must be >= 1, got ", repeats);
   TORCH_CHECK(buffer.nbytes() >= linear::kStepBytes, "read_bandwidth: buffer must hold at least ", linear::kStepBytes,
               " bytes");

@@ -30,6 +30,8 @@
 
 #include <cstdint>
 
+#include "common/linear_pack.h"
+
 namespace mistral_grpc::quant {
 
 constexpr int64_t kTileRows = 16;
@@ -84,6 +86,35 @@ C10_HOST_DEVICE constexpr Geometry geometry(int bits, int64_t k, int64_t group_s
     return Geometry{.bits = 8, .group_size = padded, .padded_k = padded, .units = units};
   }
   return Geometry{.bits = 4, .group_size = group_size, .padded_k = round_up(k, group_size), .units = units};
+}
+
+C10_HOST_DEVICE constexpr bool is_int4_group_size(int64_t group_size) {
+  return group_size == 32 || group_size == 64 || group_size == 128;
+}
+
+// The bits of a quantized WeightDtype (kInt8 or kInt4).
+C10_HOST_DEVICE constexpr int bits_of(linear::WeightDtype dtype) { return dtype == linear::WeightDtype::kInt8 ? 8 : 4; }
+
+// The geometry a quantized pack's header describes.
+C10_HOST_DEVICE constexpr Geometry header_geometry(const linear::PackedHeader& header) {
+  return geometry(bits_of(header.dtype), header.k, header.group_size,
+                  header.kind == linear::PackKind::kGateUp ? 2 : 1);
+}
+
+// Whether a quantized header's scheme is one the quantize and pack ops make: int8 in one group of the
+// padded K, or int4 in groups of 32, 64 or 128.
+C10_HOST_DEVICE constexpr bool scheme_valid(const linear::PackedHeader& header) {
+  if (header.dtype == linear::WeightDtype::kInt8) return header.group_size == round_up(header.k, kActBlock);
+  return header.dtype == linear::WeightDtype::kInt4 && is_int4_group_size(header.group_size);
+}
+
+// The bytes of a quantized pack of n rows: the header and the tiles.
+C10_HOST_DEVICE constexpr int64_t packed_bytes(const Geometry& geo, int64_t n) {
+  return linear::kHeaderBytes + (n + kTileRows - 1) / kTileRows * geo.tile_bytes();
+}
+
+C10_HOST_DEVICE constexpr int64_t packed_bytes(const linear::PackedHeader& header) {
+  return packed_bytes(header_geometry(header), header.n);
 }
 
 // Row j's q value at K offset kk of a group whose q lines start at `lines`.

@@ -78,31 +78,12 @@ C10_HOST_DEVICE constexpr linear::WeightDtype activation_of() {
   return linear::WeightDtype::kFloat16;
 }
 
-C10_HOST_DEVICE constexpr int64_t packed_bytes(const Geometry& geo, int64_t n) {
-  return linear::kHeaderBytes + (n + kTileRows - 1) / kTileRows * geo.tile_bytes();
-}
-
-C10_HOST_DEVICE constexpr Geometry header_geometry(const linear::PackedHeader& header) {
-  return geometry(header.dtype == linear::WeightDtype::kInt8 ? 8 : 4, header.k, header.group_size,
-                  header.kind == linear::PackKind::kGateUp ? 2 : 1);
-}
-
 // Whether `header` is that of a quantized pack of `bytes` bytes for `kind` which multiplies x [*, k] of
 // dtype `activation` into out [*, n]: what the kernels check on the device, where the host cannot read it.
 C10_HOST_DEVICE constexpr bool header_matches(const linear::PackedHeader& header, linear::PackKind kind, int64_t n,
                                               int64_t k, linear::WeightDtype activation, int64_t bytes) {
-  using linear::WeightDtype;
-  if (header.magic != linear::kPackedMagic || header.kind != kind || header.n != n || header.k != k ||
-      header.activation != activation || n <= 0 || k <= 0) {
-    return false;
-  }
-  if (header.dtype == WeightDtype::kInt8) {
-    if (header.group_size != round_up(k, kActBlock)) return false;
-  } else if (header.dtype != WeightDtype::kInt4 ||
-             (header.group_size != 32 && header.group_size != 64 && header.group_size != 128)) {
-    return false;
-  }
-  return packed_bytes(header_geometry(header), n) == bytes;
+  return header.magic == linear::kPackedMagic && header.kind == kind && header.n == n && header.k == k &&
+         header.activation == activation && n > 0 && k > 0 && scheme_valid(header) && packed_bytes(header) == bytes;
 }
 
 // Whether `bytes` is the size of some quantized pack (int8, or int4 in any group size) of `units` [n, k]

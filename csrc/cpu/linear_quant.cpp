@@ -23,12 +23,6 @@
 namespace mistral_grpc::linear {
 namespace {
 
-int bits_of(WeightDtype dtype) { return dtype == WeightDtype::kInt8 ? 8 : 4; }
-
-quant::Geometry geometry_of(const PackedHeader& header) {
-  return quant::geometry(bits_of(header.dtype), header.k, header.group_size, units_per_tile(header.kind));
-}
-
 // ---- quantizing a weight ----------------------------------------------------------------------
 
 struct RowParams {
@@ -127,10 +121,11 @@ std::pair<at::Tensor, quant::Geometry> empty_pack(WeightDtype dtype, int64_t uni
   header.n = n;
   header.k = k;
   header.activation = activation;
-  const quant::Geometry geo = quant::geometry(bits_of(dtype), k, quant::group_size_for(bits_of(dtype), group_size),
-                                              units_per_tile(header.kind));
+  const int bits = quant::bits_of(dtype);
+  const quant::Geometry geo =
+      quant::geometry(bits, k, quant::group_size_for(bits, group_size), units_per_tile(header.kind));
   header.group_size = static_cast<uint32_t>(geo.group_size);
-  at::Tensor packed = zeroed_bytes(quant_packed_bytes(header));
+  at::Tensor packed = zeroed_bytes(quant::packed_bytes(geo, n));
   std::memcpy(packed.data_ptr<uint8_t>(), &header, sizeof header);
   return {packed, geo};
 }
@@ -291,20 +286,14 @@ void quantize_rows(const at::Tensor& x, const quant::Geometry& geo, QuantizedRow
 bool quant_header_valid(const PackedHeader& header) {
   const bool float_activation =
       header.activation == WeightDtype::kFloat32 || header.activation == WeightDtype::kBFloat16;
-  if (!float_activation || header.n <= 0 || header.k <= 0) return false;
-  if (header.dtype == WeightDtype::kInt8) return header.group_size == quant::round_up(header.k, quant::kActBlock);
-  return header.group_size == 32 || header.group_size == 64 || header.group_size == 128;
-}
-
-int64_t quant_packed_bytes(const PackedHeader& header) {
-  return kHeaderBytes + tiles_for(header.n) * geometry_of(header).tile_bytes();
+  return float_activation && header.n > 0 && header.k > 0 && quant::scheme_valid(header);
 }
 
 void run_quant(const QuantKernelSet& kernels, const PackedHeader& header, at::Tensor& out, const at::Tensor& x,
                const at::Tensor& packed) {
   const int64_t rows = x.size(0);
   if (rows == 0) return;
-  const quant::Geometry geo = geometry_of(header);
+  const quant::Geometry geo = quant::header_geometry(header);
   thread_local QuantizedRows quantized;
   quantize_rows(x, geo, quantized);
   const QuantProblem problem{.tiles = packed.data_ptr<uint8_t>() + kHeaderBytes,
@@ -324,7 +313,7 @@ void run_quant(const QuantKernelSet& kernels, const PackedHeader& header, at::Te
 }
 
 at::Tensor dequantize_packed(const PackedHeader& header, const at::Tensor& packed) {
-  const quant::Geometry geo = geometry_of(header);
+  const quant::Geometry geo = quant::header_geometry(header);
   at::Tensor weight = at::empty({header.n * geo.units, header.k}, at::TensorOptions().dtype(at::kFloat));
   float* w = weight.data_ptr<float>();
   const uint8_t* tiles = packed.data_ptr<uint8_t>() + kHeaderBytes;

@@ -9,9 +9,8 @@
 
 namespace mistral_grpc::linear {
 
-// Whether a quantized header is one quantize_*_weight can make, and the bytes its pack then holds.
+// Whether a quantized header is one the CPU's quantize and pack ops can make (quant::packed_bytes: its bytes).
 bool quant_header_valid(const PackedHeader& header);
-int64_t quant_packed_bytes(const PackedHeader& header);
 // out [T, N or F] from x [T, K] (checked by the caller against the header) on the given kernels.
 void run_quant(const QuantKernelSet& kernels, const PackedHeader& header, at::Tensor& out, const at::Tensor& x,
                const at::Tensor& packed);

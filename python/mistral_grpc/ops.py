@@ -112,7 +112,7 @@ _SCHEME_BITS = {"int8": 8, "int4": 4}
 
 
 def _quantized_weight_bytes(weight: torch.Tensor, bits: int, group_size: int, units: int) -> int:
-    """quant_packed_bytes() of csrc/cpu/linear_quant.cpp: a 64-byte header, then per 16 rows, per group of
+    """quant::packed_bytes() of csrc/common/quant.h: a 64-byte header, then per 16 rows, per group of
     K and unit, a params line and the group's q lines (4 K values a line in int8, 8 in int4)."""
     n, k = weight.shape
     if bits == 8:
