@@ -46,8 +46,8 @@ void check_sample_args(const at::Tensor& logits, const at::Tensor& temperature, 
                        const at::Tensor& tokens, const at::Tensor& logprobs);
 void check_apply_token_bitmask_args(const at::Tensor& logits, const at::Tensor& bitmask);
 
-// Linear layers on CPU packs (CUDA runs a float weight as is, a quantized pack below). The dtype of x and out for a packed weight
-// of the given activation WeightDtype (float32 or bfloat16).
+// Linear layers on CPU packs (CUDA runs a float weight as is, a quantized pack below). The dtype of x
+// and out for a packed weight of the given activation WeightDtype (float32 or bfloat16).
 at::ScalarType torch_dtype(linear::WeightDtype dtype);
 void check_pack_linear_weight_args(const at::Tensor& weight);
 void check_pack_gate_up_weight_args(const at::Tensor& gate, const at::Tensor& up);

@@ -31,7 +31,8 @@ PackedHeader checked_header(const char* op, const at::Tensor& packed, PackKind k
   std::memcpy(&header, packed.const_data_ptr<uint8_t>(), sizeof header);
   TORCH_CHECK(quant::header_matches(header, kind, n, k, quant::activation_of<T>(), packed.numel()), op,
               ": the packed weight's header does not describe a quantized ",
-              kind == PackKind::kGateUp ? "gate_up " : "", "[", n, ", ", k, "] pack for ", c10::CppTypeToScalarType<T>::value,
+              kind == PackKind::kGateUp ? "gate_up " : "", "[", n, ", ", k, "] pack for ",
+              c10::CppTypeToScalarType<T>::value,
               " x (the CUDA kernels stop on a device-side assert here)");
   return header;
 }
