@@ -184,10 +184,13 @@ def test_serve_start_failures_are_one_line(serve_fake):
 def test_chat_exits_130_without_a_traceback_on_ctrl_c(serve_fake):
     server = serve_fake(step_delay=0.02, pieces=LONG)
     # SIGINT as a terminal delivers it, even where the tests run in the background: a job started with
-    # `&` ignores SIGINT, the child would inherit that, and Python installs no Ctrl-C handler then.
-    chat = subprocess.Popen([sys.executable, "-m", "mistral_grpc.cli", "chat", "Hi", "--target", server.target],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # `&` ignores SIGINT, the child would inherit that, and Python installs no Ctrl-C handler then. So the
+    # child installs Python's own handler before it runs the CLI (not a preexec_fn: Python code between
+    # fork and exec in this process, which has gRPC's threads, may crash the child before it starts).
+    start_cli = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                 "sys.argv[0] = 'mistral-grpc'; runpy.run_module('mistral_grpc.cli', run_name='__main__')")
+    chat = subprocess.Popen([sys.executable, "-c", start_cli, "chat", "Hi", "--target", server.target],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         assert chat.stdout.read(4) == " w0 "  # the reply is streaming
         chat.send_signal(signal.SIGINT)
