@@ -4,12 +4,14 @@
 //   weight  w[n, k] ~= (q[n, k] - zero[n, g]) * scale[n, g],   g = k / group_size
 //     int8: symmetric, one group per row (per output channel): q = round(w / scale) + 128 in [1, 255],
 //           zero = 128, scale = max|w| / 127.
-//     int4: asymmetric groups of group_size (32, 64 or 128) along K: q in [0, 15],
-//           scale = (max - min) / 15, zero = round(-min / scale) in [0, 15], the range [min, max]
+//     int4: asymmetric groups of group_size (32, 64 or 128) along K: q in [0, 15], zero in sixteenths
+//           (kInt4ZeroStep) from 0 to 15 + 15/16, so the grid's minimum -zero * scale falls within
+//           scale / 32 of any value. The quantizer (cpu/quantize_weight.cpp) searches each row's
+//           scale and minimum for the least squared error, starting from the range [min, max]
 //           widened to hold 0.
-//   Scales are stored as fp16 rounded up, never below kMinScale (fp16's smallest normal), and q is
-//   computed against the stored scale: (q - zero) * scale is exactly the weight the kernels multiply,
-//   within scale / 2 of the source.
+//   Scales are stored as fp16, never below kMinScale (fp16's smallest normal), and q is computed
+//   against the stored scale and zero: (q - zero) * scale is exactly the weight the kernels multiply
+//   (int8: within scale / 2 of the source, the scale rounded up).
 //
 // Packed layout: a 64-byte PackedHeader (common/linear_pack.h), then per 16 output rows a tile; a
 // tile is its groups in K order, and per group (for gate_up: the gate unit, then the up unit) one
@@ -38,9 +40,10 @@ constexpr int64_t kTileRows = 16;
 constexpr int64_t kLineBytes = 64;
 constexpr int64_t kActBlock = 32;  // activation values per int8 scale
 constexpr int kInt8Zero = 128;
+constexpr float kInt4ZeroStep = 1.f / 16;  // an int4 zero byte counts these
 constexpr float kMinScale = 6.103515625e-05f;  // 2^-14
 
-// One line of a group's parameters: the 16 rows' scales and zero points.
+// One line of a group's parameters: the 16 rows' scales and zero points (stored as zero_point reads them).
 struct GroupParams {
   c10::Half scale[kTileRows];
   uint8_t zero[kTileRows];
@@ -135,6 +138,15 @@ C10_HOST_DEVICE inline void store_q(uint8_t* lines, int bits, int64_t j, int64_t
   lines[(kk / 8) * kLineBytes + j * 4 + i % 4] |= static_cast<uint8_t>(i < 4 ? q : q << 4);
 }
 
-C10_HOST_DEVICE inline float dequantize(int q, int zero, float scale) { return static_cast<float>(q - zero) * scale; }
+// The zero point a stored zero byte means: int8 the byte itself, int4 that many kInt4ZeroStep.
+C10_HOST_DEVICE inline float zero_point(int bits, uint8_t stored) {
+  return bits == 8 ? static_cast<float>(stored) : static_cast<float>(stored) * kInt4ZeroStep;
+}
+
+// Exact in fp32: q - zero has at most 13 significant bits (a whole number or sixteenths below 256),
+// and an fp16 scale 11.
+C10_HOST_DEVICE inline float dequantize(int q, float zero, float scale) {
+  return (static_cast<float>(q) - zero) * scale;
+}
 
 }  // namespace mistral_grpc::quant

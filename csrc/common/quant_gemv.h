@@ -113,11 +113,11 @@ C10_HOST_DEVICE inline void accumulate_quarter(const Quarter& words, const Group
                                                float (&sums)[kQuarterRows][Rows]) {
   constexpr int kValues = kWordValues<Bits>;
   float scale[kQuarterRows];
-  int zero[kQuarterRows];
+  float zero[kQuarterRows];
   MG_UNROLL
   for (int j = 0; j < kQuarterRows; ++j) {
     scale[j] = static_cast<float>(params.scale[quarter * kQuarterRows + j]);
-    zero[j] = params.zero[quarter * kQuarterRows + j];
+    zero[j] = zero_point(Bits, params.zero[quarter * kQuarterRows + j]);
   }
   MG_UNROLL
   for (int r = 0; r < Rows; ++r) {
@@ -130,7 +130,7 @@ C10_HOST_DEVICE inline void accumulate_quarter(const Quarter& words, const Group
       unpack_word<Bits>(words.word[j], q);
       float dot = 0.f;
       MG_UNROLL
-      for (int i = 0; i < kValues; ++i) dot += static_cast<float>(q[i] - zero[j]) * xs[i];
+      for (int i = 0; i < kValues; ++i) dot += (static_cast<float>(q[i]) - zero[j]) * xs[i];
       sums[j][r] += scale[j] * dot;
     }
   }
@@ -209,7 +209,7 @@ C10_HOST_DEVICE inline void dequantize_quarter(const uint8_t* tile, const Geomet
     if (row >= n) continue;
     const int tile_row = quarter * kQuarterRows + j;
     const float scale = static_cast<float>(params->scale[tile_row]);
-    const int zero = params->zero[tile_row];
+    const float zero = zero_point(Bits, params->zero[tile_row]);
     int q[kValues];
     unpack_word<Bits>(words.word[j], q);
     T* out = dense + (unit * n + row) * k;

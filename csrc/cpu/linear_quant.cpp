@@ -1,6 +1,7 @@
-// Quantized CPU linear layers: quantizing a float weight into the packed int8 / int4 layout of
-// common/quant.h (once, at load), and the call that quantizes x per kActBlock and runs the int8
-// dot-product kernels of cpu/linear_quant_<isa>.cpp over the weight's tiles.
+// Quantized CPU linear layers: the quantize and pack ops that make the packed int8 / int4 layout of
+// common/quant.h (once, at load; the quantizer itself is cpu/quantize_weight.cpp), and the call that
+// quantizes x per kActBlock and runs the int8 dot-product kernels of cpu/linear_quant_<isa>.cpp over
+// the weight's tiles.
 #include "cpu/linear_quant.h"
 
 #include <ATen/Parallel.h>
@@ -9,7 +10,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <utility>
@@ -23,89 +23,7 @@
 namespace mistral_grpc::linear {
 namespace {
 
-// ---- quantizing a weight ----------------------------------------------------------------------
-
-struct RowParams {
-  float scale;
-  int zero;
-};
-
-// The fp16 scale at or above `scale` (and kMinScale), so the values it was chosen for stay in range.
-float stored_scale(float scale) {
-  c10::Half half(std::max(scale, quant::kMinScale));
-  if (static_cast<float>(half) < scale) half.x += 1;  // positive and finite: the next fp16 up
-  return static_cast<float>(half);
-}
-
-RowParams int8_params(const float* w, int64_t count) {
-  float max_abs = 0.f;
-  for (int64_t i = 0; i < count; ++i) max_abs = std::max(max_abs, std::fabs(w[i]));
-  return {.scale = stored_scale(max_abs / 127.f), .zero = quant::kInt8Zero};
-}
-
-// The range spans 0, so the zero point is one of the 16 levels and every value rounds within scale / 2.
-RowParams int4_params(const float* w, int64_t count) {
-  const auto [low, high] = std::minmax_element(w, w + count);
-  const float lowest = std::min(*low, 0.f), highest = std::max(*high, 0.f);
-  const float scale = stored_scale((highest - lowest) / 15.f);
-  return {.scale = scale, .zero = static_cast<int>(std::clamp(std::nearbyint(-lowest / scale), 0.f, 15.f))};
-}
-
-int quantize_value(float w, RowParams params, int bits) {
-  const float q = std::nearbyint(w / params.scale) + static_cast<float>(params.zero);
-  return static_cast<int>(bits == 8 ? std::clamp(q, 1.f, 255.f) : std::clamp(q, 0.f, 15.f));
-}
-
-// Writes unit `unit` of every tile from `matrix` [rows, k] (float32, bfloat16 or float16).
-// Returns false if the matrix holds a NaN or an infinity.
-template <typename T>
-bool quantize_unit(uint8_t* tiles, const quant::Geometry& geo, const T* matrix, int64_t rows, int64_t k,
-                   int64_t unit) {
-  std::atomic<bool> finite{true};
-  at::parallel_for(0, tiles_for(rows), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(geo.padded_k);
-    for (int64_t t = begin; t < end; ++t) {
-      uint8_t* tile = tiles + t * geo.tile_bytes();
-      for (int64_t j = 0; j < std::min(kTileRows, rows - t * kTileRows); ++j) {
-        const T* source = matrix + (t * kTileRows + j) * k;
-        std::fill(std::transform(source, source + k, row.begin(), [](T v) { return static_cast<float>(v); }),
-                  row.end(), 0.f);
-        if (!std::all_of(row.begin(), row.end(), [](float v) { return std::isfinite(v); })) {
-          finite.store(false, std::memory_order_relaxed);
-          continue;
-        }
-        for (int64_t g = 0; g < geo.groups(); ++g) {
-          const float* w = row.data() + g * geo.group_size;
-          // K is padded to whole groups, so every group holds at least one of the row's values.
-          const int64_t valid = std::min(geo.group_size, k - g * geo.group_size);
-          const RowParams params = geo.bits == 8 ? int8_params(w, valid) : int4_params(w, valid);
-          uint8_t* group = tile + geo.group_offset(g, unit);
-          auto* gp = reinterpret_cast<quant::GroupParams*>(group);
-          gp->scale[j] = c10::Half(params.scale);
-          gp->zero[j] = static_cast<uint8_t>(params.zero);
-          uint8_t* lines = group + quant::kLineBytes;
-          for (int64_t kk = 0; kk < geo.group_size; ++kk) {
-            quant::store_q(lines, geo.bits, j, kk, quantize_value(w[kk], params, geo.bits));
-          }
-        }
-      }
-    }
-  });
-  return finite.load();
-}
-
-bool quantize_matrix(uint8_t* tiles, const quant::Geometry& geo, const at::Tensor& matrix, int64_t unit) {
-  const at::Tensor m = matrix.contiguous();
-  const int64_t rows = m.size(0), k = m.size(1);
-  switch (m.scalar_type()) {
-    case at::kFloat:
-      return quantize_unit(tiles, geo, m.data_ptr<float>(), rows, k, unit);
-    case at::kBFloat16:
-      return quantize_unit(tiles, geo, m.data_ptr<c10::BFloat16>(), rows, k, unit);
-    default:
-      return quantize_unit(tiles, geo, m.data_ptr<c10::Half>(), rows, k, unit);
-  }
-}
+// ---- quantizing a weight -----------------------------------------------------------------------
 
 // The WeightDtype of a (checked) quantization scheme: "int8" or "int4".
 WeightDtype scheme_dtype(c10::string_view scheme) { return scheme == "int8" ? WeightDtype::kInt8 : WeightDtype::kInt4; }
@@ -157,7 +75,7 @@ at::Tensor quantize_gate_up_weight(const at::Tensor& gate, const at::Tensor& up,
 // ---- packing values quantized elsewhere (pre-quantized checkpoints) ---------------------------
 
 // Writes unit `unit_index` of every tile: each row's scales (rounded to the nearest fp16), zero
-// points and q values, group by group.
+// points (int4: as sixteenths) and q values, group by group.
 void pack_unit(uint8_t* tiles, const quant::Geometry& geo, const QuantizedUnit& unit, int64_t unit_index) {
   const at::Tensor q = unit.q.contiguous(), zero = unit.zero.contiguous();
   const at::Tensor scale = unit.scale.to(at::kFloat).contiguous();
@@ -174,7 +92,8 @@ void pack_unit(uint8_t* tiles, const quant::Geometry& geo, const QuantizedUnit& 
           uint8_t* group = tile + geo.group_offset(g, unit_index);
           auto* gp = reinterpret_cast<quant::GroupParams*>(group);
           gp->scale[j] = c10::Half(scales[n * groups + g]);
-          gp->zero[j] = zeros[n * groups + g];
+          const uint8_t zero = zeros[n * groups + g];
+          gp->zero[j] = geo.bits == 8 ? zero : static_cast<uint8_t>(zero / quant::kInt4ZeroStep);
           const int64_t first = g * geo.group_size, valid = std::min(geo.group_size, k - first);
           for (int64_t kk = 0; kk < valid; ++kk) {
             quant::store_q(group + quant::kLineBytes, geo.bits, j, kk, q_rows[n * k + first + kk]);
@@ -326,7 +245,8 @@ at::Tensor dequantize_packed(const PackedHeader& header, const at::Tensor& packe
         const uint8_t* group = tile + geo.group_offset(kk / geo.group_size, unit);
         const auto* gp = reinterpret_cast<const quant::GroupParams*>(group);
         const int q = quant::q_at(group + quant::kLineBytes, geo.bits, j, kk % geo.group_size);
-        w[r * header.k + kk] = quant::dequantize(q, gp->zero[j], static_cast<float>(gp->scale[j]));
+        w[r * header.k + kk] =
+            quant::dequantize(q, quant::zero_point(geo.bits, gp->zero[j]), static_cast<float>(gp->scale[j]));
       }
     }
   });

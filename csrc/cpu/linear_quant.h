@@ -9,6 +9,9 @@
 
 namespace mistral_grpc::linear {
 
+// Quantizes `matrix` [rows, k] (float32, bfloat16 or float16) into unit `unit` of every tile of a zeroed
+// pack (cpu/quantize_weight.cpp). Returns false if the matrix holds a NaN or an infinity.
+bool quantize_matrix(uint8_t* tiles, const quant::Geometry& geo, const at::Tensor& matrix, int64_t unit);
 // Whether a quantized header is one the CPU's quantize and pack ops can make (quant::packed_bytes: its bytes).
 bool quant_header_valid(const PackedHeader& header);
 // out [T, N or F] from x [T, K] (checked by the caller against the header) on the given kernels.

@@ -92,14 +92,16 @@ struct Avx2 {
             .hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc.hi), dv, t.hi)};
   }
 
+  template <int kBits>
   static Params params(const uint8_t* line) {
     const auto* gp = reinterpret_cast<const quant::GroupParams*>(line);
     const __m128i scales_lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gp->scale));
     const __m128i scales_hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gp->scale + 8));
     const __m128i zeros = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gp->zero));
+    const __m256 step = _mm256_set1_ps(quant::zero_point(kBits, 1));
     return {.scale = {.lo = _mm256_cvtph_ps(scales_lo), .hi = _mm256_cvtph_ps(scales_hi)},
-            .zero = {.lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zeros)),
-                     .hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(zeros, 8)))}};
+            .zero = {.lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zeros)), step),
+                     .hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(zeros, 8))), step)}};
   }
 
   static void finish(float* res, FAcc t, const Params& params, float x_group) {

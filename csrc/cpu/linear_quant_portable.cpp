@@ -43,12 +43,13 @@ struct Portable {
     return t;
   }
 
+  template <int kBits>
   static Params params(const uint8_t* line) {
     const auto* gp = reinterpret_cast<const quant::GroupParams*>(line);
     Params params;
     for (int64_t j = 0; j < quant::kTileRows; ++j) {
       params.scale[j] = static_cast<float>(gp->scale[j]);
-      params.zero[j] = gp->zero[j];
+      params.zero[j] = quant::zero_point(kBits, gp->zero[j]);
     }
     return params;
   }

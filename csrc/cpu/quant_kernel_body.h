@@ -10,7 +10,7 @@
 //   line<kBits>(p)         a q line, unpacked as dot() wants it
 //   dot<kBits>(acc, line, x)   acc += each row's products with the 4 (int8) or 8 (int4) activations at x
 //   block(t, acc, d, x_sum)    t += d * acc (+ what dot() left out, e.g. an offset times x_sum)
-//   params(line)           the group's params line
+//   params<kBits>(line)    the group's params line, zero points as quant::zero_point reads them
 //   finish(res, t, params, x_group)   res[16] += scale * (t - zero * x_group)
 //
 // Every output is one chain of integer sums per block and one chain of fp32 fmas over the blocks
@@ -95,7 +95,7 @@ inline void quant_group_rows(const QuantProblem& p, const uint8_t* first, int64_
     for (int g = 0; g < G; ++g) {
 #pragma GCC unroll 32
       for (int u = 0; u < kUnits; ++u) {
-        const auto params = S::params(first + g * stream_stride + geo.group_offset(group, u));
+        const auto params = S::template params<kBits>(first + g * stream_stride + geo.group_offset(group, u));
 #pragma GCC unroll 32
         for (int m = 0; m < M; ++m) {
           S::finish(res(g, u, m), t[g][u][m], params, p.x_group[(row0 + m) * groups + group]);

@@ -43,41 +43,76 @@ def assert_matches(out: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(out.double(), expected, atol=tol * scale, rtol=tol)
 
 
-def scale_bound(weight: torch.Tensor, scheme: str, group_size: int) -> torch.Tensor:
-    """Each value's largest rounding error, scale / 2, from its row's (group's) range, scale rounded up
-    to fp16 and never below 2^-14; [N, K]."""
+def fp16_at_or_above(value: torch.Tensor) -> torch.Tensor:
+    half = value.half()
+    return torch.where(half.float() < value, torch.nextafter(half, torch.tensor(torch.inf, dtype=torch.half)),
+                       half).float()
+
+
+def int8_half_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Each value's largest int8 rounding error, scale / 2: max|row| / 127 rounded up to fp16, never
+    below 2^-14; [N, K]."""
+    w = weight.float()
+    scale = fp16_at_or_above((w.abs().amax(1, keepdim=True) / 127).clamp(min=2**-14))
+    return (scale / 2).expand_as(w)
+
+
+def group_squares(error: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The sum of squares of error [N, K] over each group of K; [N, groups]."""
+    n, k = error.shape
+    return F.pad(error.double() ** 2, (0, -k % group_size)).view(n, -1, group_size).sum(-1)
+
+
+def min_max_int4(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The plain int4 quantizer, dequantized: each group's range [min, max] widened to hold 0, scale =
+    range / 15 rounded up to fp16, a whole zero point, every value to its nearest level."""
     w = weight.float()
     n, k = w.shape
-    if scheme == "int8":
-        scale = (w.abs().amax(1, keepdim=True) / 127).expand(n, k)
-    else:
-        groups = F.pad(w, (0, -k % group_size)).view(n, -1, group_size)
-        span = groups.amax(-1).clamp(min=0) - groups.amin(-1).clamp(max=0)
-        scale = (span / 15).repeat_interleave(group_size, 1)[:, :k]
-    return scale.clamp(min=2**-14) * (1 + 2**-10) / 2
+    groups = F.pad(w, (0, -k % group_size)).view(n, -1, group_size)
+    low, high = groups.amin(-1, keepdim=True).clamp(max=0), groups.amax(-1, keepdim=True).clamp(min=0)
+    scale = fp16_at_or_above(((high - low) / 15).clamp(min=2**-14))
+    zero = torch.round(-low / scale).clamp(0, 15)
+    q = (torch.round(groups / scale) + zero).clamp(0, 15)
+    return ((q - zero) * scale).view(n, -1)[:, :k]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("scheme,group_size", SCHEMES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_dequantized_weights_are_within_half_a_scale(scheme: str, group_size: int, dtype: torch.dtype,
-                                                     shape: tuple[int, int]) -> None:
+def test_int8_weights_are_within_half_a_scale(dtype: torch.dtype, shape: tuple[int, int]) -> None:
     weight = random_weight(*shape, dtype)
-    dequantized = ops.unpack_linear_weight(ops.quantize_linear_weight(weight, scheme, group_size))
+    dequantized = ops.unpack_linear_weight(ops.quantize_linear_weight(weight, "int8"))
     assert dequantized.dtype == torch.float32 and dequantized.shape == weight.shape
     error = (dequantized - weight.float()).abs()
-    assert (error <= scale_bound(weight, scheme, group_size)).all()
-    # Not the source itself: the pack holds 8 or 4 bits a value.
+    assert (error <= int8_half_scale(weight) * (1 + 2**-20)).all()
+    # Not the source itself: the pack holds 8 bits a value.
     assert error.max() > 0
 
 
-@pytest.mark.parametrize("scheme,group_size,bound", [("int8", 0, 0.01), ("int4", 32, 0.1), ("int4", 128, 0.12)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int4_search_never_loses_to_min_max(group_size: int, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    """Per row and group, the searched parameters' squared error is at most the plain quantizer's, and
+    over the matrix it is clearly less (the partial last group of K included)."""
+    weight = random_weight(*shape, dtype)
+    source = weight.float()
+    dequantized = ops.unpack_linear_weight(ops.quantize_linear_weight(weight, "int4", group_size))
+    searched = group_squares(dequantized - source, group_size)
+    plain = group_squares(min_max_int4(weight, group_size) - source, group_size)
+    assert (searched <= plain * (1 + 1e-5) + 1e-15).all()
+    if weight.numel() >= 1000:
+        assert searched.sum() < 0.9 * plain.sum()
+
+
+@pytest.mark.parametrize("scheme,group_size,bound",
+                         [("int8", 0, 0.01), ("int4", 32, 0.0715), ("int4", 64, 0.083), ("int4", 128, 0.093)])
 def test_quantization_error_of_a_gaussian_matrix(scheme: str, group_size: int, bound: float) -> None:
-    """Relative Frobenius error: about 0.7% for int8 per channel, 8-10% for int4 groups."""
+    """Relative Frobenius error: about 0.87% for int8 per channel; int4 7.05% in groups of 32 (llama.cpp's
+    Q4_K: 7.13%; min-max ranges with whole zero points: 8.08%), 8.2% in 64, 9.1% in 128."""
     weight = torch.randn(256, 1024)
     dequantized = ops.unpack_linear_weight(ops.quantize_linear_weight(weight, scheme, group_size))
     error = ((dequantized - weight).norm() / weight.norm()).item()
-    assert bound / 3 < error < bound
+    assert bound * 0.7 < error < bound
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
