@@ -42,6 +42,9 @@ constexpr int64_t kActBlock = 32;  // activation values per int8 scale
 constexpr int kInt8Zero = 128;
 constexpr float kInt4ZeroStep = 1.f / 16;  // an int4 zero byte counts these
 constexpr float kMinScale = 6.103515625e-05f;  // 2^-14
+// The largest |weight| the quantizer takes: any group's range within it has an fp16 scale (fp16's
+// largest is 65504; int4 divides a range of up to twice this by 15, int8 a maximum by 127).
+constexpr float kMaxWeight = 65504.f * 7;
 
 // One line of a group's parameters: the 16 rows' scales and zero points (stored as zero_point reads them).
 struct GroupParams {

@@ -56,7 +56,8 @@ at::Tensor quantize(const char* op, const std::vector<at::Tensor>& units, c10::s
                                   first.size(1), activation, group_size);
   for (size_t u = 0; u < units.size(); ++u) {
     TORCH_CHECK(quantize_matrix(packed.data_ptr<uint8_t>() + kHeaderBytes, geo, units[u], static_cast<int64_t>(u)),
-                op, ": the weight holds a NaN or an infinity");
+                op, ": the weight holds a NaN or an infinity, or a value beyond +-", quant::kMaxWeight,
+                " (its scale would not fit in fp16)");
   }
   return packed;
 }

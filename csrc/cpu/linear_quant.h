@@ -10,7 +10,8 @@
 namespace mistral_grpc::linear {
 
 // Quantizes `matrix` [rows, k] (float32, bfloat16 or float16) into unit `unit` of every tile of a zeroed
-// pack (cpu/quantize_weight.cpp). Returns false if the matrix holds a NaN or an infinity.
+// pack (cpu/quantize_weight.cpp). Returns false if the matrix holds a NaN, an infinity or a value beyond
+// ±quant::kMaxWeight.
 bool quantize_matrix(uint8_t* tiles, const quant::Geometry& geo, const at::Tensor& matrix, int64_t unit);
 // Whether a quantized header is one the CPU's quantize and pack ops can make (quant::packed_bytes: its bytes).
 bool quant_header_valid(const PackedHeader& header);

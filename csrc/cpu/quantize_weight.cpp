@@ -203,20 +203,20 @@ MG_ALWAYS_INLINE void quantize_group(uint8_t* tile, const quant::Geometry& geo, 
 }
 
 // One tile of unit `unit` from `rows` rows of `matrix` (row stride k), through `values`, a scratch of
-// geo.padded_k vfloats. Returns false if the rows hold a NaN or an infinity.
+// geo.padded_k vfloats. Returns false if the rows hold a NaN, an infinity or a value beyond ±quant::kMaxWeight.
 template <int kBits, typename T>
 MG_CPU_CLONES bool quantize_tile(uint8_t* tile, const quant::Geometry& geo, const T* matrix, int64_t rows, int64_t k,
                                  int64_t unit, vfloat* values) {
   std::memset(static_cast<void*>(values), 0, geo.padded_k * sizeof(vfloat));
-  bool finite = true;
+  bool in_range = true;
   for (int64_t j = 0; j < rows; ++j) {
     for (int64_t kk = 0; kk < k; ++kk) {
       const float w = static_cast<float>(matrix[j * k + kk]);
-      finite = finite && std::isfinite(w);
+      in_range = in_range && std::fabs(w) <= quant::kMaxWeight;  // false for a NaN too
       values[kk][j] = w;
     }
   }
-  if (!finite) return false;
+  if (!in_range) return false;
   for (int64_t g = 0; g < geo.groups(); ++g) {
     // K is padded to whole groups, so every group holds at least one of the rows' values.
     const int64_t count = std::min(geo.group_size, k - g * geo.group_size);

@@ -222,11 +222,22 @@ def test_bad_quantize_arguments_are_clear_errors(call, message: str) -> None:
         call(random_weight(16, 64, torch.float32))
 
 
-def test_a_nan_weight_is_refused() -> None:
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -4.6e5])
+def test_a_weight_no_fp16_scale_can_hold_is_refused(scheme: str, value: float) -> None:
     weight = random_weight(20, 64, torch.float32)
-    weight[17, 3] = float("nan")
-    with pytest.raises(RuntimeError, match="holds a NaN or an infinity"):
-        ops.quantize_linear_weight(weight, "int4")
+    weight[17, 3] = value
+    with pytest.raises(RuntimeError, match=r"holds a NaN or an infinity, or a value beyond \+-458528"):
+        ops.quantize_linear_weight(weight, scheme)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_the_largest_weight_quantizes_to_finite_values(scheme: str) -> None:
+    weight = random_weight(20, 64, torch.float32)
+    weight[3, :2] = torch.tensor([-458528.0, 458528.0])
+    dequantized = ops.unpack_linear_weight(ops.quantize_linear_weight(weight, scheme))
+    assert dequantized.isfinite().all()
+    assert ((dequantized[3, :2] - weight[3, :2]).abs() <= 458528 / 7.5).all()
 
 
 def test_x_must_have_the_dtype_the_weight_was_quantized_from() -> None:
