@@ -54,6 +54,26 @@ def test_single_file_into_each_dtype(checkpoint, dtype):
     assert_weights_equal(load(path, dtype), state, dtype)
 
 
+def test_projections_can_be_read_on_another_device(checkpoint):
+    """What a quantized CUDA load does (projection_device="cpu"): each layer's projections are read on the
+    CPU, to be quantized there, and reach prepare_layer with their values; the rest goes to `device`
+    (here "meta", which takes the copies without memory, standing in for a GPU)."""
+    path, state = checkpoint
+    seen = []
+    weights = load_weights(path, MistralConfig.from_dir(path), torch.float32, "meta",
+                           prepare_layer=lambda layer: seen.append(layer) or layer, projection_device="cpu")
+    assert len(seen) == TINY["num_hidden_layers"]
+    assert weights.embed_tokens.is_meta and weights.lm_head.is_meta and weights.norm.is_meta
+    for i, layer in enumerate(seen):
+        p = f"model.layers.{i}."
+        assert layer.input_norm.is_meta and layer.post_attention_norm.is_meta
+        assert torch.equal(layer.qkv, torch.cat([state[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]))
+        assert torch.equal(layer.o_proj, state[p + "self_attn.o_proj.weight"])
+        gate_up = torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]])
+        assert torch.equal(layer.gate_up, gate_up)
+        assert torch.equal(layer.down_proj, state[p + "mlp.down_proj.weight"])
+
+
 def test_sharded_checkpoint_with_index(tmp_path):
     model = save_random_model(tmp_path, **TINY)
     state = model.state_dict()

@@ -49,7 +49,8 @@ class _Layer:
     def __init__(self, weights: LayerWeights, quantization: str = "none") -> None:
         self.input_norm = weights.input_norm
         self.post_attention_norm = weights.post_attention_norm
-        # A pre-quantized checkpoint's projections are read on the CPU: their packs go where the norms are.
+        # Projections to be quantized, and a pre-quantized checkpoint's, are read on the CPU: their packs go
+        # where the norms are.
         device = weights.input_norm.device
         self.qkv_proj = Linear.from_weight(weights.qkv, quantization, device)
         self.o_proj = Linear.from_weight(weights.o_proj, quantization, device)
@@ -98,8 +99,9 @@ class MistralDecoder:
             check_quantization(quantization, device, dtype)
         else:
             check_prequantized(config.quantization, quantization, device, dtype)
-        weights = load_weights(path, config, dtype, device,
-                               prepare_layer=lambda layer: _Layer(layer, quantization))
+        # Projections to be quantized are read on the CPU, where the quantize ops run.
+        weights = load_weights(path, config, dtype, device, prepare_layer=lambda layer: _Layer(layer, quantization),
+                               projection_device="cpu" if quantization != "none" else device)
         return cls(config, weights, quantization)
 
     @property

@@ -139,7 +139,8 @@ class Linear(_Projection):
     def from_weight(cls, weight: torch.Tensor | QuantizedWeight, quantization: str = "none",
                     device: torch.device | str = "cpu") -> "Linear":
         """A pre-quantized checkpoint's QuantizedWeight (CPU tensors) is packed as it is (`quantization` is not
-        applied) and moved to `device`; a float weight's layer stays on the weight's device."""
+        applied), and a float weight with `quantization` quantized on the CPU; either pack moves to `device`.
+        An unquantized float weight's layer stays on the weight's device."""
         n, k = weight.shape
         if isinstance(weight, QuantizedWeight):
             return cls(n, k, packed=_quantized_pack(
@@ -147,10 +148,10 @@ class Linear(_Projection):
                                                              weight.group_size, activation),
                 device, weight.activation))
         if quantization != "none":
-            check_quantization(quantization, weight.device, weight.dtype)
+            check_quantization(quantization, device, weight.dtype)
             return cls(n, k, packed=_quantized_pack(
                 lambda activation: ops.quantize_linear_weight(weight.to("cpu", activation), quantization),
-                weight.device, weight.dtype))
+                device, weight.dtype))
         if _packs(weight):
             return cls(n, k, packed=ops.pack_linear_weight(weight))
         return cls(n, k, weight=weight)
@@ -179,11 +180,11 @@ class GateUpSilu(_Projection):
                                                                      up.zero, gate.bits, gate.group_size, activation),
                 device, gate.activation))
         if quantization != "none":
-            check_quantization(quantization, gate.device, gate.dtype)
+            check_quantization(quantization, device, gate.dtype)
             return cls(f, k, packed=_quantized_pack(
                 lambda activation: ops.quantize_gate_up_weight(gate.to("cpu", activation), up.to("cpu", activation),
                                                                quantization),
-                gate.device, gate.dtype))
+                device, gate.dtype))
         if _packs(gate):
             return cls(f, k, packed=ops.pack_gate_up_weight(gate, up))
         return cls(f, k, weight=torch.cat([gate, up]))

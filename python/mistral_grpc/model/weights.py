@@ -75,8 +75,11 @@ class _Entry:
 
 def load_weights(model_dir: str | os.PathLike, config: MistralConfig, dtype: torch.dtype,
                  device: torch.device | str = "cpu",
-                 prepare_layer: Callable[[LayerWeights], Any] | None = None) -> MistralWeights:
-    """Reads every weight of `config`'s model from `model_dir` into `dtype` on `device`.
+                 prepare_layer: Callable[[LayerWeights], Any] | None = None,
+                 projection_device: torch.device | str | None = None) -> MistralWeights:
+    """Reads every weight of `config`'s model from `model_dir` into `dtype` on `device`; a layer's dense
+    projections on `projection_device` (default `device`): the CPU when prepare_layer quantizes them
+    there for another device, so they never reach it in `dtype`.
 
     Layers are read one at a time; with `prepare_layer` each goes through it as soon as it is read (the
     decoder packs or quantizes it there) and its dense copy can go, so the dense model need never be
@@ -85,6 +88,7 @@ def load_weights(model_dir: str | os.PathLike, config: MistralConfig, dtype: tor
     model_dir = os.fspath(model_dir)
     entries = _read_entries(model_dir)
     device = torch.device(device)
+    projection_device = device if projection_device is None else torch.device(projection_device)
     quantized_head = _quantized_modules(config, "lm_head", ("lm_head",)) if not config.tie_word_embeddings else {}
     weights, destinations = _allocate_globals(config, dtype, device, dense_head=not quantized_head)
     expected = dict(destinations)
@@ -96,7 +100,7 @@ def load_weights(model_dir: str | os.PathLike, config: MistralConfig, dtype: tor
     _check_against(entries, expected, specs, config)
     with _MappedFiles() as files:
         for i in range(config.num_hidden_layers):
-            layer = _empty_layer(config, dtype, device, quantized[i])
+            layer = _empty_layer(config, dtype, device, quantized[i], projection_device)
             for name, dest in sorted(_slots(i, layer, config).items(), key=lambda item: entries[item[0]].begin):
                 files.copy(entries[name], dest)
             for field, modules in quantized[i].items():
@@ -185,16 +189,18 @@ def _allocate_globals(config: MistralConfig, dtype: torch.dtype, device: torch.d
 
 
 def _empty_layer(config: MistralConfig, dtype: torch.dtype, device: torch.device,
-                 quantized: dict[str, Any] | None = None) -> LayerWeights:
-    """A layer's dense tensors, uninitialised; the `quantized` fields are None until read."""
+                 quantized: dict[str, Any] | None = None,
+                 projection_device: torch.device | None = None) -> LayerWeights:
+    """A layer's dense tensors, uninitialised, the projections on `projection_device` (default `device`);
+    the `quantized` fields are None until read."""
     h, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
     quantized = quantized or {}
 
-    def empty(*shape: int) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, device=device)
+    def empty(*shape: int, on: torch.device = device) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=on)
 
     def projection(field: str, *shape: int) -> torch.Tensor | None:
-        return None if field in quantized else empty(*shape)
+        return None if field in quantized else empty(*shape, on=projection_device or device)
 
     return LayerWeights(empty(h), projection("qkv", q + 2 * kv, h), projection("o_proj", h, q), empty(h),
                         projection("gate_up", 2 * f, h), projection("down_proj", h, f))
