@@ -34,6 +34,7 @@ struct Avx2 {
   // 16 ymm registers: 2 IAcc + FAcc pairs (4 registers each) and the line's 4.
   static constexpr int kStreams = 2;
   static constexpr int kRegisters = 2;
+  static constexpr int kInt4Registers = kRegisters;
 
   static IAcc izero() { return {.lo = _mm256_setzero_si256(), .hi = _mm256_setzero_si256()}; }
   static FAcc fzero() { return {.lo = _mm256_setzero_ps(), .hi = _mm256_setzero_ps()}; }

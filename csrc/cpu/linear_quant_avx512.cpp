@@ -23,6 +23,9 @@ struct Vnni {
   // the broadcasts and the nibble mask.
   static constexpr int kStreams = 4;
   static constexpr int kRegisters = 12;
+  // An int4 line is two zmm plus the nibble mask: 12 rows in one stream spill, and 8 (linear) / 4 (gate_up)
+  // run prefill about 1.7x faster.
+  static constexpr int kInt4Registers = 8;
   // (The maskz forms with every lane set: the plain conversions trip a false -Wmaybe-uninitialized in GCC 12.)
   static constexpr __mmask16 kAll = 0xffff;
 

@@ -20,6 +20,7 @@ struct Portable {
   using Line = const uint8_t*;
   static constexpr int kStreams = 1;
   static constexpr int kRegisters = 4;
+  static constexpr int kInt4Registers = kRegisters;
 
   static IAcc izero() { return IAcc{}; }
   static FAcc fzero() { return FAcc{}; }

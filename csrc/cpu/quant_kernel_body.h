@@ -6,6 +6,7 @@
 //   IAcc, FAcc             16 int32 / 16 fp32 lanes, one per output row of a tile
 //   Params                 a group's 16 scales and zero points, widened
 //   kStreams, kRegisters   tile sub-ranges read side by side; IAcc + FAcc pairs the registers hold
+//   kInt4Registers         the pairs for int4 in one stream (prefill), whose lines take more registers
 //   izero(), fzero()
 //   line<kBits>(p)         a q line, unpacked as dot() wants it
 //   dot<kBits>(acc, line, x)   acc += each row's products with the 4 (int8) or 8 (int4) activations at x
@@ -20,9 +21,10 @@
 // The int32 sums fit: a block is 32 products of at most 255 * 127.
 static_assert(quant::kActBlock * 255 * 127 < (int64_t{1} << 31));
 
-template <class S, int kUnits, int G>
+// Rows of x per register block: one IAcc + FAcc pair per row, unit and stream.
+template <class S, int kBits, int kUnits, int G>
 constexpr int quant_max_rows() {
-  return std::max(1, S::kRegisters / (G * kUnits));
+  return std::max(1, (kBits == 4 && G == 1 ? S::kInt4Registers : S::kRegisters) / (G * kUnits));
 }
 
 // sums[((g * kUnits + u) * M + m) * 16 + j] = row m (from row0) . row j of unit u of the tile of stream g,
@@ -118,7 +120,7 @@ inline void quant_group_block(const QuantProblem& p, const uint8_t* first, int64
 // against each set of tiles; epilogue(tile_ids, tiles, row0, rows, sums).
 template <class S, int kBits, int kUnits, int G, class Epilogue>
 inline void quant_tile_streams(const QuantProblem& p, int64_t begin, int64_t end, Epilogue epilogue) {
-  constexpr int R = quant_max_rows<S, kUnits, G>();
+  constexpr int R = quant_max_rows<S, kBits, kUnits, G>();
   alignas(64) float sums[G * kUnits * R * quant::kTileRows];
   const auto row_counts = std::make_integer_sequence<int, R>();
   const int64_t tile_bytes = p.geometry.tile_bytes();
@@ -145,7 +147,7 @@ inline void quant_tile_streams(const QuantProblem& p, int64_t begin, int64_t end
 // (decode: memory-bound); larger batches go one tile at a time in taller row blocks (compute-bound).
 template <class S, int kBits, int kUnits, class Epilogue>
 inline void quant_tiles(const QuantProblem& p, int64_t begin, int64_t end, Epilogue epilogue) {
-  if (p.rows <= quant_max_rows<S, kUnits, S::kStreams>()) {
+  if (p.rows <= quant_max_rows<S, kBits, kUnits, S::kStreams>()) {
     quant_tile_streams<S, kBits, kUnits, S::kStreams>(p, begin, end, epilogue);
   } else {
     quant_tile_streams<S, kBits, kUnits, 1>(p, begin, end, epilogue);

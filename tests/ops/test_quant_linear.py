@@ -4,7 +4,7 @@ unpack_linear_weight on their packs) against plain torch.
 The reference quantizes x per 32 values as csrc/common/quant.h says and multiplies the dequantized x by
 the dequantized weight (unpack_linear_weight) in float64: the kernels add no error beyond those two
 roundings. Every kernel level the CPU has runs the same cases, and their dot products agree to the bit;
-batches 1..33 cross the register blocks (1-3 rows over 4 streams, up to 12 in one).
+batches 1..33 cross the register blocks (1-3 rows over 4 streams, up to 12 in one; int4 up to 8).
 """
 
 import pytest
