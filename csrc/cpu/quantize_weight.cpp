@@ -1,7 +1,7 @@
 // Quantizing a float weight into the packed int8 / int4 layout of common/quant.h, once, at load.
 //
-// A tile's 16 rows are quantized side by side, one row per vector lane: the tile is transposed so
-// that K offset kk of every row is one vfloat, and each group's parameters, searched per row, and q
+// A tile's 16 rows are quantized side by side, one row per vector lane: each group is transposed so
+// that K offset kk of every row is one vfloat, and the group's parameters, searched per row, and q
 // lines (16 rows x 4 bytes, one int32 lane per row) come out of lane-wise arithmetic with no
 // horizontal sums. Contraction into fmas is off, so every ISA clone makes the same pack.
 #include <ATen/Parallel.h>
@@ -39,15 +39,16 @@ MG_ALWAYS_INLINE vfloat clamp(const vfloat& v, float low, float high) {
 
 MG_ALWAYS_INLINE vfloat min(const vfloat& a, const vfloat& b) { return a < b ? a : b; }
 
-// Each lane rounded to the nearest fp16 at or above kMinScale.
-MG_ALWAYS_INLINE vfloat fp16_nearest(const vfloat& v) {
-  const cpu::vfp16 half = __builtin_convertvector(cpu::max(v, splat(quant::kMinScale)), cpu::vfp16);
-  return __builtin_convertvector(half, vfloat);
+// Each lane as a scale: rounded to the nearest fp16, never below kMinScale.
+MG_ALWAYS_INLINE cpu::vfp16 scale_fp16(const vfloat& v) {
+  return __builtin_convertvector(cpu::max(v, splat(quant::kMinScale)), cpu::vfp16);
 }
+
+MG_ALWAYS_INLINE vfloat fp16_nearest(const vfloat& v) { return __builtin_convertvector(scale_fp16(v), vfloat); }
 
 // Each lane's fp16 at or above it (and kMinScale), so the values a scale was chosen for stay in range.
 MG_ALWAYS_INLINE vfloat fp16_at_or_above(const vfloat& v) {
-  const cpu::vfp16 half = __builtin_convertvector(cpu::max(v, splat(quant::kMinScale)), cpu::vfp16);
+  const cpu::vfp16 half = scale_fp16(v);
   const cpu::vfp16 next = cpu::bit_cast<cpu::vfp16>(cpu::bit_cast<cpu::vbits16>(half) + 1);  // positive, finite
   const vfloat rounded = __builtin_convertvector(half, vfloat);
   return rounded < v ? __builtin_convertvector(next, vfloat) : rounded;
@@ -202,25 +203,33 @@ MG_ALWAYS_INLINE void quantize_group(uint8_t* tile, const quant::Geometry& geo, 
   }
 }
 
-// One tile of unit `unit` from `rows` rows of `matrix` (row stride k), through `values`, a scratch of
-// geo.padded_k vfloats. Returns false if the rows hold a NaN, an infinity or a value beyond ±quant::kMaxWeight.
-template <int kBits, typename T>
-MG_CPU_CLONES bool quantize_tile(uint8_t* tile, const quant::Geometry& geo, const T* matrix, int64_t rows, int64_t k,
-                                 int64_t unit, vfloat* values) {
-  std::memset(static_cast<void*>(values), 0, geo.padded_k * sizeof(vfloat));
+// values[kk][j] = row j's value kk of the group starting at `group` (row stride k), zero past `count`
+// and for rows past `rows`. Returns false if a value is a NaN, an infinity or beyond ±quant::kMaxWeight.
+template <typename T>
+MG_ALWAYS_INLINE bool transpose_group(const T* group, int64_t rows, int64_t k, int64_t count, int64_t group_size,
+                                      vfloat* values) {
+  std::memset(static_cast<void*>(values), 0, group_size * sizeof(vfloat));
   bool in_range = true;
   for (int64_t j = 0; j < rows; ++j) {
-    for (int64_t kk = 0; kk < k; ++kk) {
-      const float w = static_cast<float>(matrix[j * k + kk]);
+    for (int64_t kk = 0; kk < count; ++kk) {
+      const float w = static_cast<float>(group[j * k + kk]);
       in_range = in_range && std::fabs(w) <= quant::kMaxWeight;  // false for a NaN too
       values[kk][j] = w;
     }
   }
-  if (!in_range) return false;
+  return in_range;
+}
+
+// One tile of unit `unit` from `rows` rows of `matrix` (row stride k), group by group through `values`,
+// a scratch of geo.group_size vfloats. Returns false if the rows hold a value transpose_group refuses.
+template <int kBits, typename T>
+MG_CPU_CLONES bool quantize_tile(uint8_t* tile, const quant::Geometry& geo, const T* matrix, int64_t rows, int64_t k,
+                                 int64_t unit, vfloat* values) {
   for (int64_t g = 0; g < geo.groups(); ++g) {
     // K is padded to whole groups, so every group holds at least one of the rows' values.
-    const int64_t count = std::min(geo.group_size, k - g * geo.group_size);
-    quantize_group<kBits>(tile, geo, values + g * geo.group_size, count, g, unit, rows);
+    const int64_t first = g * geo.group_size, count = std::min(geo.group_size, k - first);
+    if (!transpose_group(matrix + first, rows, k, count, geo.group_size, values)) return false;
+    quantize_group<kBits>(tile, geo, values, count, g, unit, rows);
   }
   return true;
 }
@@ -232,12 +241,12 @@ struct FreeAligned {
 template <typename T>
 bool quantize_unit(uint8_t* tiles, const quant::Geometry& geo, const T* matrix, int64_t rows, int64_t k,
                    int64_t unit) {
-  std::atomic<bool> finite{true};
+  std::atomic<bool> in_range{true};
   at::parallel_for(0, tiles_for(rows), 1, [&](int64_t begin, int64_t end) {
     // 64-byte aligned, as the AVX-512 clone reads them: in code built for baseline x86-64 (this one),
     // a vfloat's alignment is only 16.
     const std::unique_ptr<vfloat[], FreeAligned> values(
-        static_cast<vfloat*>(std::aligned_alloc(sizeof(vfloat), geo.padded_k * sizeof(vfloat))));
+        static_cast<vfloat*>(std::aligned_alloc(sizeof(vfloat), geo.group_size * sizeof(vfloat))));
     TORCH_CHECK(values != nullptr, "quantize: out of memory");
     for (int64_t t = begin; t < end; ++t) {
       const T* first = matrix + t * kTileRows * k;
@@ -245,10 +254,10 @@ bool quantize_unit(uint8_t* tiles, const quant::Geometry& geo, const T* matrix, 
       uint8_t* tile = tiles + t * geo.tile_bytes();
       const bool ok = geo.bits == 8 ? quantize_tile<8>(tile, geo, first, tile_rows, k, unit, values.get())
                                     : quantize_tile<4>(tile, geo, first, tile_rows, k, unit, values.get());
-      if (!ok) finite.store(false, std::memory_order_relaxed);
+      if (!ok) in_range.store(false, std::memory_order_relaxed);
     }
   });
-  return finite.load();
+  return in_range.load();
 }
 
 }  // namespace
