@@ -5,8 +5,8 @@
 //     int8: symmetric, one group per row (per output channel): q = round(w / scale) + 128 in [1, 255],
 //           zero = 128, scale = max|w| / 127.
 //     int4: asymmetric groups of group_size (32, 64 or 128) along K: q in [0, 15], zero in sixteenths
-//           (kInt4ZeroStep) from 0 to 15 + 15/16, so the grid's minimum -zero * scale falls within
-//           scale / 32 of any value. The quantizer (cpu/quantize_weight.cpp) searches each row's
+//           (kInt4ZeroStep) from 0 to 15 + 15/16, so the grid's minimum, -zero * scale, can be placed
+//           within scale / 32 of any value at or below 0. The quantizer (cpu/quantize_weight.cpp) searches each row's
 //           scale and minimum for the least squared error, starting from the range [min, max]
 //           widened to hold 0.
 //   Scales are stored as fp16, never below kMinScale (fp16's smallest normal), and q is computed
