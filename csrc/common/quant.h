@@ -6,9 +6,9 @@
 //           zero = 128, scale = max|w| / 127.
 //     int4: asymmetric groups of group_size (32, 64 or 128) along K: q in [0, 15], zero in sixteenths
 //           (kInt4ZeroStep) from 0 to 15 + 15/16, so the grid's minimum, -zero * scale, can be placed
-//           within scale / 32 of any value at or below 0. The quantizer (cpu/quantize_weight.cpp) searches each row's
-//           scale and minimum for the least squared error, starting from the range [min, max]
-//           widened to hold 0.
+//           within scale / 32 of any value at or below 0. The quantizer (cpu/quantize_weight.cpp)
+//           searches each row's scale and minimum for the least squared error, starting from the
+//           range [min, max] widened to hold 0.
 //   Scales are stored as fp16, never below kMinScale (fp16's smallest normal), and q is computed
 //   against the stored scale and zero: (q - zero) * scale is exactly the weight the kernels multiply
 //   (int8: within scale / 2 of the source, the scale rounded up).
@@ -141,9 +141,17 @@ C10_HOST_DEVICE inline void store_q(uint8_t* lines, int bits, int64_t j, int64_t
   lines[(kk / 8) * kLineBytes + j * 4 + i % 4] |= static_cast<uint8_t>(i < 4 ? q : q << 4);
 }
 
-// The zero point a stored zero byte means: int8 the byte itself, int4 that many kInt4ZeroStep.
+// What one count of a stored zero byte stands for: int8 1, int4 kInt4ZeroStep.
+C10_HOST_DEVICE constexpr float zero_unit(int bits) { return bits == 8 ? 1.f : kInt4ZeroStep; }
+
+// The zero point a stored zero byte means, and the byte that stores a zero point (a whole number of
+// zero_unit, in range). Both exact: the unit is a power of two.
 C10_HOST_DEVICE inline float zero_point(int bits, uint8_t stored) {
-  return bits == 8 ? static_cast<float>(stored) : static_cast<float>(stored) * kInt4ZeroStep;
+  return static_cast<float>(stored) * zero_unit(bits);
+}
+
+C10_HOST_DEVICE inline uint8_t stored_zero(int bits, float zero) {
+  return static_cast<uint8_t>(zero / zero_unit(bits));
 }
 
 // Exact in fp32: q - zero has at most 13 significant bits (a whole number or sixteenths below 256),

@@ -93,8 +93,7 @@ void pack_unit(uint8_t* tiles, const quant::Geometry& geo, const QuantizedUnit& 
           uint8_t* group = tile + geo.group_offset(g, unit_index);
           auto* gp = reinterpret_cast<quant::GroupParams*>(group);
           gp->scale[j] = c10::Half(scales[n * groups + g]);
-          const uint8_t zero = zeros[n * groups + g];
-          gp->zero[j] = geo.bits == 8 ? zero : static_cast<uint8_t>(zero / quant::kInt4ZeroStep);
+          gp->zero[j] = quant::stored_zero(geo.bits, zeros[n * groups + g]);
           const int64_t first = g * geo.group_size, valid = std::min(geo.group_size, k - first);
           for (int64_t kk = 0; kk < valid; ++kk) {
             quant::store_q(group + quant::kLineBytes, geo.bits, j, kk, q_rows[n * k + first + kk]);

@@ -99,7 +99,7 @@ struct Avx2 {
     const __m128i scales_lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gp->scale));
     const __m128i scales_hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gp->scale + 8));
     const __m128i zeros = _mm_loadu_si128(reinterpret_cast<const __m128i*>(gp->zero));
-    const __m256 step = _mm256_set1_ps(quant::zero_point(kBits, 1));
+    const __m256 step = _mm256_set1_ps(quant::zero_unit(kBits));
     return {.scale = {.lo = _mm256_cvtph_ps(scales_lo), .hi = _mm256_cvtph_ps(scales_hi)},
             .zero = {.lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(zeros)), step),
                      .hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(zeros, 8))), step)}};

@@ -66,7 +66,7 @@ struct Vnni {
     const auto* gp = reinterpret_cast<const quant::GroupParams*>(line);
     const __m512i zeros = _mm512_maskz_cvtepu8_epi32(kAll, _mm_loadu_si128(reinterpret_cast<const __m128i*>(gp->zero)));
     return {.scale = _mm512_maskz_cvtph_ps(kAll, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(gp->scale))),
-            .zero = _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(kAll, zeros), _mm512_set1_ps(quant::zero_point(kBits, 1)))};
+            .zero = _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(kAll, zeros), _mm512_set1_ps(quant::zero_unit(kBits)))};
   }
 
   static void finish(float* res, FAcc t, const Params& params, float x_group) {

@@ -54,8 +54,8 @@ MG_ALWAYS_INLINE vfloat fp16_at_or_above(const vfloat& v) {
   return rounded < v ? __builtin_convertvector(next, vfloat) : rounded;
 }
 
-// A group's parameters for the 16 rows: weight = (q - zero) * scale, zero a whole number for int8
-// and a whole number of quant::kInt4ZeroStep for int4 (quant::zero_point).
+// A group's parameters for the 16 rows: weight = (q - zero) * scale, zero a whole number of
+// quant::zero_unit (stored by quant::stored_zero).
 struct LaneParams {
   vfloat scale, zero;
 };
@@ -92,8 +92,8 @@ MG_ALWAYS_INLINE vfloat int4_error(const vfloat* values, int64_t count, const La
 // The stored form of weight ~= q * scale + minimum: scale in fp16, zero = -minimum / scale in steps.
 MG_ALWAYS_INLINE LaneParams int4_stored(const vfloat& scale, const vfloat& minimum) {
   const vfloat stored = fp16_nearest(scale);
-  const float steps = 1.f / quant::kInt4ZeroStep;
-  const vfloat zero = clamp(round_even(-minimum / stored * steps), 0.f, 255.f) * quant::kInt4ZeroStep;
+  const float unit = quant::zero_unit(4);
+  const vfloat zero = clamp(round_even(-minimum / stored / unit), 0.f, 255.f) * unit;
   return {.scale = stored, .zero = zero};
 }
 
@@ -182,10 +182,9 @@ MG_ALWAYS_INLINE void quantize_group(uint8_t* tile, const quant::Geometry& geo, 
   auto* gp = reinterpret_cast<quant::GroupParams*>(group);
   for (int64_t j = 0; j < rows; ++j) {
     gp->scale[j] = c10::Half(params.scale[j]);
-    gp->zero[j] = static_cast<uint8_t>(kBits == 8 ? params.zero[j] : params.zero[j] / quant::kInt4ZeroStep);
+    gp->zero[j] = quant::stored_zero(kBits, params.zero[j]);
   }
-  const vint valid_rows = __builtin_convertvector(vfloat{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, vint) <
-                          static_cast<int32_t>(rows);
+  const vint valid_rows = vint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} < static_cast<int32_t>(rows);
   const vfloat inverse = 1.f / params.scale;
   constexpr int64_t kPerLine = quant::k_per_line(kBits);
   for (int64_t l = 0; l < geo.group_size / kPerLine; ++l) {
